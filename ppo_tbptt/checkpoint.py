@@ -1,0 +1,78 @@
+"""Checkpoints: atomic writes (temp file + rename), safe loads (weights_only)."""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+CKPT_RE = re.compile(r"^step_(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable or does not fit the model."""
+
+
+def atomic_save(obj, path: Path) -> None:
+    """Write ``obj`` to ``path`` so that a crash mid-write never leaves a broken file there."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    """Load with ``weights_only=True`` (no code from a foreign file). Raises CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated, corrupted, or carrying pickled code
+        raise CheckpointError(f"checkpoint {path}: cannot be read ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if not isinstance(obj, dict) or "model" not in obj or "config" not in obj:
+        raise CheckpointError(f"checkpoint {path}: not a ppo_tbptt checkpoint (no model/config)")
+    return obj
+
+
+def checkpoint_files(ckpt_dir: Path) -> list[Path]:
+    """``step_*.pt`` files in ``ckpt_dir``, oldest first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := CKPT_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_or_file: Path) -> Path:
+    """A checkpoint file itself, or the newest ``step_*.pt`` in a run folder (or its checkpoints/)."""
+    p = Path(run_or_file)
+    if p.is_file():
+        return p
+    for d in (p / "checkpoints", p):
+        files = checkpoint_files(d)
+        if files:
+            return files[-1]
+    raise CheckpointError(f"{p}: no checkpoint found (expected {p}/checkpoints/step_*.pt)")
+
+
+def prune(ckpt_dir: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` step checkpoints (keep <= 0 keeps all)."""
+    if keep <= 0:
+        return
+    for p in checkpoint_files(ckpt_dir)[:-keep]:
+        p.unlink(missing_ok=True)

@@ -1,0 +1,452 @@
+"""Typed configuration: frozen dataclasses, one docstring per field.
+
+YAML is only the input format. :func:`load` reads a file (or a bare name found in ``configs/``),
+applies ``--set`` overrides, coerces and validates everything at once, and raises
+:class:`ConfigError` listing *every* problem with its arithmetic.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """Raised with every problem found in a configuration, one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A scalar that moves from ``initial`` to ``final`` over ``steps`` environment steps.
+
+    ``kind`` is ``constant`` (``final`` ignored), ``linear`` or ``polynomial`` (with ``power``).
+    ``steps`` <= 0 means "over ``run.total_steps``". Past ``steps`` the value stays at ``final``.
+    """
+
+    initial: float
+    final: float | None = None
+    kind: str = "constant"
+    power: float = 1.0
+    steps: int = 0
+
+    def value(self, step: int, total_steps: int) -> float:
+        if self.kind == "constant" or self.final is None:
+            return float(self.initial)
+        horizon = self.steps if self.steps > 0 else total_steps
+        frac = min(max(step / max(horizon, 1), 0.0), 1.0)
+        if self.kind == "linear":
+            return float(self.initial + frac * (self.final - self.initial))
+        return float((self.initial - self.final) * (1.0 - frac) ** self.power + self.final)
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    id: str = "MortarMayhem-Grid-v0"
+    """Environment id: a MemoryGym id (e.g. ``MortarMayhem-Grid-v0``) or ``CueRecall-v0``."""
+    num_envs: int = 16
+    """Number of parallel environments N."""
+    reset_params: dict = field(default_factory=dict)
+    """MemoryGym reset parameters, re-applied on every reset (MemoryGym's are not sticky)."""
+    kwargs: dict = field(default_factory=dict)
+    """Constructor keyword arguments (e.g. ``num_cues``/``delay`` for CueRecall)."""
+    train_seeds: tuple = (0, 100_000)
+    """Half-open range ``[start, end)`` from which each training episode's level seed is drawn."""
+    eval_seeds: tuple = (1_000_000, 1_001_000)
+    """Held-out half-open range of level seeds for evaluation; must not overlap ``train_seeds``."""
+    vector: str = "serial"
+    """How envs are stepped: ``serial`` (in this process) or ``pool`` (worker processes)."""
+    envs_per_worker: int = 0
+    """For ``vector: pool``: envs per worker process (0 = spread over the CPU cores)."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    core: str = "gru"
+    """Recurrent core: ``lstm`` or ``gru``."""
+    hidden_size: int = 512
+    """Recurrent state size H."""
+    num_layers: int = 1
+    """Number of stacked recurrent layers K."""
+    hidden_layer: int = 512
+    """Width of the fully connected layers before and after the core."""
+    encoder: str = "auto"
+    """``auto`` (CNN for images, MLP for vectors), ``cnn`` or ``mlp``."""
+    reset_hidden_state: bool = True
+    """Zero the recurrent state of an env when its episode ends."""
+
+
+@dataclass(frozen=True)
+class TBPTTConfig:
+    sequence_length: int = 32
+    """Training sequence length L (k1 = k2 = L); <= 0 means whole episode fragments."""
+    strategy: str = "fixed"
+    """Truncation strategy; ``fixed`` cuts rollouts into chunks of ``sequence_length``."""
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    rollout_steps: int = 256
+    """Steps T collected per env per update (batch = T x N transitions)."""
+    epochs: int = 3
+    """Passes over each rollout."""
+    minibatches: int = 8
+    """Minibatches per epoch; whole sequences are shuffled into them."""
+    gamma: float = 0.995
+    """Discount factor."""
+    gae_lambda: float = 0.95
+    """GAE lambda."""
+    lr: Schedule = Schedule(2.5e-4)
+    """Adam learning rate (a number or a schedule)."""
+    clip: Schedule = Schedule(0.1)
+    """PPO ratio clip range, also used for the value clip (a number or a schedule)."""
+    ent_coef: Schedule = Schedule(1e-4)
+    """Entropy bonus coefficient (a number or a schedule)."""
+    vf_coef: float = 0.5
+    """Value loss coefficient."""
+    max_grad_norm: float = 0.25
+    """Global gradient norm clip."""
+    norm_advantages: bool = True
+    """Normalise advantages per minibatch (masked mean and std)."""
+    clip_value_loss: bool = True
+    """Use the clipped value loss."""
+    adam_eps: float = 1e-5
+    """Adam epsilon."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    total_steps: int = 10_000_000
+    """Environment steps to train for."""
+    seed: int = 1
+    """Seed for python, numpy, torch and the env seed generators."""
+    device: str = "auto"
+    """``auto`` (cuda if present), ``cpu`` or ``cuda``/``cuda:N``."""
+    checkpoint_every: int = 1_000_000
+    """Save a checkpoint every this many env steps (and always at the end); <= 0: only at the end."""
+    keep_checkpoints: int = 3
+    """How many periodic ``step_*.pt`` checkpoints to keep (<= 0 keeps all)."""
+    out_dir: str = "runs"
+    """Folder that holds the run folders."""
+    name: str = ""
+    """Run name prefix (default: the config's file name)."""
+    torch_threads: int = 0
+    """torch CPU threads (0 = torch's default)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    env: EnvConfig = EnvConfig()
+    model: ModelConfig = ModelConfig()
+    tbptt: TBPTTConfig = TBPTTConfig()
+    ppo: PPOConfig = PPOConfig()
+    run: RunConfig = RunConfig()
+
+    def to_dict(self) -> dict:
+        return _to_plain(self)
+
+    def replace(self, section: str, **kw) -> "Config":
+        return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **kw)})
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [_to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# Coercion: raw YAML values -> typed values, collecting problems instead of raising.
+
+_MISSING = object()
+
+
+def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
+    if tp is Schedule:
+        return _coerce_schedule(value, where, problems)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        problems.append(f"{where}: expected true/false, got {value!r}")
+        return _MISSING
+    if tp is int:
+        if isinstance(value, bool):
+            problems.append(f"{where}: expected an integer, got {value!r}")
+            return _MISSING
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value.replace("_", ""))
+                if f.is_integer():
+                    return int(f)
+            except ValueError:
+                pass
+        problems.append(f"{where}: expected an integer, got {value!r}")
+        return _MISSING
+    if tp is float:
+        if isinstance(value, bool):
+            problems.append(f"{where}: expected a number, got {value!r}")
+            return _MISSING
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 3e-4 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        problems.append(f"{where}: expected a number, got {value!r}")
+        return _MISSING
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        problems.append(f"{where}: expected a string, got {value!r}")
+        return _MISSING
+    if tp is dict:
+        if isinstance(value, Mapping):
+            return dict(value)
+        problems.append(f"{where}: expected a mapping, got {value!r}")
+        return _MISSING
+    if tp is tuple:  # a [start, end) range: "A:B" or [A, B]
+        parts: Any = value
+        if isinstance(value, str) and ":" in value:
+            parts = value.split(":")
+        if isinstance(parts, (list, tuple)) and len(parts) == 2:
+            a = _coerce(parts[0], int, where, [])
+            b = _coerce(parts[1], int, where, [])
+            if a is not _MISSING and b is not _MISSING:
+                return (a, b)
+        problems.append(f"{where}: expected a range [start, end] or 'start:end', got {value!r}")
+        return _MISSING
+    raise TypeError(f"unsupported config type {tp!r} at {where}")
+
+
+def _coerce_schedule(value: Any, where: str, problems: list[str]) -> Any:
+    if not isinstance(value, Mapping):
+        v = _coerce(value, float, where, problems)
+        return _MISSING if v is _MISSING else Schedule(v)
+    known = {f.name for f in dataclasses.fields(Schedule)}
+    out: dict[str, Any] = {}
+    for k in value:
+        if k not in known:
+            problems.append(f"{where}.{k}: unknown key (known: {', '.join(sorted(known))})")
+    for f in dataclasses.fields(Schedule):
+        if f.name in value:
+            tp = int if f.name == "steps" else (str if f.name == "kind" else float)
+            v = _coerce(value[f.name], tp, f"{where}.{f.name}", problems)
+            if v is not _MISSING:
+                out[f.name] = v
+    if "initial" not in value:
+        problems.append(f"{where}.initial: required for a schedule")
+        return _MISSING
+    if "final" in value and "kind" not in out:
+        out["kind"] = "linear"
+    try:
+        return Schedule(**out)
+    except TypeError:
+        return _MISSING
+
+
+def _section_from_raw(cls: type, raw: Any, where: str, problems: list[str]) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        problems.append(f"{where}: expected a mapping, got {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in names:
+            problems.append(f"{where}.{key}: unknown key (known: {', '.join(names)})")
+            continue
+        tp = hints[key]
+        v = _coerce(value, tp, f"{where}.{key}", problems)
+        if v is not _MISSING:
+            kwargs[key] = v
+    return cls(**kwargs)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def from_dict(raw: Mapping) -> Config:
+    """Build and validate a Config from plain data; raises ConfigError listing every problem."""
+    problems: list[str] = []
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError([f"top level: expected a mapping of sections, got {type(raw).__name__}"])
+    hints = typing.get_type_hints(Config)
+    sections = {}
+    for key in raw:
+        if key not in hints:
+            problems.append(f"{key}: unknown section (known: {', '.join(hints)})")
+    for name, cls in hints.items():
+        sections[name] = _section_from_raw(cls, raw.get(name), name, problems)
+    cfg = Config(**sections)
+    problems.extend(validate(cfg))
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def validate(cfg: Config) -> list[str]:
+    """Return every semantic problem of a well-typed config (empty list if it is valid)."""
+    p: list[str] = []
+    e, m, t, o, r = cfg.env, cfg.model, cfg.tbptt, cfg.ppo, cfg.run
+    if e.num_envs < 1:
+        p.append(f"env.num_envs: must be >= 1, got {e.num_envs}")
+    if e.vector not in ("serial", "pool"):
+        p.append(f"env.vector: must be 'serial' or 'pool', got {e.vector!r}")
+    if e.envs_per_worker < 0:
+        p.append(f"env.envs_per_worker: must be >= 0, got {e.envs_per_worker}")
+    for name, rng in (("train_seeds", e.train_seeds), ("eval_seeds", e.eval_seeds)):
+        if rng[0] < 0 or rng[1] <= rng[0]:
+            p.append(f"env.{name}: need 0 <= start < end, got [{rng[0]}, {rng[1]})")
+    if m.core not in ("lstm", "gru"):
+        p.append(f"model.core: must be 'lstm' or 'gru', got {m.core!r}")
+    if m.encoder not in ("auto", "cnn", "mlp"):
+        p.append(f"model.encoder: must be 'auto', 'cnn' or 'mlp', got {m.encoder!r}")
+    for name in ("hidden_size", "num_layers", "hidden_layer"):
+        if getattr(m, name) < 1:
+            p.append(f"model.{name}: must be >= 1, got {getattr(m, name)}")
+    if t.strategy not in STRATEGIES:
+        p.append(f"tbptt.strategy: must be one of {', '.join(STRATEGIES)}, got {t.strategy!r}")
+    if o.rollout_steps < 1:
+        p.append(f"ppo.rollout_steps: must be >= 1, got {o.rollout_steps}")
+    if o.epochs < 1:
+        p.append(f"ppo.epochs: must be >= 1, got {o.epochs}")
+    if o.minibatches < 1:
+        p.append(f"ppo.minibatches: must be >= 1, got {o.minibatches}")
+    elif o.rollout_steps >= 1 and e.num_envs >= 1:
+        # The fewest sequences a rollout can yield: no episode ends inside it.
+        per_env = 1 if t.sequence_length <= 0 else math.ceil(o.rollout_steps / t.sequence_length)
+        fewest = e.num_envs * per_env
+        if o.minibatches > fewest:
+            how = (f"{e.num_envs} envs x 1 whole-fragment sequence" if t.sequence_length <= 0 else
+                   f"{e.num_envs} envs x ceil({o.rollout_steps} steps / {t.sequence_length}) = "
+                   f"{e.num_envs} x {per_env}")
+            p.append(f"ppo.minibatches: {o.minibatches} minibatches but a rollout may hold only "
+                     f"{how} = {fewest} sequences")
+    if not 0.0 < o.gamma <= 1.0:
+        p.append(f"ppo.gamma: must be in (0, 1], got {o.gamma}")
+    if not 0.0 <= o.gae_lambda <= 1.0:
+        p.append(f"ppo.gae_lambda: must be in [0, 1], got {o.gae_lambda}")
+    for name, lo_ok in (("lr", lambda v: v > 0), ("clip", lambda v: v > 0), ("ent_coef", lambda v: v >= 0)):
+        s: Schedule = getattr(o, name)
+        if s.kind not in ("constant", "linear", "polynomial"):
+            p.append(f"ppo.{name}.kind: must be constant, linear or polynomial, got {s.kind!r}")
+        for label, v in (("initial", s.initial), ("final", s.final)):
+            if v is not None and not lo_ok(v):
+                p.append(f"ppo.{name}.{label}: out of range, got {v}")
+    if o.vf_coef < 0:
+        p.append(f"ppo.vf_coef: must be >= 0, got {o.vf_coef}")
+    if o.max_grad_norm <= 0:
+        p.append(f"ppo.max_grad_norm: must be > 0, got {o.max_grad_norm}")
+    if r.total_steps < 1:
+        p.append(f"run.total_steps: must be >= 1, got {r.total_steps}")
+    if not (r.device in ("auto", "cpu", "cuda") or r.device.startswith("cuda:")):
+        p.append(f"run.device: must be auto, cpu, cuda or cuda:N, got {r.device!r}")
+    if r.torch_threads < 0:
+        p.append(f"run.torch_threads: must be >= 0, got {r.torch_threads}")
+    return p
+
+
+STRATEGIES = ("fixed",)
+
+
+# --------------------------------------------------------------------------------------------
+# Files and overrides
+
+def resolve_path(name_or_path: str) -> Path:
+    """``mortar_mayhem.yaml`` or ``mortar_mayhem`` finds ``configs/mortar_mayhem.yaml``; a path works."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    for cand in (CONFIG_DIR / name_or_path, CONFIG_DIR / f"{name_or_path}.yaml"):
+        if cand.is_file():
+            return cand
+    known = ", ".join(sorted(c.name for c in CONFIG_DIR.glob("*.yaml"))) if CONFIG_DIR.is_dir() else ""
+    raise ConfigError([f"config {name_or_path!r}: no such file, and not in {CONFIG_DIR} (known: {known})"])
+
+
+def apply_overrides(raw: dict, overrides: list[str] | None) -> tuple[dict, list[str]]:
+    """Apply ``section.key=value`` strings (YAML-parsed values; dotted paths reach into mappings)."""
+    problems: list[str] = []
+    raw = _deepcopy(raw)
+    for item in overrides or []:
+        if "=" not in item:
+            problems.append(f"--set {item!r}: expected section.key=value")
+            continue
+        path, text = item.split("=", 1)
+        keys = [k for k in path.strip().split(".") if k]
+        if len(keys) < 2:
+            problems.append(f"--set {item!r}: expected section.key=value")
+            continue
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        node = raw
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                node[k] = {} if node.get(k) is None else node[k]
+                if not isinstance(node[k], dict):
+                    problems.append(f"--set {item!r}: {k} is not a mapping")
+                    break
+            node = node[k]
+        else:
+            node[keys[-1]] = value
+    return raw, problems
+
+
+def _deepcopy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deepcopy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deepcopy(v) for v in d]
+    return d
+
+
+def load(name_or_path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (by name or path), apply overrides, validate; raise ConfigError on any problem."""
+    raw: Any = {}
+    if name_or_path is not None:
+        path = resolve_path(name_or_path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
+        if not isinstance(raw, dict):
+            raise ConfigError([f"{path}: expected a mapping of sections at the top level"])
+    raw, problems = apply_overrides(raw, overrides)
+    try:
+        cfg = from_dict(raw)
+    except ConfigError as exc:
+        raise ConfigError(problems + exc.problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

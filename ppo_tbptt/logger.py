@@ -1,0 +1,62 @@
+"""All metrics flow here: TensorBoard scalars, one JSON line per update, a console progress line."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from .utils import format_duration
+
+
+class MetricsWriter:
+    """Writes each update's scalars to TensorBoard and to ``metrics.jsonl`` under the same tags."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(self.run_dir))
+
+    def text(self, tag: str, text: str) -> None:
+        if self.tb is not None:
+            self.tb.add_text(tag, text)
+
+    def scalars(self, global_step: int, scalars: dict, wall_time: float | None = None) -> None:
+        t = time.time() if wall_time is None else wall_time
+        clean = {k: float(v) for k, v in scalars.items()}
+        if self.tb is not None:
+            for k, v in clean.items():
+                if math.isfinite(v):
+                    self.tb.add_scalar(k, v, global_step, walltime=t)
+            self.tb.flush()
+        rec = {"global_step": int(global_step), "time": t}
+        rec.update({k: (v if math.isfinite(v) else None) for k, v in clean.items()})
+        self._jsonl.write(json.dumps(rec) + "\n")
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        self._jsonl.close()
+
+
+def progress_line(update: int, total_updates: int, step: int, total_steps: int, sps: float,
+                  scalars: dict, elapsed: float) -> str:
+    ret = scalars.get("charts/episodic_return")
+    succ = scalars.get("charts/success")
+    eta = (total_steps - step) / sps if sps > 0 else float("inf")
+    parts = [f"update {update}/{total_updates}", f"step {step:,}/{total_steps:,} ({100 * step / total_steps:.1f}%)",
+             f"SPS {sps:,.0f}",
+             f"return {ret:.3f}" if ret is not None else "return -",
+             f"success {succ:.2f}" if succ is not None else "success -",
+             f"kl {scalars.get('losses/approx_kl', float('nan')):.4f}",
+             f"elapsed {format_duration(elapsed)}", f"ETA {format_duration(eta)}"]
+    return " | ".join(parts)
+
+
+def console(line: str) -> None:
+    print(line, file=sys.stdout, flush=True)

@@ -1,0 +1,197 @@
+"""Recurrent actor-critic: encoder (Nature CNN | MLP) -> LSTM | GRU -> policy and value heads."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import nn
+from torch.distributions import Categorical
+
+
+@dataclasses.dataclass
+class RecurrentState:
+    """Recurrent state: ``h [K, B, H]`` and, for LSTM, ``c [K, B, H]`` (GRU: ``c is None``)."""
+
+    h: torch.Tensor
+    c: torch.Tensor | None = None
+
+    def detach(self) -> "RecurrentState":
+        return RecurrentState(self.h.detach(), None if self.c is None else self.c.detach())
+
+    def clone(self) -> "RecurrentState":
+        return RecurrentState(self.h.clone(), None if self.c is None else self.c.clone())
+
+    def index(self, idx) -> "RecurrentState":
+        """Select batch entries: ``idx`` indexes the B dimension."""
+        return RecurrentState(self.h[:, idx], None if self.c is None else self.c[:, idx])
+
+    def masked(self, keep: torch.Tensor) -> "RecurrentState":
+        """Multiply by ``keep [B]`` (0 zeroes an env's state)."""
+        k = keep.to(self.h.dtype)[None, :, None]  # [1, B, 1]
+        return RecurrentState(self.h * k, None if self.c is None else self.c * k)
+
+    def as_torch(self):
+        return self.h if self.c is None else (self.h, self.c)
+
+    @staticmethod
+    def from_torch(s) -> "RecurrentState":
+        return RecurrentState(s[0], s[1]) if isinstance(s, tuple) else RecurrentState(s)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.h] if self.c is None else [self.h, self.c]
+
+
+def _ortho(layer: nn.Module, gain: float) -> nn.Module:
+    nn.init.orthogonal_(layer.weight, gain)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class NatureCNN(nn.Module):
+    """The DQN encoder: [B, 84, 84, C] uint8 -> [B, out]."""
+
+    def __init__(self, in_shape: Sequence[int], out: int):
+        super().__init__()
+        h, w, c = in_shape
+        g = math.sqrt(2)
+        self.conv = nn.Sequential(
+            _ortho(nn.Conv2d(c, 32, 8, 4), g), nn.ReLU(),
+            _ortho(nn.Conv2d(32, 64, 4, 2), g), nn.ReLU(),
+            _ortho(nn.Conv2d(64, 64, 3, 1), g), nn.ReLU(),
+            nn.Flatten(),
+        )
+        with torch.no_grad():
+            n = self.conv(torch.zeros(1, c, h, w)).shape[1]
+        self.fc = nn.Sequential(_ortho(nn.Linear(n, out), g), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x.permute(0, 3, 1, 2)))  # [B, H, W, C] -> [B, C, H, W]
+
+
+class MLPEncoder(nn.Module):
+    def __init__(self, in_dim: int, out: int):
+        super().__init__()
+        g = math.sqrt(2)
+        self.net = nn.Sequential(_ortho(nn.Linear(in_dim, out), g), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.flatten(1))
+
+
+class ActionDist:
+    """A product of categoricals (Discrete: one, MultiDiscrete: one per dimension)."""
+
+    def __init__(self, logits: torch.Tensor, nvec: Sequence[int]):
+        self.nvec = list(nvec)
+        self.dists = [Categorical(logits=lg) for lg in torch.split(logits, self.nvec, dim=-1)]
+
+    def sample(self) -> torch.Tensor:
+        return torch.stack([d.sample() for d in self.dists], dim=-1)  # [..., D]
+
+    def mode(self) -> torch.Tensor:
+        return torch.stack([d.logits.argmax(-1) for d in self.dists], dim=-1)
+
+    def log_prob(self, actions: torch.Tensor) -> torch.Tensor:
+        """``actions [..., D]`` -> ``[...]`` summed over dimensions."""
+        return sum(d.log_prob(actions[..., i]) for i, d in enumerate(self.dists))
+
+    def entropy(self) -> torch.Tensor:
+        return sum(d.entropy() for d in self.dists)
+
+
+def action_nvec(space: gym.Space) -> list[int]:
+    if isinstance(space, gym.spaces.Discrete):
+        return [int(space.n)]
+    if isinstance(space, gym.spaces.MultiDiscrete):
+        return [int(n) for n in np.asarray(space.nvec).ravel()]
+    raise ValueError(f"unsupported action space {space} (Discrete and MultiDiscrete are)")
+
+
+class RecurrentActorCritic(nn.Module):
+    """Actions are always stored as ``[..., D]`` int64 (D = 1 for Discrete)."""
+
+    def __init__(self, obs_space: gym.spaces.Box, action_space: gym.Space, model_cfg):
+        super().__init__()
+        self.obs_shape = tuple(obs_space.shape)
+        self.nvec = action_nvec(action_space)
+        self.core_type = model_cfg.core
+        self.num_layers = model_cfg.num_layers
+        self.hidden_size = model_cfg.hidden_size
+        enc = model_cfg.encoder
+        if enc == "auto":
+            enc = "cnn" if len(self.obs_shape) == 3 else "mlp"
+        high = float(np.max(obs_space.high)) if np.issubdtype(obs_space.dtype, np.integer) else 1.0
+        self.obs_scale = 1.0 / high if high > 1 else 1.0
+        width = model_cfg.hidden_layer
+        if enc == "cnn":
+            if len(self.obs_shape) != 3:
+                raise ValueError(f"encoder 'cnn' needs image observations [H, W, C], got {self.obs_shape}")
+            self.encoder = NatureCNN(self.obs_shape, width)
+        else:
+            self.encoder = MLPEncoder(int(np.prod(self.obs_shape)), width)
+        rnn = nn.LSTM if self.core_type == "lstm" else nn.GRU
+        self.core = rnn(width, self.hidden_size, self.num_layers, batch_first=True)
+        for name, p in self.core.named_parameters():
+            if "weight" in name:
+                nn.init.orthogonal_(p)
+            else:
+                nn.init.zeros_(p)
+        g = math.sqrt(2)
+        self.body = nn.Sequential(_ortho(nn.Linear(self.hidden_size, width), g), nn.ReLU())
+        self.policy_head = _ortho(nn.Linear(width, sum(self.nvec)), 0.01)
+        self.value_head = _ortho(nn.Linear(width, 1), 1.0)
+
+    # ---- state -------------------------------------------------------------------------------
+    def initial_state(self, batch: int, device: torch.device | str | None = None) -> RecurrentState:
+        dev = device if device is not None else next(self.parameters()).device
+        z = torch.zeros(self.num_layers, batch, self.hidden_size, device=dev)
+        return RecurrentState(z, z.clone() if self.core_type == "lstm" else None)
+
+    # ---- forward -----------------------------------------------------------------------------
+    def encode(self, obs: torch.Tensor) -> torch.Tensor:
+        """``obs [B, L, *obs_shape]`` (any dtype) -> features ``[B, L, width]``."""
+        if tuple(obs.shape[2:]) != self.obs_shape:
+            raise ValueError(f"observation shape {tuple(obs.shape[2:])} != model's {self.obs_shape}")
+        b, l = obs.shape[:2]
+        x = obs.reshape(b * l, *self.obs_shape).float() * self.obs_scale  # [B*L, ...]
+        return self.encoder(x).reshape(b, l, -1)  # [B, L, width]
+
+    def heads(self, core_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``core_out [..., H]`` -> ``logits [..., sum(nvec)]``, ``values [...]``."""
+        z = self.body(core_out)
+        return self.policy_head(z), self.value_head(z).squeeze(-1)
+
+    def forward(self, obs: torch.Tensor, state: RecurrentState):
+        """Run over sequences in one recurrent call.
+
+        ``obs [B, L, ...]``, ``state`` h/c ``[K, B, H]`` -> ``logits [B, L, A]``, ``values [B, L]``,
+        final state. Sequences never cross an episode start, so no resets happen inside.
+        """
+        x = self.encode(obs)
+        out, s = self.core(x, state.as_torch())  # out [B, L, H]
+        logits, values = self.heads(out)
+        return logits, values, RecurrentState.from_torch(s)
+
+    def dist(self, logits: torch.Tensor) -> ActionDist:
+        return ActionDist(logits, self.nvec)
+
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor, state: RecurrentState, deterministic: bool = False):
+        """One step for ``obs [B, ...]`` -> actions ``[B, D]``, log-probs ``[B]``, values ``[B]``, new state."""
+        logits, values, new_state = self.forward(obs.unsqueeze(1), state)  # [B, 1, ...]
+        d = self.dist(logits[:, 0])
+        actions = d.mode() if deterministic else d.sample()
+        return actions, d.log_prob(actions), values[:, 0], new_state
+
+    @torch.no_grad()
+    def value(self, obs: torch.Tensor, state: RecurrentState) -> torch.Tensor:
+        """``obs [B, ...]`` -> ``values [B]``."""
+        return self.forward(obs.unsqueeze(1), state)[1][:, 0]
+
+
+def build_model(obs_space, action_space, model_cfg) -> RecurrentActorCritic:
+    return RecurrentActorCritic(obs_space, action_space, model_cfg)

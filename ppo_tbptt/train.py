@@ -1,0 +1,72 @@
+"""``python -m ppo_tbptt.train --config NAME_OR_PATH [--set section.key=value ...]``"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .config import ConfigError, dump_yaml, load, resolve_path
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ppo_tbptt.train",
+                                description="Train a recurrent PPO agent with truncated BPTT.")
+    p.add_argument("--config", required=True,
+                   help="config name in configs/ (e.g. mortar_mayhem_grid.yaml) or a path")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config field (repeatable), e.g. --set ppo.lr=3e-4 --set env.kwargs.delay=12")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
+                   help="training device (overrides run.device)")
+    p.add_argument("--run-name", default=None, help="run folder name under run.out_dir (must not exist)")
+    return p.parse_args(argv)
+
+
+def make_run_dir(out_dir: str, run_name: str | None, default_prefix: str, seed: int) -> Path:
+    root = Path(out_dir)
+    if run_name:
+        path = root / run_name
+        if path.exists():
+            raise FileExistsError(f"run folder {path} already exists; choose another --run-name")
+    else:
+        base = f"{default_prefix}__s{seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+        path, i = root / base, 1
+        while path.exists():
+            i += 1
+            path = root / f"{base}-{i}"
+    path.mkdir(parents=True)
+    return path
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.overrides)
+    if args.device:
+        overrides.append(f"run.device={args.device}")
+    try:
+        cfg = load(args.config, overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from .utils import resolve_device
+    try:
+        device = resolve_device(cfg.run.device)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    prefix = cfg.run.name or resolve_path(args.config).stem
+    try:
+        run_dir = make_run_dir(cfg.run.out_dir, args.run_name, prefix, cfg.run.seed)
+    except FileExistsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    from .trainer import Trainer
+    print(f"run folder: {run_dir}  (tensorboard --logdir {cfg.run.out_dir})  device: {device}", flush=True)
+    trainer = Trainer(cfg, run_dir, device)
+    trainer.train()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
