@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -402,10 +403,13 @@ def apply_overrides(raw: dict, overrides: list[str] | None) -> tuple[dict, list[
         if len(keys) < 2:
             problems.append(f"--set {item!r}: expected section.key=value")
             continue
-        try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError:
-            value = text
+        if re.fullmatch(r"\s*-?\d+\s*:\s*-?\d+\s*", text):
+            value = text.strip()  # a range 'A:B' (YAML 1.1 would read it as a base-60 integer)
+        else:
+            try:
+                value = yaml.safe_load(text) if text.strip() else ""
+            except yaml.YAMLError:
+                value = text
         node = raw
         for k in keys[:-1]:
             if not isinstance(node.get(k), dict):

@@ -16,8 +16,8 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, terminated: torch.T
     chain never crosses an episode end. Returns ``(advantages, returns)``, both ``[T, N]``.
     """
     T = rewards.shape[0]
-    term = terminated.float()
-    trunc = truncated.float() * (1.0 - term)
+    term = terminated.to(values.dtype)
+    trunc = truncated.to(values.dtype) * (1.0 - term)
     tv = torch.zeros_like(values) if truncation_values is None else truncation_values
     next_values = torch.cat([values[1:], bootstrap_value[None]], dim=0)  # [T, N]
     next_values = next_values * (1.0 - trunc) + tv * trunc

@@ -1,0 +1,81 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ppo_tbptt import config as C
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("name", ["mortar_mayhem_grid.yaml", "mystery_path_grid.yaml", "mortar_mayhem.yaml",
+                                  "mystery_path.yaml", "cue_recall.yaml"])
+def test_shipped_configs_load(name):
+    cfg = C.load(name)
+    assert cfg.env.num_envs >= 1
+    assert isinstance(cfg.ppo.lr.initial, float)
+
+
+def test_name_without_suffix_and_path():
+    assert C.load("cue_recall") == C.load(str(ROOT / "configs" / "cue_recall.yaml"))
+
+
+def test_scientific_notation_reads_as_float(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("ppo:\n  lr: 3e-4\n  ent_coef: {initial: 1e-3, final: 1e-6}\n")
+    cfg = C.load(str(p))
+    assert cfg.ppo.lr.initial == pytest.approx(3e-4)
+    assert cfg.ppo.ent_coef.final == pytest.approx(1e-6)
+    assert cfg.ppo.ent_coef.kind == "linear"
+
+
+def test_overrides_reach_into_mappings():
+    cfg = C.load("cue_recall.yaml", ["env.kwargs.delay=12", "ppo.lr=3e-4", "tbptt.sequence_length=20",
+                                     "env.train_seeds=5:10"])
+    assert cfg.env.kwargs == {"num_cues": 4, "delay": 12}
+    assert cfg.ppo.lr.initial == pytest.approx(3e-4)
+    assert cfg.env.train_seeds == (5, 10)
+
+
+def test_schedules():
+    s = C.Schedule(1.0, 0.0, "linear", steps=100)
+    assert s.value(0, 10) == 1.0 and s.value(50, 10) == pytest.approx(0.5) and s.value(500, 10) == 0.0
+    p = C.Schedule(1.0, 0.0, "polynomial", power=2.0, steps=0)
+    assert p.value(5, 10) == pytest.approx(0.25)
+    assert C.Schedule(0.3).value(123, 10) == 0.3
+
+
+def test_every_problem_reported_together(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text(
+        "env:\n  num_envs: 2\n  bogus: 1\n"
+        "model:\n  core: transformer\n  hidden_size: big\n"
+        "tbptt:\n  sequence_length: 8\n"
+        "ppo:\n  rollout_steps: 16\n  minibatches: 5\n  gamma: 1.5\n"
+        "extra_section: {}\n")
+    with pytest.raises(C.ConfigError) as ei:
+        C.load(str(p))
+    msg = str(ei.value)
+    for fragment in ("env.bogus", "model.core", "model.hidden_size", "ppo.gamma", "extra_section",
+                     "ppo.minibatches: 5 minibatches but a rollout may hold only 2 envs x ceil(16 steps / 8) = 2 x 2 = 4"):
+        assert fragment in msg, (fragment, msg)
+    assert len(ei.value.problems) == 6
+
+
+def test_cli_bad_config_exit_2_without_traceback(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("ppo:\n  epochs: 0\n  lr: fast\nrun:\n  device: tpu\n")
+    r = subprocess.run([sys.executable, "-m", "ppo_tbptt.train", "--config", str(p),
+                        "--set", "env.num_envs=-1"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    for fragment in ("ppo.epochs", "ppo.lr", "run.device", "env.num_envs"):
+        assert fragment in r.stderr
+    assert r.stderr.count("\n  - ") == 4
+
+
+def test_unknown_config_name_lists_known():
+    with pytest.raises(C.ConfigError) as ei:
+        C.load("no_such_config")
+    assert "cue_recall.yaml" in str(ei.value)

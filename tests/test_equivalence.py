@@ -1,0 +1,150 @@
+"""The recurrent-state invariants: collection and training see the same computation."""
+import gymnasium as gym
+import pytest
+import torch
+
+from ppo_tbptt import config as C
+from ppo_tbptt.envs import CueRecall, SerialVectorEnv, make_vector_env
+from ppo_tbptt.gae import compute_gae
+from ppo_tbptt.model import build_model
+from ppo_tbptt.ppo import LossCoefs, ppo_loss
+from ppo_tbptt.rollout import Collector
+from ppo_tbptt.sequences import build_sequences
+from tests.conftest import tiny_cue_config
+
+
+def collect_twice(cfg: C.Config, seed: int = 0):
+    """Two consecutive rollouts, so the second starts mid-episode from a carried state."""
+    torch.manual_seed(seed)
+    envs = make_vector_env(cfg.env, seed)
+    model = build_model(envs.single_observation_space, envs.single_action_space, cfg.model)
+    col = Collector(envs, model, cfg.ppo.rollout_steps, torch.device("cpu"), cfg.ppo.gamma,
+                    cfg.model.reset_hidden_state)
+    col.collect()
+    rollout, _ = col.collect()
+    adv, ret = compute_gae(rollout.rewards, rollout.values, rollout.terminated, rollout.truncated,
+                           rollout.bootstrap_value, 0.99, 0.95, rollout.truncation_values)
+    rollout.advantages.copy_(adv)
+    rollout.returns.copy_(ret)
+    envs.close()
+    return model, rollout
+
+
+@pytest.mark.parametrize("core", ["lstm", "gru"])
+@pytest.mark.parametrize("seq_len", [1, 3, 0])
+def test_stepping_equals_sequence_forward(core, seq_len):
+    model, rollout = collect_twice(tiny_cue_config(core))
+    assert not rollout.episode_start[0].all(), "second rollout should start mid-episode"
+    assert rollout.episode_start[1:].any(), "episodes should end inside the rollout"
+    b = build_sequences(rollout, seq_len)
+    with torch.no_grad():
+        logits, values, _ = model(b.obs, b.init_state)
+        logp = model.dist(logits).log_prob(b.actions)
+    m = b.mask.bool()
+    torch.testing.assert_close(logp[m], b.logprobs[m], atol=1e-5, rtol=0)
+    torch.testing.assert_close(values[m], b.values[m], atol=1e-5, rtol=0)
+
+
+def test_stepping_equals_sequence_forward_memorygym_cnn():
+    cfg = C.from_dict({"env": {"id": "MortarMayhem-Grid-v0", "num_envs": 2},
+                       "model": {"core": "gru", "hidden_size": 16, "hidden_layer": 16},
+                       "tbptt": {"sequence_length": 5},
+                       "ppo": {"rollout_steps": 12, "minibatches": 1}})
+    model, rollout = collect_twice(cfg)
+    assert rollout.obs.dtype == torch.uint8
+    b = build_sequences(rollout, 5)
+    with torch.no_grad():
+        logits, values, _ = model(b.obs, b.init_state)
+        logp = model.dist(logits).log_prob(b.actions)
+    m = b.mask.bool()
+    torch.testing.assert_close(logp[m], b.logprobs[m], atol=1e-5, rtol=0)
+    torch.testing.assert_close(values[m], b.values[m], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("core", ["lstm", "gru"])
+def test_first_minibatch_ratio_is_one(core):
+    model, rollout = collect_twice(tiny_cue_config(core))
+    b = build_sequences(rollout, 4)
+    out = ppo_loss(model, b.select(torch.arange(0, b.num_sequences, 2)), LossCoefs(0.2, 0.01, 0.5))
+    assert abs(out.metrics["losses/ratio"].item() - 1.0) < 1e-6
+    assert abs(out.metrics["losses/approx_kl"].item()) < 1e-7
+    assert out.metrics["losses/clipfrac"].item() == 0.0
+
+
+def test_trainer_reports_zero_kl_on_first_minibatch(tmp_path):
+    from ppo_tbptt.trainer import Trainer
+    tr = Trainer(tiny_cue_config("gru"), tmp_path, torch.device("cpu"), log=False, quiet=True)
+    try:
+        s = tr.train_update()
+    finally:
+        tr.close()
+    assert abs(s["losses/first_minibatch_kl"]) < 1e-7
+    assert s["losses/approx_kl"] != s["losses/first_minibatch_kl"]  # later minibatches moved
+
+
+def test_store_then_reset_rule():
+    model, rollout = collect_twice(tiny_cue_config("lstm"))
+    starts = rollout.episode_start  # [T, N]
+    h = rollout.state_h.permute(0, 2, 1, 3)  # [T, K, N, H] -> [T, N, K, H]
+    c = rollout.state_c.permute(0, 2, 1, 3)
+    assert (h[starts] == 0).all() and (c[starts] == 0).all()
+    assert (h[~starts].abs().sum(dim=(-1, -2)) > 0).all()
+
+
+def test_no_reset_keeps_state_across_episodes():
+    cfg = tiny_cue_config("gru").replace("model", reset_hidden_state=False)
+    model, rollout = collect_twice(cfg)
+    starts = rollout.episode_start
+    h = rollout.state_h.permute(0, 2, 1, 3)  # [T, N, K, H]
+    assert (h[starts].abs().sum(dim=(-1, -2)) > 0).all()
+
+
+def test_detached_start_state_stops_gradient_at_the_cut():
+    """A loss on one sequence reaches no earlier time step; its start state has no history."""
+    model, rollout = collect_twice(tiny_cue_config("lstm"), seed=3)
+    rollout.obs = rollout.obs.float().requires_grad_(True)  # leaf so gradients can be traced back
+    rollout.state_h.requires_grad_(True)
+    rollout.state_c.requires_grad_(True)
+    b = build_sequences(rollout, 2)
+    # a sequence that starts mid-episode, i.e. with a non-zero carried-over state
+    N = rollout.num_envs
+    s = next(i for i in range(b.num_sequences)
+             if b.init_state.h[:, i].abs().sum() > 0 and b.mask[i].sum() == 2)
+    assert b.init_state.h.grad_fn is None and not b.init_state.h.requires_grad
+    one = b.select(torch.tensor([s]))
+    logits, values, _ = model(one.obs, one.init_state)
+    (values.sum() + logits.sum()).backward()
+    t0, n0 = int(one.index[0, 0]) // N, int(one.index[0, 0]) % N
+    g = rollout.obs.grad.abs().sum(dim=-1)  # [T, N]
+    assert g[t0:t0 + 2, n0].sum() > 0, "the sequence's own steps must receive gradient"
+    assert g[:t0, n0].eq(0).all(), "gradient leaked across the truncation cut"
+    g_other = g.clone()
+    g_other[:, n0] = 0
+    assert g_other.eq(0).all()
+    assert rollout.state_h.grad is None and rollout.state_c.grad is None
+
+
+def test_truncated_steps_bootstrap_from_final_observation():
+    def env():
+        from ppo_tbptt.envs.wrappers import LevelSeedWrapper
+        counter = iter(range(10**6))
+        return LevelSeedWrapper(gym.wrappers.TimeLimit(CueRecall(3, 6), max_episode_steps=4),
+                                lambda: next(counter))
+    envs = SerialVectorEnv([env, env])
+    cfg = tiny_cue_config("gru")
+    torch.manual_seed(0)
+    model = build_model(envs.single_observation_space, envs.single_action_space, cfg.model)
+    col = Collector(envs, model, 6, torch.device("cpu"), 0.9)
+    r, episodes = col.collect()
+    assert r.truncated[3].all() and not r.terminated.any()
+    assert (r.truncation_values[3] != 0).all() and (r.truncation_values[[0, 1, 2, 4, 5]] == 0).all()
+    assert r.episode_start[4].all()
+    assert [e.length for e in episodes] == [4, 4]
+    # V(final obs) must come from the state *before* the reset: recompute it by hand
+    with torch.no_grad():
+        st = model.initial_state(2)
+        for t in range(4):
+            _, v, st = model(r.obs[t].unsqueeze(1), st)
+        final_obs = torch.zeros(2, 4, dtype=torch.uint8)  # CueRecall's obs at t = 4 is blank
+        expected = model.value(final_obs, st)
+    torch.testing.assert_close(r.truncation_values[3], expected)
