@@ -114,7 +114,7 @@ def lag_gradients(step: StepFn, x: torch.Tensor, state: list, loss_fn: Callable[
     with torch.no_grad():
         for t in range(burn_in):
             _, state = step(x[:, t:t + 1], zero_at_reset(state, t))
-    state = [s.detach() for s in state]
+    state = [s.detach().requires_grad_(True) for s in state]  # a leaf: the graph starts here
     produced = []
     for t in range(burn_in, total):
         _, state = step(x[:, t:t + 1], zero_at_reset(state, t))
