@@ -89,7 +89,9 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TBPTTConfig:
     sequence_length: int = 32
-    """Training sequence length L (k1 = k2 = L); <= 0 means whole episode fragments."""
+    """Training sequence length L: the chunk length of ``fixed`` (k1 = k2 = L) and ``random``, the
+    window length k2 of ``overlap``, the starting K of ``adaptive``; <= 0 means whole episode
+    fragments (not for ``overlap``)."""
     strategy: str = "fixed"
     """Truncation strategy: ``fixed`` (chunks of ``sequence_length``), ``overlap`` (TBPTT(k1, k2)
     with k1 = ``stride``, k2 = ``sequence_length``), ``random`` (randomized truncation with mean
