@@ -90,9 +90,44 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TBPTTConfig:
     sequence_length: int = 32
-    """Training sequence length L (k1 = k2 = L); <= 0 means whole episode fragments."""
+    """Training sequence length L: the chunk length of ``fixed`` (k1 = k2 = L) and ``random``, the
+    window length k2 of ``overlap``, the starting K of ``adaptive``; <= 0 means whole episode
+    fragments (not for ``overlap``)."""
     strategy: str = "fixed"
-    """Truncation strategy; ``fixed`` cuts rollouts into chunks of ``sequence_length``."""
+    """Truncation strategy: ``fixed`` (chunks of ``sequence_length``), ``overlap`` (TBPTT(k1, k2)
+    with k1 = ``stride``, k2 = ``sequence_length``), ``random`` (randomized truncation with mean
+    length ``mean_length`` inside chunks of ``sequence_length``) or ``adaptive`` (chunks of a length
+    K re-estimated every ``adapt_every`` updates)."""
+    stride: int = 0
+    """``overlap`` only: k1, the steps between window starts (1 <= stride <= sequence_length); each
+    window's last ``stride`` steps enter the loss, the ``sequence_length - stride`` before them are
+    its prefix. 0 means ``sequence_length`` (no overlap)."""
+    burn_in: bool = False
+    """``overlap`` only: run each window's prefix without gradient (R2D2-style burn-in) instead of
+    backpropagating through it."""
+    mean_length: float = 8.0
+    """``random`` only: mean truncation length 1/c; every recurrent edge is cut with probability c and
+    surviving gradients are scaled by 1/(1 - c). Must be > 1."""
+    refresh_states: bool = False
+    """Before every epoch after the first, recompute each sequence's start state with the current
+    weights (no gradient) by re-running the core over the rollout; logs ``tbptt/staleness_kl``."""
+    adapt_every: int = 10
+    """``adaptive`` only: re-estimate K every this many updates (the first update always estimates)."""
+    target_bias: float = 0.1
+    """``adaptive`` only: K is the smallest length whose estimated relative gradient bias
+    delta_hat(K) is below this, in (0, 1)."""
+    k_min: int = 2
+    """``adaptive`` only: smallest K allowed."""
+    k_max: int = 64
+    """``adaptive`` only: largest K allowed (also used when no K meets ``target_bias``)."""
+    adapt_window: int = 32
+    """``adaptive`` only: W, the number of lags k = 0..W-1 at which phi_k is measured."""
+    adapt_burn_in: int = 8
+    """``adaptive`` only: no-gradient steps run before each estimation window."""
+    adapt_tau: int = 16
+    """``adaptive`` only: the geometric decay rate beta is fitted on lags k >= tau (tau < W)."""
+    adapt_samples: int = 64
+    """``adaptive`` only: number of windows B sampled from the rollout per estimate."""
 
 
 @dataclass(frozen=True)
@@ -332,6 +367,7 @@ def validate(cfg: Config) -> list[str]:
             p.append(f"model.{name}: must be >= 1, got {getattr(m, name)}")
     if t.strategy not in STRATEGIES:
         p.append(f"tbptt.strategy: must be one of {', '.join(STRATEGIES)}, got {t.strategy!r}")
+    p.extend(_validate_tbptt(t, o))
     if o.rollout_steps < 1:
         p.append(f"ppo.rollout_steps: must be >= 1, got {o.rollout_steps}")
     if o.epochs < 1:
@@ -340,11 +376,12 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"ppo.minibatches: must be >= 1, got {o.minibatches}")
     elif o.rollout_steps >= 1 and e.num_envs >= 1:
         # The fewest sequences a rollout can yield: no episode ends inside it.
-        per_env = 1 if t.sequence_length <= 0 else math.ceil(o.rollout_steps / t.sequence_length)
+        chunk, what = _chunk_length(t)
+        per_env = 1 if chunk <= 0 else math.ceil(o.rollout_steps / chunk)
         fewest = e.num_envs * per_env
         if o.minibatches > fewest:
-            how = (f"{e.num_envs} envs x 1 whole-fragment sequence" if t.sequence_length <= 0 else
-                   f"{e.num_envs} envs x ceil({o.rollout_steps} steps / {t.sequence_length}) = "
+            how = (f"{e.num_envs} envs x 1 whole-fragment sequence" if chunk <= 0 else
+                   f"{e.num_envs} envs x ceil({o.rollout_steps} steps / {what} {chunk}) = "
                    f"{e.num_envs} x {per_env}")
             p.append(f"ppo.minibatches: {o.minibatches} minibatches but a rollout may hold only "
                      f"{how} = {fewest} sequences")
@@ -372,7 +409,56 @@ def validate(cfg: Config) -> list[str]:
     return p
 
 
-STRATEGIES = ("fixed",)
+STRATEGIES = ("fixed", "overlap", "random", "adaptive")
+
+
+def _chunk_length(t: TBPTTConfig) -> tuple[int, str]:
+    """Steps between sequence starts in the sparsest case (<= 0: whole fragments), and its name."""
+    if t.strategy == "overlap":
+        return (t.stride if t.stride > 0 else t.sequence_length), "tbptt.stride"
+    if t.strategy == "adaptive":
+        return t.k_max, "tbptt.k_max"
+    return t.sequence_length, "tbptt.sequence_length"
+
+
+def _validate_tbptt(t: TBPTTConfig, o: PPOConfig) -> list[str]:
+    """Problems with the truncation settings of the selected strategy."""
+    p: list[str] = []
+    if t.stride < 0:
+        p.append(f"tbptt.stride: must be >= 0 (0 = sequence_length), got {t.stride}")
+    if t.strategy == "overlap":
+        if t.sequence_length < 1:
+            p.append(f"tbptt.sequence_length: overlap needs a window length k2 >= 1, "
+                     f"got {t.sequence_length} (whole-episode windows have nothing to overlap)")
+        elif t.stride > t.sequence_length:
+            p.append(f"tbptt.stride: k1 = {t.stride} must be <= k2 = tbptt.sequence_length = "
+                     f"{t.sequence_length} (a window's loss steps cannot exceed the window)")
+    if t.strategy == "random" and not t.mean_length > 1.0:
+        p.append(f"tbptt.mean_length: must be > 1 (cut probability c = 1/mean_length < 1), "
+                 f"got {t.mean_length}")
+    if t.strategy == "adaptive":
+        if t.adapt_every < 1:
+            p.append(f"tbptt.adapt_every: must be >= 1, got {t.adapt_every}")
+        if not 0.0 < t.target_bias < 1.0:
+            p.append(f"tbptt.target_bias: must be in (0, 1), got {t.target_bias}")
+        if t.k_min < 1:
+            p.append(f"tbptt.k_min: must be >= 1, got {t.k_min}")
+        if t.k_max < t.k_min:
+            p.append(f"tbptt.k_max: must be >= tbptt.k_min = {t.k_min}, got {t.k_max}")
+        if t.adapt_window < 2:
+            p.append(f"tbptt.adapt_window: must be >= 2, got {t.adapt_window}")
+        if not 0 <= t.adapt_tau < t.adapt_window:
+            p.append(f"tbptt.adapt_tau: must be in [0, adapt_window = {t.adapt_window}), "
+                     f"got {t.adapt_tau}")
+        if t.adapt_burn_in < 0:
+            p.append(f"tbptt.adapt_burn_in: must be >= 0, got {t.adapt_burn_in}")
+        if t.adapt_samples < 1:
+            p.append(f"tbptt.adapt_samples: must be >= 1, got {t.adapt_samples}")
+        if t.adapt_window + t.adapt_burn_in > o.rollout_steps >= 1:
+            p.append(f"tbptt.adapt_window: window {t.adapt_window} + burn-in {t.adapt_burn_in} = "
+                     f"{t.adapt_window + t.adapt_burn_in} steps must fit in ppo.rollout_steps = "
+                     f"{o.rollout_steps}")
+    return p
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,6 +26,20 @@ class MetricsWriter:
         if self.tb is not None:
             self.tb.add_text(tag, text)
 
+    def curve(self, tag: str, values, global_step: int) -> None:
+        """A 1-D curve indexed by lag (e.g. phi_k) as a TensorBoard histogram: bucket k holds
+        ``values[k]``, so the histogram's shape is the curve."""
+        if self.tb is None:
+            return
+        import numpy as np
+        v = np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0, posinf=0.0)
+        k = np.arange(len(v), dtype=np.float64)
+        total = float(v.sum())
+        self.tb.add_histogram_raw(tag, min=0.0, max=float(max(len(v) - 1, 0)), num=total,
+                                  sum=float((k * v).sum()), sum_squares=float((k * k * v).sum()),
+                                  bucket_limits=(k + 0.5).tolist(), bucket_counts=v.tolist(),
+                                  global_step=global_step)
+
     def scalars(self, global_step: int, scalars: dict, wall_time: float | None = None) -> None:
         t = time.time() if wall_time is None else wall_time
         clean = {k: float(v) for k, v in scalars.items()}

@@ -73,11 +73,17 @@ def chunk_starts(episode_start: torch.Tensor, seq_len: int) -> tuple[torch.Tenso
 
 
 def gather_sequences(rollout: Rollout, t0: torch.Tensor, n: torch.Tensor, length: torch.Tensor,
-                     pad_to: int) -> SequenceBatch:
-    """Cut ``[t0, t0 + length)`` of env ``n`` out of the rollout, padded to ``pad_to`` steps."""
+                     pad_to: int, loss_from: torch.Tensor | None = None) -> SequenceBatch:
+    """Cut ``[t0, t0 + length)`` of env ``n`` out of the rollout, padded to ``pad_to`` steps.
+
+    ``loss_from [S]`` (optional) is the first position of each sequence that enters the loss; the
+    positions before it are a prefix that only feeds the recurrent state (mask 0).
+    """
     T, N = rollout.num_steps, rollout.num_envs
     ar = torch.arange(pad_to, device=t0.device)
     mask = ar[None, :] < length[:, None]  # [S, L]
+    if loss_from is not None:
+        mask = mask & (ar[None, :] >= loss_from[:, None])  # [S, L]
     t = t0[:, None] + torch.minimum(ar[None, :], (length - 1)[:, None])  # [S, L] clamped to last real step
     index = t * N + n[:, None]  # [S, L] flat time-major
 
@@ -96,6 +102,29 @@ def build_sequences(rollout: Rollout, seq_len: int) -> SequenceBatch:
     t0, n, length = chunk_starts(rollout.episode_start, seq_len)
     pad_to = seq_len if seq_len > 0 else int(length.max())
     return gather_sequences(rollout, t0, n, length, pad_to)
+
+
+def overlap_windows(episode_start: torch.Tensor, k1: int, k2: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TBPTT(k1, k2) windows in a ``[T, N]`` rollout.
+
+    Loss blocks start at every fragment start and every ``k1`` steps inside a fragment (exactly the
+    fixed chunks of length ``k1``); each block is preceded by a prefix of up to ``p = k2 - k1``
+    steps that never reaches back past the fragment start. Returns ``(t0 [S], n [S], length [S],
+    loss_from [S])``: the window is ``[t0, t0 + length)`` of env ``n`` and its positions
+    ``>= loss_from`` enter the loss, so every transition enters the loss exactly once.
+    """
+    if not 1 <= k1 <= k2:
+        raise ValueError(f"overlap windows need 1 <= k1 <= k2, got k1={k1}, k2={k2}")
+    T, N = episode_start.shape
+    s, n, block = chunk_starts(episode_start, k1)  # loss blocks [s, s + block)
+    es = episode_start.t().clone()  # [N, T] env-major
+    es[:, 0] = True
+    steps = torch.arange(T, device=episode_start.device).expand(N, T)  # [N, T]
+    frag_start = torch.cummax(torch.where(es, steps, torch.zeros_like(steps)), dim=1).values  # [N, T]
+    t0 = torch.maximum(frag_start[n, s], s - (k2 - k1))  # [S]
+    loss_from = s - t0
+    return t0, n, loss_from + block, loss_from
 
 
 def minibatch_indices(num_sequences: int, minibatches: int, generator: torch.Generator) -> list[torch.Tensor]:

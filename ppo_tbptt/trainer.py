@@ -13,9 +13,10 @@ from .envs import make_vector_env
 from .gae import compute_gae
 from .logger import MetricsWriter, console, progress_line
 from .model import build_model
-from .ppo import LossCoefs, ppo_loss
+from .ppo import LossCoefs, ppo_loss_from_outputs
 from .rollout import Collector
-from .sequences import build_sequences, minibatch_indices
+from .sequences import minibatch_indices
+from .truncation import make_strategy
 from .utils import seed_everything
 
 
@@ -62,6 +63,7 @@ class Trainer:
         self.collector = Collector(self.envs, self.model, cfg.ppo.rollout_steps, device,
                                    cfg.ppo.gamma, cfg.model.reset_hidden_state)
         self.shuffle_gen = torch.Generator().manual_seed(cfg.run.seed)
+        self.truncation = make_strategy(cfg)
         self.batch_size = cfg.ppo.rollout_steps * self.envs.num_envs
         self.total_updates = -(-cfg.run.total_steps // self.batch_size)
         self.global_step = 0
@@ -97,16 +99,19 @@ class Trainer:
                                rollout.truncation_values)
         rollout.advantages.copy_(adv)
         rollout.returns.copy_(ret)
-        batch = build_sequences(rollout, cfg.tbptt.sequence_length)
+        self.truncation.before_update(self.model, rollout)
+        batch = self.truncation.build(rollout)
 
         self.model.train()
         sums: dict[str, torch.Tensor] = {}
         count = 0
         first_kl = None
         for epoch in range(cfg.ppo.epochs):
+            self.truncation.before_epoch(self.model, rollout, batch, epoch)
             for mb_idx in minibatch_indices(batch.num_sequences, cfg.ppo.minibatches, self.shuffle_gen):
                 mb = batch.select(mb_idx.to(self.device))
-                out = ppo_loss(self.model, mb, coefs)
+                logits, values = self.truncation.forward(self.model, mb)
+                out = ppo_loss_from_outputs(self.model, mb, logits, values, coefs)
                 self.optimizer.zero_grad(set_to_none=True)
                 out.loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.ppo.max_grad_norm)
@@ -132,6 +137,10 @@ class Trainer:
             "tbptt/padding_fraction": 1.0 - float(batch.mask.mean()),
             "time/collect_seconds": t1 - t0, "time/update_seconds": t2 - t1,
         })
+        scalars.update(self.truncation.metrics())
+        if self.writer is not None:
+            for tag, curve in self.truncation.curves().items():
+                self.writer.curve(tag, curve, self.global_step)
         return scalars
 
     # ---- the loop -------------------------------------------------------------------------------
