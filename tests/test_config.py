@@ -58,7 +58,7 @@ def test_every_problem_reported_together(tmp_path):
         C.load(str(p))
     msg = str(ei.value)
     for fragment in ("env.bogus", "model.core", "model.hidden_size", "ppo.gamma", "extra_section",
-                     "ppo.minibatches: 5 minibatches but a rollout may hold only 2 envs x ceil(16 steps / 8) = 2 x 2 = 4"):
+                     "ppo.minibatches: 5 minibatches but a rollout may hold only 2 envs x ceil(16 steps / tbptt.sequence_length 8) = 2 x 2 = 4"):
         assert fragment in msg, (fragment, msg)
     assert len(ei.value.problems) == 6
 
