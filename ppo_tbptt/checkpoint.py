@@ -49,6 +49,33 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     return obj
 
 
+def load_model_weights(model: torch.nn.Module, weights: dict, path: Path | str = "checkpoint") -> None:
+    """``model.load_state_dict(weights)``; a checkpoint from another architecture raises a one-line
+    CheckpointError naming the first mismatches instead of torch's multi-line RuntimeError."""
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"checkpoint {path}: 'model' is not a state dict")
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in weights and hasattr(weights[k], "shape") and tuple(weights[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append(f"shape mismatch: {', '.join(shapes[:2])}{' ...' if len(shapes) > 2 else ''}")
+        if missing:
+            parts.append(f"missing: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+        if unexpected:
+            parts.append(f"unexpected: {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
+        raise CheckpointError(f"checkpoint {path}: weights do not fit the model of its config "
+                              f"(another architecture?): {'; '.join(parts)}")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {path}: weights do not fit the model: "
+                              f"{str(exc).splitlines()[0]}") from None
+
+
 def checkpoint_files(ckpt_dir: Path) -> list[Path]:
     """``step_*.pt`` files in ``ckpt_dir``, oldest first."""
     ckpt_dir = Path(ckpt_dir)
@@ -63,6 +90,8 @@ def latest_checkpoint(run_or_file: Path) -> Path:
     p = Path(run_or_file)
     if p.is_file():
         return p
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such run folder or checkpoint file")
     for d in (p / "checkpoints", p):
         files = checkpoint_files(d)
         if files:

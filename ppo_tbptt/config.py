@@ -178,6 +178,10 @@ class RunConfig:
     """Run name prefix (default: the config's file name)."""
     torch_threads: int = 0
     """torch CPU threads (0 = torch's default)."""
+    eval_every: int = 0
+    """Evaluate on held-out ``env.eval_seeds`` every this many env steps (<= 0: never)."""
+    eval_episodes: int = 32
+    """Episodes per periodic evaluation (one level seed each, the first seeds of ``env.eval_seeds``)."""
 
 
 @dataclass(frozen=True)
@@ -285,7 +289,7 @@ def _coerce_schedule(value: Any, where: str, problems: list[str]) -> Any:
         if k not in known:
             problems.append(f"{where}.{k}: unknown key (known: {', '.join(sorted(known))})")
     for f in dataclasses.fields(Schedule):
-        if f.name in value:
+        if f.name in value and value[f.name] is not None:  # None: the default (to_dict round trip)
             tp = int if f.name == "steps" else (str if f.name == "kind" else float)
             v = _coerce(value[f.name], tp, f"{where}.{f.name}", problems)
             if v is not _MISSING:
@@ -293,7 +297,7 @@ def _coerce_schedule(value: Any, where: str, problems: list[str]) -> Any:
     if "initial" not in value:
         problems.append(f"{where}.initial: required for a schedule")
         return _MISSING
-    if "final" in value and "kind" not in out:
+    if value.get("final") is not None and "kind" not in out:
         out["kind"] = "linear"
     try:
         return Schedule(**out)
@@ -406,6 +410,13 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"run.device: must be auto, cpu, cuda or cuda:N, got {r.device!r}")
     if r.torch_threads < 0:
         p.append(f"run.torch_threads: must be >= 0, got {r.torch_threads}")
+    if r.eval_every > 0:
+        n_eval = e.eval_seeds[1] - e.eval_seeds[0]
+        if r.eval_episodes < 1:
+            p.append(f"run.eval_episodes: must be >= 1 when run.eval_every > 0, got {r.eval_episodes}")
+        elif n_eval > 0 and r.eval_episodes > n_eval:
+            p.append(f"run.eval_episodes: {r.eval_episodes} episodes but env.eval_seeds "
+                     f"[{e.eval_seeds[0]}, {e.eval_seeds[1]}) holds only {n_eval} level seeds")
     return p
 
 

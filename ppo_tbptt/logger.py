@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -13,14 +14,19 @@ from .utils import format_duration
 class MetricsWriter:
     """Writes each update's scalars to TensorBoard and to ``metrics.jsonl`` under the same tags."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None):
+        """``resume_step``: continuing a run from a checkpoint at that step; rows logged after it
+        (by the interrupted process) are dropped from ``metrics.jsonl`` and purged from TensorBoard."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            truncate_jsonl(self.run_dir / "metrics.jsonl", resume_step)
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(self.run_dir))
+            purge = None if resume_step is None else resume_step + 1
+            self.tb = SummaryWriter(str(self.run_dir), purge_step=purge)
 
     def text(self, tag: str, text: str) -> None:
         if self.tb is not None:
@@ -56,6 +62,30 @@ class MetricsWriter:
         if self.tb is not None:
             self.tb.close()
         self._jsonl.close()
+
+
+def truncate_jsonl(path: Path, max_step: int) -> int:
+    """Keep only the rows of ``metrics.jsonl`` with ``global_step <= max_step`` (and drop a torn last
+    line); rewritten atomically. Returns the number of rows dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+            keep = int(rec["global_step"]) <= max_step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(tmp, path)
+    return dropped
 
 
 def progress_line(update: int, total_updates: int, step: int, total_steps: int, sps: float,

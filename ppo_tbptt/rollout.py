@@ -7,6 +7,7 @@ import time
 import numpy as np
 import torch
 
+from .envs.wrappers import EnvStateError
 from .model import RecurrentActorCritic, RecurrentState
 
 
@@ -97,6 +98,29 @@ class Collector:
         self.episode_start = torch.ones(self.N, dtype=torch.bool, device=device)
         self.env_seconds = 0.0
         self.policy_seconds = 0.0
+
+    def get_state(self) -> dict:
+        """What carries over between rollouts: env states, last obs, recurrent state, episode starts."""
+        return {
+            "envs": self.envs.get_state(),
+            "obs": self.obs.cpu(),
+            "state_h": self.state.h.cpu(),
+            "state_c": None if self.state.c is None else self.state.c.cpu(),
+            "episode_start": self.episode_start.cpu(),
+        }
+
+    def set_state(self, state: dict) -> None:
+        """Restore :meth:`get_state`'s data; the envs are rebuilt by replay and must show the same obs."""
+        obs = self.envs.set_state(state["envs"])
+        saved = state["obs"]
+        if not torch.equal(torch.from_numpy(obs), saved.to(torch.from_numpy(obs).dtype)):
+            raise EnvStateError("restored envs show different observations than when the checkpoint "
+                               "was written; the env is not replayable from seed and actions")
+        self.obs = self._to_device(obs)
+        h = state["state_h"].to(self.device)
+        c = state["state_c"]
+        self.state = RecurrentState(h, None if c is None else c.to(self.device))
+        self.episode_start = state["episode_start"].to(self.device)
 
     def _to_device(self, arr: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(arr)

@@ -1,4 +1,9 @@
-"""``python -m ppo_tbptt.train --config NAME_OR_PATH [--set section.key=value ...]``"""
+"""``python -m ppo_tbptt.train --config NAME_OR_PATH [--set section.key=value ...]``
+``python -m ppo_tbptt.train --resume runs/<name> [--set run.total_steps=N]``
+
+Exit codes: 0 done; 2 bad input (config, missing/truncated/mismatched checkpoint); 128 + signal
+number when SIGINT/SIGTERM stopped training after saving a checkpoint.
+"""
 from __future__ import annotations
 
 import argparse
@@ -12,14 +17,21 @@ from .config import ConfigError, dump_yaml, load, resolve_path
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m ppo_tbptt.train",
                                 description="Train a recurrent PPO agent with truncated BPTT.")
-    p.add_argument("--config", required=True,
+    p.add_argument("--config", default=None,
                    help="config name in configs/ (e.g. mortar_mayhem_grid.yaml) or a path")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its latest checkpoint (config from the checkpoint)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config field (repeatable), e.g. --set ppo.lr=3e-4 --set env.kwargs.delay=12")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
                    help="training device (overrides run.device)")
     p.add_argument("--run-name", default=None, help="run folder name under run.out_dir (must not exist)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if (args.config is None) == (args.resume is None):
+        p.error("give exactly one of --config (new run) or --resume RUN_DIR")
+    if args.resume and args.run_name:
+        p.error("--run-name does not apply to --resume (the run keeps its folder)")
+    return args
 
 
 def make_run_dir(out_dir: str, run_name: str | None, default_prefix: str, seed: int) -> Path:
@@ -38,11 +50,42 @@ def make_run_dir(out_dir: str, run_name: str | None, default_prefix: str, seed: 
     return path
 
 
+def resume(args, overrides: list[str]) -> int:
+    from .checkpoint import CheckpointError
+    from .trainer import Trainer
+    from .envs.wrappers import EnvStateError
+    run_dir = Path(args.resume)
+    try:
+        trainer = Trainer.from_run(run_dir, None, overrides)
+    except ConfigError as exc:
+        print(f"error: {'; '.join(exc.problems)}", file=sys.stderr)
+        return 2
+    except (CheckpointError, EnvStateError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"resuming {run_dir} from {trainer.resumed_from} at step {trainer.global_step:,}  "
+          f"device: {trainer.device}", flush=True)
+    return run(trainer)
+
+
+def run(trainer) -> int:
+    try:
+        trainer.train()
+    except KeyboardInterrupt:
+        print("stopped at once (second signal); the last checkpoint on disk is intact", file=sys.stderr)
+        return 130
+    if trainer.interrupted is not None:
+        return 128 + trainer.interrupted
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     overrides = list(args.overrides)
     if args.device:
         overrides.append(f"run.device={args.device}")
+    if args.resume:
+        return resume(args, overrides)
     try:
         cfg = load(args.config, overrides)
     except ConfigError as exc:
@@ -64,8 +107,7 @@ def main(argv=None) -> int:
     from .trainer import Trainer
     print(f"run folder: {run_dir}  (tensorboard --logdir {cfg.run.out_dir})  device: {device}", flush=True)
     trainer = Trainer(cfg, run_dir, device)
-    trainer.train()
-    return 0
+    return run(trainer)
 
 
 if __name__ == "__main__":

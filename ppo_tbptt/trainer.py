@@ -1,6 +1,9 @@
 """One readable PPO iteration: collect -> GAE -> sequences -> epochs x minibatches."""
 from __future__ import annotations
 
+import random
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -8,7 +11,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from .config import Config, dump_yaml
+from .config import Config, ConfigError, dump_yaml, from_dict
 from .envs import make_vector_env
 from .gae import compute_gae
 from .logger import MetricsWriter, console, progress_line
@@ -43,11 +46,51 @@ def episode_scalars(episodes: list) -> dict:
     return out
 
 
+def rng_states(device: torch.device) -> dict:
+    """python, numpy and torch global RNG states as checkpoint-safe data (no pickled objects)."""
+    np_state = np.random.get_state(legacy=False)
+    out = {
+        "python": random.getstate(),
+        "numpy": {"bit_generator": np_state["bit_generator"],
+                  "key": torch.from_numpy(np.asarray(np_state["state"]["key"], np.int64)),
+                  "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                  "gauss": float(np_state["gauss"])},
+        "torch": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        out["cuda"] = torch.cuda.get_rng_state(device)
+    return out
+
+
+def set_rng_states(states: dict, device: torch.device) -> None:
+    random.setstate(_tuplify(states["python"]))
+    n = states["numpy"]
+    np.random.set_state({"bit_generator": n["bit_generator"],
+                         "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    torch.set_rng_state(states["torch"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def next_multiple(step: int, every: int) -> int | None:
+    """The smallest multiple of ``every`` above ``step`` (None if ``every`` <= 0)."""
+    return (step // every + 1) * every if every > 0 else None
+
+
 class Trainer:
-    """Owns the envs, model, optimizer and counters of one run."""
+    """Owns the envs, model, optimizer and counters of one run.
+
+    ``resume``: a checkpoint dict (from :func:`checkpoint.load_checkpoint`) to continue from; then
+    every bit of state that influences later updates is restored (see :meth:`state_dict`).
+    """
 
     def __init__(self, cfg: Config, run_dir: Path, device: torch.device, log: bool = True,
-                 quiet: bool = False):
+                 quiet: bool = False, resume: dict | None = None):
         self.cfg = cfg
         self.device = device
         self.run_dir = Path(run_dir)
@@ -68,9 +111,43 @@ class Trainer:
         self.total_updates = -(-cfg.run.total_steps // self.batch_size)
         self.global_step = 0
         self.update = 0
-        self.writer = MetricsWriter(self.run_dir) if log else None
+        self.elapsed = 0.0  # training wall-clock seconds, summed over resumed segments
+        self.best_eval: float | None = None
+        self.evaluator = None
+        self._stop_signal: int | None = None
+        if resume is not None:
+            self.load_state_dict(resume)
+        self.writer = MetricsWriter(self.run_dir, resume_step=self.global_step if resume else None) if log else None
         if self.writer is not None:
             self.writer.text("config", "```\n" + dump_yaml(cfg) + "\n```")
+
+    @classmethod
+    def from_run(cls, run_dir: Path, device: torch.device | None = None,
+                 overrides: list[str] | None = None, **kw) -> "Trainer":
+        """Continue the run in ``run_dir`` from its latest checkpoint (config from the checkpoint).
+
+        ``overrides`` (``section.key=value``) may change e.g. ``run.total_steps``; ``device`` None
+        resolves ``run.device``. Raises CheckpointError or ConfigError with a one-line reason."""
+        from .config import apply_overrides
+        from .utils import resolve_device
+        path = ckpt.latest_checkpoint(run_dir)
+        state = ckpt.load_checkpoint(path)
+        raw, problems = apply_overrides(state["config"], overrides)
+        if problems:
+            raise ConfigError(problems)
+        try:
+            cfg = from_dict(raw)
+        except ConfigError as exc:
+            raise ckpt.CheckpointError(f"checkpoint {path}: config invalid: " + "; ".join(exc.problems)) from None
+        for key in ("optimizer", "rng", "shuffle_generator", "collector", "global_step", "update"):
+            if key not in state:
+                raise ckpt.CheckpointError(f"checkpoint {path}: no '{key}' entry; it holds weights only "
+                                           "and cannot resume training")
+        if device is None:
+            device = resolve_device(cfg.run.device)
+        trainer = cls(cfg, run_dir, device, resume=state, **kw)
+        trainer.resumed_from = path
+        return trainer
 
     # ---- schedules ------------------------------------------------------------------------------
     def coefs(self) -> tuple[float, LossCoefs]:
@@ -144,50 +221,142 @@ class Trainer:
         return scalars
 
     # ---- the loop -------------------------------------------------------------------------------
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, state: dict | None = None) -> Path:
         path = self.run_dir / "checkpoints" / f"step_{self.global_step:012d}.pt"
-        ckpt.atomic_save(self.state_dict(), path)
+        ckpt.atomic_save(self.state_dict() if state is None else state, path)
         ckpt.prune(path.parent, self.cfg.run.keep_checkpoints)
         return path
 
     def state_dict(self) -> dict:
+        """Everything a bit-exact resume needs, as tensors and plain data (loads with weights_only):
+        model, optimizer, counters, global RNG states, the minibatch shuffle generator, and the
+        collector's carry-over (env states replayable from level seed + actions, last obs,
+        recurrent state, episode starts). Schedules are functions of ``global_step``."""
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "config": self.cfg.to_dict(),
             "global_step": self.global_step,
             "update": self.update,
+            "elapsed": self.elapsed,
+            "best_eval": self.best_eval,
+            "rng": rng_states(self.device),
+            "shuffle_generator": self.shuffle_gen.get_state(),
+            "collector": self.collector.get_state(),
         }
 
-    def train(self) -> dict:
-        cfg = self.cfg
-        start = time.time()
-        every = cfg.run.checkpoint_every
-        next_ckpt = every if every > 0 else None
-        scalars: dict = {}
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output (raises CheckpointError if the weights do not fit)."""
+        ckpt.load_model_weights(self.model, state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.global_step = int(state["global_step"])
+        self.update = int(state["update"])
+        self.elapsed = float(state.get("elapsed", 0.0))
+        self.best_eval = state.get("best_eval")
+        self.shuffle_gen.set_state(state["shuffle_generator"])
+        self.collector.set_state(state["collector"])
+        set_rng_states(state["rng"], self.device)
+
+    # ---- evaluation -----------------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        """Evaluate on the first ``run.eval_episodes`` held-out level seeds -> ``eval/*`` scalars.
+
+        Uses a private sampling generator, so training's RNG streams are untouched."""
+        from .evaluation import Evaluator, seeds_from_range
+        r = self.cfg.run
+        seeds = seeds_from_range(self.cfg.env.eval_seeds, r.eval_episodes)
+        t0 = time.perf_counter()
+        saved = rng_states(self.device)  # env construction must not shift training's RNG streams
         try:
-            while self.global_step < cfg.run.total_steps:
+            if self.evaluator is None:
+                self.evaluator = Evaluator(self.cfg.env, min(self.cfg.env.num_envs, len(seeds)))
+            result = self.evaluator.run(self.model, seeds, deterministic=False, device=self.device,
+                                        sample_seed=self.cfg.run.seed)
+        finally:
+            set_rng_states(saved, self.device)
+        scalars = result.scalars("eval/")
+        scalars["time/eval_seconds"] = time.perf_counter() - t0
+        return scalars
+
+    @staticmethod
+    def eval_score(scalars: dict) -> float:
+        """What "best" means: eval success, or eval return for tasks without a success flag."""
+        return float(scalars.get("eval/success", scalars.get("eval/return")))
+
+    # ---- signals --------------------------------------------------------------------------------
+    def request_stop(self, signum: int = signal.SIGINT) -> None:
+        """Finish the current update, save a checkpoint, close the envs and return from train()."""
+        self._stop_signal = int(signum)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._stop_signal is not None:
+            raise KeyboardInterrupt(f"second signal ({signal.Signals(signum).name}): stopping now")
+        self.request_stop(signum)
+        console(f"\n{signal.Signals(signum).name} received: finishing this update, then saving a "
+                "checkpoint (send it again to stop at once)")
+
+    @property
+    def interrupted(self) -> int | None:
+        """The signal number that stopped training early, or None."""
+        return self._stop_signal
+
+    def train(self, handle_signals: bool = True) -> dict:
+        """Train to ``run.total_steps``. SIGINT/SIGTERM (when ``handle_signals`` and in the main
+        thread): finish the update, save a checkpoint, close the envs, return (see ``interrupted``);
+        a second signal raises KeyboardInterrupt at once (the envs are still closed)."""
+        cfg = self.cfg
+        start, start_step, elapsed0 = time.time(), self.global_step, self.elapsed
+        next_ckpt = next_multiple(self.global_step, cfg.run.checkpoint_every)
+        next_eval = next_multiple(self.global_step, cfg.run.eval_every)
+        scalars: dict = {}
+        old_handlers = {}
+        if handle_signals and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                old_handlers[sig] = signal.signal(sig, self._on_signal)
+        try:
+            path = None
+            while self.global_step < cfg.run.total_steps and self._stop_signal is None:
                 scalars = self.train_update()
+                if next_eval is not None and self.global_step >= next_eval:
+                    scalars.update(self.evaluate())
+                    next_eval = next_multiple(self.global_step, cfg.run.eval_every)
+                    score = self.eval_score(scalars)
+                    if self.best_eval is None or score > self.best_eval:
+                        self.best_eval = score
+                        scalars["eval/best"] = score
+                        state = self.state_dict()
+                        ckpt.atomic_save(state, self.run_dir / "checkpoints" / "best.pt")
                 elapsed = time.time() - start
-                sps = self.global_step / max(elapsed, 1e-9)
+                self.elapsed = elapsed0 + elapsed
+                sps = (self.global_step - start_step) / max(elapsed, 1e-9)
                 scalars["charts/SPS"] = sps
+                scalars["time/elapsed_seconds"] = self.elapsed
                 if self.writer is not None:
                     self.writer.scalars(self.global_step, scalars)
                 if not self.quiet:
                     console(progress_line(self.update, self.total_updates, self.global_step,
-                                          cfg.run.total_steps, sps, scalars, elapsed))
+                                          cfg.run.total_steps, sps, scalars, self.elapsed))
                 if next_ckpt is not None and self.global_step >= next_ckpt:
-                    self.save_checkpoint()
-                    while next_ckpt <= self.global_step:
-                        next_ckpt += every
-            path = self.save_checkpoint()
+                    path = self.save_checkpoint()
+                    next_ckpt = next_multiple(self.global_step, cfg.run.checkpoint_every)
+            if path is None or path.stem != f"step_{self.global_step:012d}":
+                path = self.save_checkpoint()
             if not self.quiet:
-                console(f"done: {self.global_step:,} steps in {time.time() - start:.1f}s; checkpoint {path}")
+                if self._stop_signal is not None:
+                    console(f"interrupted at {self.global_step:,} steps; checkpoint {path}\n"
+                            f"resume with: python -m ppo_tbptt.train --resume {self.run_dir}")
+                else:
+                    console(f"done: {self.global_step:,} steps in {time.time() - start:.1f}s; checkpoint {path}")
         finally:
             self.close()
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
         return scalars
 
     def close(self) -> None:
+        if self.evaluator is not None:
+            self.evaluator.close()
+            self.evaluator = None
         self.envs.close()
         if self.writer is not None:
             self.writer.close()

@@ -1,15 +1,16 @@
 """Environment construction: MemoryGym and CueRecall behind one factory."""
 from __future__ import annotations
 
+import copy
 import os
-from typing import Callable, Iterator
+from typing import Callable
 
 import gymnasium as gym
 import numpy as np
 
 from .cue_recall import CueRecall
 from .vector import EpisodeStats, SerialVectorEnv, StepResult
-from .wrappers import LevelSeedWrapper
+from .wrappers import EnvStateError, LevelSeedWrapper
 
 for _k, _v in (("SDL_VIDEODRIVER", "dummy"), ("SDL_AUDIODRIVER", "dummy"), ("PYGAME_HIDE_SUPPORT_PROMPT", "1")):
     os.environ.setdefault(_k, _v)
@@ -35,29 +36,56 @@ def make_base_env(env_id: str, kwargs: dict | None = None, render_mode: str | No
                          + ", ".join(MEMORY_GYM_IDS)) from None
 
 
-def seed_stream(seed_range: tuple[int, int], run_seed: int, env_index: int) -> Callable[[], int]:
-    """Level seeds drawn uniformly from ``[start, end)`` by a generator private to one env."""
-    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(run_seed), int(env_index)])))
-    lo, hi = int(seed_range[0]), int(seed_range[1])
+class SeedStream:
+    """Level seeds drawn uniformly from ``[start, end)`` by a generator private to one env.
 
-    def next_seed() -> int:
-        return int(rng.integers(lo, hi))
+    Callable (``next_seed()``); ``get_state()``/``set_state()`` expose the generator position as
+    plain data so a checkpoint can restore it.
+    """
 
-    next_seed.rng = rng  # type: ignore[attr-defined]
-    return next_seed
+    def __init__(self, seed_range: tuple[int, int], run_seed: int, env_index: int):
+        self.rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(run_seed), int(env_index)])))
+        self.lo, self.hi = int(seed_range[0]), int(seed_range[1])
+
+    def __call__(self) -> int:
+        return int(self.rng.integers(self.lo, self.hi))
+
+    def get_state(self) -> dict:
+        return {"bit_generator": copy.deepcopy(self.rng.bit_generator.state)}
+
+    def set_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = copy.deepcopy(state["bit_generator"])
 
 
-def seed_sequence(seeds: list[int]) -> Callable[[], int]:
+class SeedSequence:
     """Level seeds taken in order from a list (for evaluation); cycles if exhausted."""
-    it: Iterator[int] = iter(())
-    def next_seed() -> int:
-        nonlocal it
-        try:
-            return next(it)
-        except StopIteration:
-            it = iter(seeds)
-            return next(it)
-    return next_seed
+
+    def __init__(self, seeds):
+        self.seeds = [int(s) for s in seeds]
+        if not self.seeds:
+            raise ValueError("SeedSequence needs at least one seed")
+        self.pos = 0
+
+    def __call__(self) -> int:
+        seed = self.seeds[self.pos % len(self.seeds)]
+        self.pos += 1
+        return seed
+
+    def get_state(self) -> dict:
+        return {"pos": self.pos}
+
+    def set_state(self, state: dict) -> None:
+        self.pos = int(state["pos"])
+
+
+def seed_stream(seed_range: tuple[int, int], run_seed: int, env_index: int) -> SeedStream:
+    """Level seeds drawn uniformly from ``[start, end)`` by a generator private to one env."""
+    return SeedStream(seed_range, run_seed, env_index)
+
+
+def seed_sequence(seeds: list[int]) -> SeedSequence:
+    """Level seeds taken in order from a list (for evaluation); cycles if exhausted."""
+    return SeedSequence(seeds)
 
 
 def env_fn(env_cfg, next_seed: Callable[[], int], render_mode: str | None = None) -> Callable[[], gym.Env]:
@@ -79,5 +107,6 @@ def make_vector_env(env_cfg, run_seed: int, num_envs: int | None = None, seed_ra
     return SerialVectorEnv(fns)
 
 
-__all__ = ["CueRecall", "EpisodeStats", "SerialVectorEnv", "StepResult", "LevelSeedWrapper",
+__all__ = ["CueRecall", "EpisodeStats", "SerialVectorEnv", "StepResult", "LevelSeedWrapper", "EnvStateError",
+           "SeedStream", "SeedSequence",
            "make_base_env", "make_vector_env", "seed_stream", "seed_sequence", "env_fn", "CUE_RECALL_ID"]

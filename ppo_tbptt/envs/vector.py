@@ -5,6 +5,7 @@ Every vector env here has the same small interface (``VectorEnv``):
 ``reset() -> obs [N, ...]``
 ``step(actions [N, ...]) -> StepResult``
 ``close()``
+``get_state() -> plain data`` and ``set_state(state) -> obs [N, ...]`` (for bit-exact resume)
 
 ``StepResult.obs`` already holds the first observation of a new episode for every env whose
 episode ended in this step (same-step autoreset, as gymnasium 0.29). For truncated envs the last
@@ -100,6 +101,27 @@ class SerialVectorEnv:
                 self._len[i] = 0
             self._obs[i] = obs
         return StepResult(self._obs.copy(), rew, term, trunc, final_obs, episodes)
+
+    def get_state(self) -> dict:
+        """Plain data: each env's replayable state plus the running episode returns and lengths."""
+        return {"envs": [env.get_state() for env in self.envs],
+                "ret": [float(x) for x in self._ret], "len": [int(x) for x in self._len]}
+
+    def set_state(self, state: dict) -> np.ndarray:
+        """Restore what :meth:`get_state` returned; returns the current observations ``[N, ...]``."""
+        from .wrappers import EnvStateError
+        envs = state.get("envs") if isinstance(state, dict) else None
+        if not isinstance(envs, list) or len(envs) != self.num_envs:
+            got = len(envs) if isinstance(envs, list) else "no"
+            raise EnvStateError(f"vector env state holds {got} env states, but there are {self.num_envs} envs")
+        for i, (env, st) in enumerate(zip(self.envs, envs)):
+            obs = env.set_state(st)
+            if obs is None:
+                obs, _ = env.reset()
+            self._obs[i] = obs
+        self._ret[:] = np.asarray(state["ret"], np.float64)
+        self._len[:] = np.asarray(state["len"], np.int64)
+        return self._obs.copy()
 
     def close(self) -> None:
         for env in self.envs:
