@@ -1,0 +1,36 @@
+"""Tiny CueRecall runs shared by the evaluation / resume / checkpoint tests (seconds on a CPU)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ppo_tbptt.config import Config, load
+
+TINY = [
+    "env.num_envs=4", "env.kwargs.delay=3", "model.hidden_size=16", "model.hidden_layer=16",
+    "ppo.rollout_steps=16", "ppo.epochs=2", "ppo.minibatches=2", "tbptt.sequence_length=8",
+    "run.total_steps=448", "run.checkpoint_every=0", "run.torch_threads=1", "run.device=cpu",
+]
+
+
+def tiny_config(*extra: str) -> Config:
+    return load("cue_recall", TINY + list(extra))
+
+
+def train_tiny(run_dir: Path, *extra: str):
+    from ppo_tbptt.trainer import Trainer
+    trainer = Trainer(tiny_config(*extra), Path(run_dir), torch.device("cpu"), quiet=True)
+    trainer.train(handle_signals=False)
+    return trainer
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    """metrics.jsonl rows without wall-clock dependent values (time, time/*, SPS)."""
+    rows = []
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        rows.append({k: v for k, v in rec.items()
+                     if k != "time" and not k.startswith("time/") and k != "charts/SPS"})
+    return rows
