@@ -231,7 +231,8 @@ class Trainer:
         """Everything a bit-exact resume needs, as tensors and plain data (loads with weights_only):
         model, optimizer, counters, global RNG states, the minibatch shuffle generator, and the
         collector's carry-over (env states replayable from level seed + actions, last obs,
-        recurrent state, episode starts). Schedules are functions of ``global_step``."""
+        recurrent state, episode starts) and the truncation strategy's state (random cut sampler;
+        adaptive K, its estimate and window sampler). Schedules are functions of ``global_step``."""
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -243,6 +244,7 @@ class Trainer:
             "rng": rng_states(self.device),
             "shuffle_generator": self.shuffle_gen.get_state(),
             "collector": self.collector.get_state(),
+            "truncation": self.truncation.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -255,6 +257,9 @@ class Trainer:
         self.best_eval = state.get("best_eval")
         self.shuffle_gen.set_state(state["shuffle_generator"])
         self.collector.set_state(state["collector"])
+        trunc = state.get("truncation")
+        if trunc is not None and trunc.get("name") == self.truncation.name:
+            self.truncation.load_state_dict(trunc)  # (a strategy changed on resume starts afresh)
         set_rng_states(state["rng"], self.device)
 
     # ---- evaluation -----------------------------------------------------------------------------

@@ -319,6 +319,18 @@ class TruncationStrategy:
         """1-D arrays to log as curves (tag -> values indexed by lag)."""
         return {}
 
+    # -- checkpoints -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """State that later updates depend on, as tensors and plain data (loads with
+        ``torch.load(weights_only=True)``). Per-update instruments are rebuilt every update."""
+        return {"name": self.name}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output. A state saved by another strategy is rejected."""
+        if state.get("name") != self.name:
+            raise ValueError(f"truncation state of strategy {state.get('name')!r} does not fit "
+                             f"strategy {self.name!r}")
+
 
 class OverlapStrategy(TruncationStrategy):
     """TBPTT(k1, k2) with k1 = ``tbptt.stride`` and k2 = ``tbptt.sequence_length``."""
@@ -385,6 +397,13 @@ class RandomStrategy(TruncationStrategy):
         out = random_truncation_unroll(core_step(model.core), x, batch.init_state.tensors(),
                                        self.cut_prob, self.generator)  # [S, L, H]
         return model.heads(out)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.generator.set_state(state["generator"])
 
 
 class AdaptiveStrategy(TruncationStrategy):
@@ -458,6 +477,26 @@ class AdaptiveStrategy(TruncationStrategy):
 
     def curves(self) -> dict:
         return {} if self.estimate is None else {"tbptt/phi_k": self.estimate.phi}
+
+    def state_dict(self) -> dict:
+        """K, the update counter (when to re-estimate), the window sampler and the last estimate
+        (its beta, delta_hat and phi_k are logged on every update until the next estimate)."""
+        est = None
+        if self.estimate is not None:
+            est = {f.name: getattr(self.estimate, f.name) for f in dataclasses.fields(AdaptiveEstimate)}
+            est = {k: torch.from_numpy(np.asarray(v, np.float64)) if isinstance(v, np.ndarray) else v
+                   for k, v in est.items()}
+        return {**super().state_dict(), "K": int(self.K), "updates": int(self.updates),
+                "generator": self.generator.get_state(), "estimate": est}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.K = int(state["K"])
+        self.updates = int(state["updates"])
+        self.generator.set_state(state["generator"])
+        est = state.get("estimate")
+        self.estimate = None if est is None else AdaptiveEstimate(
+            **{k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in est.items()})
 
 
 _STRATEGIES = {cls.name: cls for cls in (TruncationStrategy, OverlapStrategy, RandomStrategy, AdaptiveStrategy)}

@@ -129,6 +129,40 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path):
     assert (tmp_path / "part" / "checkpoints" / "best.pt").is_file()
 
 
+def _interrupt_after(trainer: Trainer, update: int) -> None:
+    original = trainer.train_update
+
+    def update_then_interrupt():
+        out = original()
+        if trainer.update == update:
+            trainer.request_stop(signal.SIGTERM)
+        return out
+
+    trainer.train_update = update_then_interrupt
+
+
+ADAPTIVE = ["tbptt.strategy=adaptive", "tbptt.adapt_every=2", "tbptt.adapt_window=8", "tbptt.adapt_burn_in=4",
+            "tbptt.adapt_tau=4", "tbptt.adapt_samples=8", "tbptt.k_max=8", "tbptt.target_bias=0.2"]
+
+
+@pytest.mark.parametrize("strategy", [["tbptt.strategy=random", "tbptt.mean_length=3"], ADAPTIVE],
+                         ids=["random", "adaptive"])
+def test_resume_restores_truncation_strategy_state(tmp_path, strategy):
+    """The random cut sampler, and adaptive K / estimate / window sampler, travel in the checkpoint:
+    interrupted mid-way between two re-estimates, the resumed run logs what the full run logs."""
+    extra = strategy + ["run.total_steps=320"]
+    train_tiny(tmp_path / "full", *extra)
+    part = Trainer(tiny_config(*extra), tmp_path / "part", torch.device("cpu"), quiet=True)
+    _interrupt_after(part, 3)
+    part.train(handle_signals=False)
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "part"))
+    assert state["truncation"]["name"] == strategy[0].split("=")[1]
+    Trainer.from_run(tmp_path / "part", quiet=True).train(handle_signals=False)
+    full, again = metric_rows(tmp_path / "full"), metric_rows(tmp_path / "part")
+    assert len(full) == 5 and "tbptt/K" in full[-1]
+    assert again == full
+
+
 def test_resume_lstm_and_gru_restore_recurrent_state(tmp_path):
     """The carried recurrent state matters: GRU with a mid-episode interruption too."""
     extra = ["model.core=gru", "env.kwargs.delay=5", "run.total_steps=320"]  # 7-step episodes
