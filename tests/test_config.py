@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ppo_tbptt import config as C
 
@@ -79,3 +80,12 @@ def test_unknown_config_name_lists_known():
     with pytest.raises(C.ConfigError) as ei:
         C.load("no_such_config")
     assert "cue_recall.yaml" in str(ei.value)
+
+
+def test_seed_range_override_stays_a_range():
+    """PyYAML reads '10:20' as the base-60 integer 620; a --set range must stay 'A:B'."""
+    assert yaml.safe_load("10:20") == 620  # the trap
+    raw, problems = C.apply_overrides({}, ["env.train_seeds=10:20", "env.eval_seeds= 500:900 "])
+    assert not problems and raw["env"] == {"train_seeds": "10:20", "eval_seeds": "500:900"}
+    cfg = C.load("cue_recall", ["env.train_seeds=10:20", "env.eval_seeds=500:900"])
+    assert cfg.env.train_seeds == (10, 20) and cfg.env.eval_seeds == (500, 900)
