@@ -1,0 +1,109 @@
+"""Checkpoint safety (atomic writes under a crash) and clean stops on SIGINT/SIGTERM."""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from eval_helpers import TINY, metric_rows, tiny_config, train_tiny
+from ppo_tbptt import checkpoint as ckpt
+from ppo_tbptt import train as train_cli
+from ppo_tbptt.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _crashing_save(real_save):
+    """A torch.save that writes half of the real bytes to the file, then dies."""
+    def save(obj, f, *args, **kwargs):
+        buf = io.BytesIO()
+        real_save(obj, buf)
+        data = buf.getvalue()
+        f.write(data[: len(data) // 2])
+        f.flush()
+        raise OSError("disk full (simulated crash in the middle of a save)")
+    return save
+
+
+def test_crash_during_save_leaves_previous_checkpoints_intact(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    trainer = train_tiny(run, "run.total_steps=64", "run.eval_every=64", "run.eval_episodes=2")
+    ckpt_dir = run / "checkpoints"
+    latest = ckpt.latest_checkpoint(run)
+    assert latest.name == "step_000000000064.pt" and (ckpt_dir / "best.pt").is_file()
+    before = {p.name: p.read_bytes() for p in ckpt_dir.iterdir()}
+
+    monkeypatch.setattr(torch, "save", _crashing_save(torch.save))
+    trainer.global_step = 128  # the next checkpoint would be step 128
+    with pytest.raises(OSError, match="simulated crash"):
+        trainer.save_checkpoint()
+    with pytest.raises(OSError, match="simulated crash"):  # overwriting in place: best.pt
+        ckpt.atomic_save(trainer.state_dict(), ckpt_dir / "best.pt")
+    monkeypatch.undo()
+
+    after = {p.name: p.read_bytes() for p in ckpt_dir.iterdir()}
+    assert after == before  # no partial step_128, no temp file left behind, old files untouched
+    assert ckpt.latest_checkpoint(run) == latest
+    assert ckpt.load_checkpoint(latest)["global_step"] == 64
+    assert ckpt.load_checkpoint(ckpt_dir / "best.pt")["global_step"] == 64
+    # a temp file left by a process killed outright (SIGKILL) is never taken for a checkpoint
+    (ckpt_dir / ".step_000000000192.pt.x1y2.tmp").write_bytes(b"partial")
+    assert ckpt.latest_checkpoint(run) == latest
+    assert train_cli.main(["--resume", str(run), "--set", "run.total_steps=128"]) == 0
+    assert [r["global_step"] for r in metric_rows(run)] == [64, 128]
+
+
+def test_second_signal_stops_at_once(tmp_path):
+    trainer = Trainer(tiny_config(), tmp_path / "run", torch.device("cpu"), quiet=True)
+    try:
+        trainer._on_signal(signal.SIGTERM, None)
+        assert trainer.interrupted == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):
+            trainer._on_signal(signal.SIGINT, None)
+    finally:
+        trainer.close()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_saves_checkpoint_and_exits_cleanly(tmp_path, sig):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), SDL_VIDEODRIVER="dummy", SDL_AUDIODRIVER="dummy",
+               PYGAME_HIDE_SUPPORT_PROMPT="1", PYTHONUNBUFFERED="1")
+    over = [a for o in TINY if not o.startswith("run.total_steps") for a in ("--set", o)]
+    cmd = [sys.executable, "-m", "ppo_tbptt.train", "--config", "cue_recall", *over,
+           "--set", "run.total_steps=10000000", "--set", f"run.out_dir={tmp_path}", "--run-name", "r"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + 60
+        for line in proc.stdout:
+            if line.startswith("update "):
+                break
+            assert time.time() < deadline, "no update line within 60 s"
+        else:
+            pytest.fail(f"training ended before its first update: {proc.stderr.read()}")
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + sig, err
+    assert "Traceback" not in err
+    assert f"{signal.Signals(sig).name} received" in out and "resume with:" in out
+    run = tmp_path / "r"
+    latest = ckpt.latest_checkpoint(run)
+    state = ckpt.load_checkpoint(latest)
+    step = state["global_step"]
+    assert step > 0 and step % 64 == 0 and latest.name == f"step_{step:012d}.pt"
+    assert [r["global_step"] for r in metric_rows(run)][-1] == step
+    # resumable: continue one more update
+    assert train_cli.main(["--resume", str(run), "--set", f"run.total_steps={step + 64}"]) == 0
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(run))["global_step"] == step + 64
