@@ -1,0 +1,130 @@
+"""Learning curves of several runs: success and return vs env steps and vs wall-clock time.
+
+    python scripts/plot_runs.py runs/a runs/b --out curves.png [--labels "L=2" "L=16"] [--smooth 5]
+
+Reads each run folder's ``metrics.jsonl``. Training curves are ``charts/success`` and
+``charts/episodic_return`` (the sampling policy on training levels, smoothed by a moving average of
+``--smooth`` updates); where a run logged periodic evaluation, ``eval/success`` and ``eval/return``
+(held-out levels) are drawn as markers in the same colour. Wall-clock time is
+``time/elapsed_seconds`` (training time summed over resumed segments; falls back to the row time
+stamps). Needs matplotlib: ``pip install 'ppo_tbptt[plot]'``. Exit code 2 on bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+PANELS = [  # (row, train tag, eval tag, y label)
+    (0, "charts/success", "eval/success", "success rate"),
+    (1, "charts/episodic_return", "eval/return", "episodic return"),
+]
+
+
+def read_metrics(run: Path) -> list[dict]:
+    """The rows of ``run/metrics.jsonl`` (a torn last line is skipped). ValueError if none."""
+    path = Path(run) / "metrics.jsonl" if Path(run).is_dir() else Path(run)
+    if not path.is_file():
+        raise ValueError(f"{run}: no metrics.jsonl (expected a run folder or a metrics.jsonl file)")
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def series(rows: list[dict], tag: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(env steps, wall-clock seconds, values) of the rows that hold a finite ``tag``."""
+    t0 = rows[0].get("time", 0.0) or 0.0
+    steps, secs, vals = [], [], []
+    for r in rows:
+        v = r.get(tag)
+        if v is None or not np.isfinite(v):
+            continue
+        steps.append(r["global_step"])
+        secs.append(r.get("time/elapsed_seconds", (r.get("time") or t0) - t0))
+        vals.append(v)
+    return np.asarray(steps, float), np.asarray(secs, float), np.asarray(vals, float)
+
+
+def smooth(v: np.ndarray, window: int) -> np.ndarray:
+    """Trailing moving average over up to ``window`` points (the first points average fewer)."""
+    if window <= 1 or len(v) == 0:
+        return v
+    c = np.cumsum(np.insert(v, 0, 0.0))
+    idx = np.arange(1, len(v) + 1)
+    lo = np.maximum(0, idx - window)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
+def plot(runs: list[Path], labels: list[str], out: Path, window: int = 5, title: str | None = None) -> Path:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RuntimeError("plotting needs matplotlib: pip install 'ppo_tbptt[plot]'") from None
+    data = [read_metrics(r) for r in runs]
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6), sharey="row")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (rows, label) in enumerate(zip(data, labels)):
+        color = colors[i % len(colors)]
+        for row, train_tag, eval_tag, ylabel in PANELS:
+            steps, secs, vals = series(rows, train_tag)
+            esteps, esecs, evals = series(rows, eval_tag)
+            for col, (x, ex) in enumerate(((steps, esteps), (secs, esecs))):
+                ax = axes[row, col]
+                if len(vals):
+                    ax.plot(x, smooth(vals, window), color=color, lw=1.5, label=f"{label} (train)")
+                if len(evals):
+                    ax.plot(ex, evals, color=color, ls="none", marker="o", ms=4, label=f"{label} (eval)")
+                ax.set_ylabel(ylabel if col == 0 else "")
+                ax.grid(alpha=0.3)
+    for row in range(2):
+        axes[row, 0].set_xlabel("env steps")
+        axes[row, 1].set_xlabel("wall-clock seconds")
+    handles, names = axes[0, 0].get_legend_handles_labels()
+    if not handles:
+        handles, names = axes[1, 0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 4), fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Plot success and return vs env steps and wall-clock time.")
+    p.add_argument("runs", nargs="+", help="run folders (or their metrics.jsonl files)")
+    p.add_argument("--out", default="curves.png", help="output image (default curves.png)")
+    p.add_argument("--labels", nargs="+", default=None, help="one legend label per run (default: folder names)")
+    p.add_argument("--smooth", type=int, default=5, help="moving-average window in updates (default 5; 1 = none)")
+    p.add_argument("--title", default=None)
+    args = p.parse_args(argv)
+    runs = [Path(r) for r in args.runs]
+    labels = args.labels or [r.name if r.is_dir() else r.parent.name for r in runs]
+    if len(labels) != len(runs):
+        print(f"error: {len(labels)} labels for {len(runs)} runs", file=sys.stderr)
+        return 2
+    try:
+        out = plot(runs, labels, Path(args.out), args.smooth, args.title)
+    except (ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

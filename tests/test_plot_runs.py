@@ -1,0 +1,58 @@
+"""scripts/plot_runs.py: curves of several runs into one PNG; clean errors."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("plot_runs", ROOT / "scripts" / "plot_runs.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _fake_run(path: Path, rate: float, with_eval: bool) -> Path:
+    path.mkdir(parents=True)
+    rows = []
+    for i in range(1, 21):
+        row = {"global_step": 1024 * i, "time": 1000.0 + i, "time/elapsed_seconds": 0.7 * i,
+               "charts/success": min(1.0, rate * i), "charts/episodic_return": min(1.0, rate * i)}
+        if with_eval and i % 5 == 0:
+            row.update({"eval/success": min(1.0, rate * i), "eval/return": min(1.0, rate * i)})
+        rows.append(json.dumps(row))
+    (path / "metrics.jsonl").write_text("\n".join(rows) + "\n" + '{"global_st')  # torn last line
+    return path
+
+
+def test_plot_runs_writes_png(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    Image = pytest.importorskip("PIL.Image")
+    mod = _load_script()
+    a = _fake_run(tmp_path / "a", 0.05, with_eval=True)
+    b = _fake_run(tmp_path / "b", 0.02, with_eval=False)
+    out = tmp_path / "sub" / "curves.png"
+    assert mod.main([str(a), str(b), "--out", str(out), "--labels", "fast", "slow"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size[0] > 400 and im.size[1] > 300
+    assert "wrote" in capsys.readouterr().out
+    steps, secs, vals = mod.series(mod.read_metrics(a), "eval/success")
+    assert list(steps) == [5120, 10240, 15360, 20480] and secs[0] == pytest.approx(3.5)
+    assert np.allclose(mod.smooth(np.array([0.0, 2.0, 4.0, 6.0]), 2), [0.0, 1.0, 3.0, 5.0])
+
+
+def test_plot_runs_bad_input_exit_2(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    mod = _load_script()
+    assert mod.main([str(tmp_path / "missing"), "--out", str(tmp_path / "x.png")]) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err
+    a = _fake_run(tmp_path / "a", 0.05, with_eval=False)
+    assert mod.main([str(a), "--labels", "x", "y", "--out", str(tmp_path / "x.png")]) == 2
+    assert not (tmp_path / "x.png").exists()
