@@ -362,6 +362,9 @@ def validate(cfg: Config) -> list[str]:
     for name, rng in (("train_seeds", e.train_seeds), ("eval_seeds", e.eval_seeds)):
         if rng[0] < 0 or rng[1] <= rng[0]:
             p.append(f"env.{name}: need 0 <= start < end, got [{rng[0]}, {rng[1]})")
+    if max(e.train_seeds[0], e.eval_seeds[0]) < min(e.train_seeds[1], e.eval_seeds[1]):
+        p.append(f"env.eval_seeds: [{e.eval_seeds[0]}, {e.eval_seeds[1]}) overlaps env.train_seeds "
+                 f"[{e.train_seeds[0]}, {e.train_seeds[1]}); evaluation levels must be held out")
     if m.core not in ("lstm", "gru"):
         p.append(f"model.core: must be 'lstm' or 'gru', got {m.core!r}")
     if m.encoder not in ("auto", "cnn", "mlp"):

@@ -89,3 +89,9 @@ def test_seed_range_override_stays_a_range():
     assert not problems and raw["env"] == {"train_seeds": "10:20", "eval_seeds": "500:900"}
     cfg = C.load("cue_recall", ["env.train_seeds=10:20", "env.eval_seeds=500:900"])
     assert cfg.env.train_seeds == (10, 20) and cfg.env.eval_seeds == (500, 900)
+
+
+def test_eval_seeds_must_be_held_out():
+    with pytest.raises(C.ConfigError, match="overlaps env.train_seeds"):
+        C.load("cue_recall", ["env.train_seeds=0:100", "env.eval_seeds=50:150"])
+    assert C.load("cue_recall", ["env.train_seeds=0:100", "env.eval_seeds=100:150"]).env.eval_seeds == (100, 150)
