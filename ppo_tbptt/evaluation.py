@@ -64,9 +64,9 @@ class EvalResult:
         if succ:
             k = float(np.sum(succ))
             lo, hi = wilson_interval(k, len(succ))
-            out.update(success_rate=k / len(succ), success_ci95=[lo, hi])
+            out.update(successes=int(k), success_rate=k / len(succ), success_ci95=[lo, hi])
         else:
-            out.update(success_rate=None, success_ci95=None)
+            out.update(successes=None, success_rate=None, success_ci95=None)
         m, half = mean_interval([e.ret for e in eps])
         out.update(return_mean=m, return_ci95_halfwidth=half, return_ci95=[m - half, m + half],
                    return_std=float(np.std([e.ret for e in eps], ddof=1)) if n > 1 else 0.0,

@@ -74,7 +74,7 @@ def test_cli_json_fields_present_and_consistent(trained_run, tmp_path, capsys):
     rc = cli.main([str(trained_run), "--episodes", "12", "--json", str(out), "--quiet"])
     assert rc == 0
     s = json.loads(out.read_text())
-    for key in ("checkpoint", "env_id", "global_step", "episodes", "deterministic", "success_rate",
+    for key in ("checkpoint", "env_id", "global_step", "episodes", "deterministic", "successes", "success_rate",
                 "success_ci95", "return_mean", "return_ci95", "return_ci95_halfwidth", "length_mean",
                 "task_stats", "seeds", "per_episode", "seed_range"):
         assert key in s, key
@@ -82,7 +82,10 @@ def test_cli_json_fields_present_and_consistent(trained_run, tmp_path, capsys):
     assert s["episodes"] == 12 and s["deterministic"] is False
     assert s["seeds"] == list(range(cfg.env.eval_seeds[0], cfg.env.eval_seeds[0] + 12))
     assert [e["seed"] for e in s["per_episode"]] == s["seeds"]
+    train_lo, train_hi = cfg.env.train_seeds
+    assert all(not train_lo <= seed < train_hi for seed in s["seeds"])  # held out
     succ = [e["success"] for e in s["per_episode"]]
+    assert s["successes"] == sum(succ) and s["successes"] / s["episodes"] == s["success_rate"]
     assert s["success_rate"] == pytest.approx(np.mean(succ))
     assert s["success_ci95"] == pytest.approx(list(wilson_interval(sum(succ), 12)))
     lo, hi = s["success_ci95"]
