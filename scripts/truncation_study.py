@@ -5,7 +5,7 @@ setting and seed for a fixed step budget, and reports the success rate at the en
 (mean of ``charts/success`` over the last ``--tail`` updates: the sampling policy, on the training
 levels). Writes ``results.jsonl`` (one line per run), ``table.md`` and ``truncation_study.png``.
 
-    python scripts/truncation_study.py                     # defaults: about 15 minutes on 2 CPU cores
+    python scripts/truncation_study.py                     # defaults (50 runs): about 11 minutes on 2 CPU cores
     python scripts/truncation_study.py --seeds 1 --steps 20000 --out runs/study_smoke
     python scripts/truncation_study.py --only fixed,random --jobs 2
 
@@ -149,7 +149,7 @@ def plot(results: list[dict], args, path: Path) -> bool:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seeds", type=int, default=3, help="seeds per setting (default 3)")
+    p.add_argument("--seeds", type=int, default=5, help="seeds per setting (default 5)")
     p.add_argument("--seed0", type=int, default=1, help="first seed")
     p.add_argument("--steps", type=int, default=40_000, help="env steps per run (default 40,000)")
     p.add_argument("--delay", type=int, default=8, help="CueRecall delay (default 8)")
