@@ -42,8 +42,9 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated, corrupted, or carrying pickled code
-        raise CheckpointError(f"checkpoint {path}: cannot be read ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        # torch's own message for a refused pickle suggests weights_only=False: not advice to pass on
+        raise CheckpointError(f"checkpoint {path}: cannot be read: truncated, corrupted, or holding "
+                              f"more than tensors and plain data ({type(exc).__name__})") from None
     if not isinstance(obj, dict) or "model" not in obj or "config" not in obj:
         raise CheckpointError(f"checkpoint {path}: not a ppo_tbptt checkpoint (no model/config)")
     return obj

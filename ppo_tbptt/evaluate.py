@@ -88,13 +88,17 @@ class Progress:
         self.succ.extend(e.success for e in finished if e.success is not None)
         if not self.enabled:
             return
+        tty = sys.stderr.isatty()
+        if not tty and done != total and done % max(1, total // 10):
+            return  # a log file gets about ten lines, not one carriage-return line per episode
         frac = done / total
         bar = "#" * int(frac * self.width) + "-" * (self.width - int(frac * self.width))
         elapsed = time.time() - self.start
         eta = elapsed / done * (total - done) if done else float("nan")
         rate = f"success {sum(self.succ) / len(self.succ):.2f}" if self.succ else ""
-        sys.stderr.write(f"\r[{bar}] {done}/{total} episodes  {rate}  ETA {format_duration(eta)} ")
-        if done == total:
+        sys.stderr.write(f"{chr(13) if tty else ''}[{bar}] {done}/{total} episodes  {rate}  "
+                         f"ETA {format_duration(eta)} ")
+        if done == total or not tty:
             sys.stderr.write("\n")
         sys.stderr.flush()
 
