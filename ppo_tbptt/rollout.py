@@ -7,6 +7,7 @@ import time
 import numpy as np
 import torch
 
+from .envs.vector import env_actions
 from .envs.wrappers import EnvStateError
 from .model import RecurrentActorCritic, RecurrentState
 
@@ -74,9 +75,15 @@ class Rollout:
 class Collector:
     """Steps the envs with the current policy and fills a preallocated :class:`Rollout`.
 
-    The recurrent state and the last observation carry over from one rollout to the next. Per step:
-    store the state fed INTO the step, act, step the envs, then zero the state of every env whose
-    episode ended (if ``reset_hidden_state``).
+    The recurrent state and the last observation carry over from one rollout to the next. Per step
+    and env: store the state fed INTO the step, act, step the env, then zero the state of every env
+    whose episode ended (if ``reset_hidden_state``).
+
+    The envs' ``groups`` are served in turn: the policy acts for group g and sends its actions, then
+    collects group g+1's step results and acts for it, ... so with a worker pool the policy's work
+    for one group overlaps the stepping of the others. With one group this is the plain loop.
+    Observations reach the device with one host copy (into pinned memory on CUDA, then an
+    asynchronous transfer).
     """
 
     def __init__(self, envs, model: RecurrentActorCritic, rollout_steps: int, device: torch.device,
@@ -88,25 +95,29 @@ class Collector:
         self.reset_hidden_state = reset_hidden_state
         self.N = envs.num_envs
         self.T = rollout_steps
+        self.groups = list(getattr(envs, "groups", [slice(0, self.N)]))
         space = envs.single_observation_space
         self.buffer = Rollout.allocate(self.T, self.N, space.shape, space.dtype, len(model.nvec),
                                        model.num_layers, model.hidden_size, model.core_type == "lstm",
                                        device)
-        self._pin = device.type == "cuda"
-        self.obs = self._to_device(envs.reset())
+        self.obs = torch.zeros_like(self.buffer.obs[0])  # [N, ...] the observation each env shows now
+        self._staging = self.obs.cpu().pin_memory() if device.type == "cuda" else None
+        self._put_obs(slice(0, self.N), envs.reset())
         self.state = model.initial_state(self.N, device)
         self.episode_start = torch.ones(self.N, dtype=torch.bool, device=device)
-        self.env_seconds = 0.0
-        self.policy_seconds = 0.0
+        self._next_state: dict[int, RecurrentState] = {}
+        self.wait_seconds = 0.0  # time spent waiting for env steps (not hidden behind the policy)
 
     def get_state(self) -> dict:
         """What carries over between rollouts: env states, last obs, recurrent state, episode starts."""
+        def own(x: torch.Tensor) -> torch.Tensor:
+            return x.detach().to("cpu", copy=True)
         return {
             "envs": self.envs.get_state(),
-            "obs": self.obs.cpu(),
-            "state_h": self.state.h.cpu(),
-            "state_c": None if self.state.c is None else self.state.c.cpu(),
-            "episode_start": self.episode_start.cpu(),
+            "obs": own(self.obs),
+            "state_h": own(self.state.h),
+            "state_c": None if self.state.c is None else own(self.state.c),
+            "episode_start": own(self.episode_start),
         }
 
     def set_state(self, state: dict) -> None:
@@ -116,61 +127,82 @@ class Collector:
         if not torch.equal(torch.from_numpy(obs), saved.to(torch.from_numpy(obs).dtype)):
             raise EnvStateError("restored envs show different observations than when the checkpoint "
                                "was written; the env is not replayable from seed and actions")
-        self.obs = self._to_device(obs)
+        self._put_obs(slice(0, self.N), obs)
         h = state["state_h"].to(self.device)
         c = state["state_c"]
-        self.state = RecurrentState(h, None if c is None else c.to(self.device))
-        self.episode_start = state["episode_start"].to(self.device)
+        self.state = RecurrentState(h.clone(), None if c is None else c.to(self.device).clone())
+        self.episode_start = state["episode_start"].to(self.device).clone()
+
+    def _put_obs(self, sl: slice, arr: np.ndarray) -> None:
+        """Copy envs' observations ``[n, ...]`` (possibly a view of shared memory) into ``self.obs[sl]``."""
+        src = torch.from_numpy(arr)
+        if self._staging is None:
+            self.obs[sl].copy_(src)
+        else:  # the staging slice is reused only after this group's next act(), which synchronises
+            self._staging[sl].copy_(src)
+            self.obs[sl].copy_(self._staging[sl], non_blocking=True)
 
     def _to_device(self, arr: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(arr)
-        if self._pin:
-            t = t.pin_memory()
-        return t.to(self.device, non_blocking=True)
+        return (t.pin_memory() if self.device.type == "cuda" else t).to(self.device, non_blocking=True)
 
-    def _env_actions(self, actions: torch.Tensor) -> np.ndarray:
-        a = actions.cpu().numpy()  # [N, D]
-        return a[:, 0] if a.shape[1] == 1 else a
+    def _act(self, t: int, g: int, sl: slice) -> None:
+        """Store step t's inputs for group g, run the policy on them and send the actions."""
+        buf = self.buffer
+        state = RecurrentState(self.state.h[:, sl], None if self.state.c is None else self.state.c[:, sl])
+        buf.obs[t, sl] = self.obs[sl]
+        buf.episode_start[t, sl] = self.episode_start[sl]
+        buf.state_h[t, :, sl] = state.h
+        if buf.state_c is not None:
+            buf.state_c[t, :, sl] = state.c
+        actions, logprobs, values, next_state = self.model.act(self.obs[sl], state)
+        buf.actions[t, sl] = actions
+        buf.logprobs[t, sl] = logprobs
+        buf.values[t, sl] = values
+        self._next_state[g] = next_state
+        self.envs.step_async(env_actions(actions.cpu().numpy()), g)
+
+    def _receive(self, t: int, g: int, sl: slice, episodes: list) -> None:
+        """Take group g's results of step t: rewards, dones, next obs; reset ended envs' states."""
+        buf = self.buffer
+        t0 = time.perf_counter()
+        res = self.envs.step_wait(g, copy=False)
+        self.wait_seconds += time.perf_counter() - t0
+        flags = torch.from_numpy(np.stack([res.reward, res.terminated, res.truncated]).astype(np.float32))
+        flags = flags.to(self.device)  # [3, n]: one transfer instead of three
+        term, trunc = flags[1].bool(), flags[2].bool()
+        buf.rewards[t, sl] = flags[0]
+        buf.terminated[t, sl] = term
+        buf.truncated[t, sl] = trunc & ~term
+        next_state = self._next_state.pop(g)
+        if res.final_obs:
+            idx = sorted(res.final_obs)
+            fobs = self._to_device(np.stack([res.final_obs[i] for i in idx]))
+            local = torch.as_tensor([i - sl.start for i in idx], device=self.device)
+            buf.truncation_values[t, torch.as_tensor(idx, device=self.device)] = \
+                self.model.value(fobs, next_state.index(local))
+        done = term | trunc
+        if self.reset_hidden_state:
+            next_state = next_state.masked(~done)
+        self.state.h[:, sl] = next_state.h
+        if self.state.c is not None:
+            self.state.c[:, sl] = next_state.c
+        self.episode_start[sl] = done
+        self._put_obs(sl, res.obs)
+        episodes.extend(res.episodes)
 
     @torch.no_grad()
     def collect(self) -> tuple[Rollout, list]:
         """Fill the buffer with T steps; return it and the finished episodes' statistics."""
-        buf, model = self.buffer, self.model
+        buf = self.buffer
         episodes: list = []
         buf.truncation_values.zero_()
         for t in range(self.T):
-            t0 = time.perf_counter()
-            buf.obs[t] = self.obs
-            buf.episode_start[t] = self.episode_start
-            buf.state_h[t] = self.state.h
-            if buf.state_c is not None:
-                buf.state_c[t] = self.state.c
-            actions, logprobs, values, next_state = model.act(self.obs, self.state)
-            env_actions = self._env_actions(actions)
-            t1 = time.perf_counter()
-            res = self.envs.step(env_actions)
-            t2 = time.perf_counter()
-            buf.actions[t] = actions
-            buf.logprobs[t] = logprobs
-            buf.values[t] = values
-            buf.rewards[t] = torch.from_numpy(res.reward).to(self.device)
-            term = torch.from_numpy(res.terminated).to(self.device)
-            trunc = torch.from_numpy(res.truncated).to(self.device)
-            buf.terminated[t] = term
-            buf.truncated[t] = trunc & ~term
-            if res.final_obs:
-                idx = sorted(res.final_obs)
-                fobs = self._to_device(np.stack([res.final_obs[i] for i in idx]))
-                ii = torch.as_tensor(idx, device=self.device)
-                buf.truncation_values[t, ii] = model.value(fobs, next_state.index(ii))
-            done = term | trunc
-            if self.reset_hidden_state:
-                next_state = next_state.masked(~done)
-            self.state = next_state
-            self.episode_start = done
-            self.obs = self._to_device(res.obs)
-            episodes.extend(res.episodes)
-            self.policy_seconds += (t1 - t0) + (time.perf_counter() - t2)
-            self.env_seconds += t2 - t1
-        buf.bootstrap_value.copy_(model.value(self.obs, self.state))
+            for g, sl in enumerate(self.groups):
+                if t > 0:
+                    self._receive(t - 1, g, sl, episodes)
+                self._act(t, g, sl)
+        for g, sl in enumerate(self.groups):
+            self._receive(self.T - 1, g, sl, episodes)
+        buf.bootstrap_value.copy_(self.model.value(self.obs, self.state))
         return buf, episodes

@@ -166,6 +166,7 @@ class Trainer:
             g["lr"] = lr
 
         t0 = time.perf_counter()
+        wait0 = self.collector.wait_seconds
         self.model.eval()
         rollout, episodes = self.collector.collect()
         self.global_step += self.batch_size
@@ -213,6 +214,7 @@ class Trainer:
             "tbptt/sequences_per_batch": float(batch.num_sequences),
             "tbptt/padding_fraction": 1.0 - float(batch.mask.mean()),
             "time/collect_seconds": t1 - t0, "time/update_seconds": t2 - t1,
+            "time/env_wait_seconds": self.collector.wait_seconds - wait0,
         })
         scalars.update(self.truncation.metrics())
         if self.writer is not None:

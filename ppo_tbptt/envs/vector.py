@@ -1,16 +1,20 @@
 """Vectorised stepping with same-step autoreset and episode statistics.
 
-Every vector env here has the same small interface (``VectorEnv``):
+Every vector env here has the same small interface (:class:`VectorEnv`):
 
 ``reset() -> obs [N, ...]``
-``step(actions [N, ...]) -> StepResult``
-``close()``
+``step(actions [N, ...]) -> StepResult`` (all envs; the arrays are the caller's)
+``step_async(actions [n_g, ...], group)`` and ``step_wait(group, copy) -> StepResult`` (one group)
+``groups``: contiguous env slices that can be stepped independently; a collector that alternates
+between them overlaps the policy's work for one group with the envs' stepping of another
 ``get_state() -> plain data`` and ``set_state(state) -> obs [N, ...]`` (for bit-exact resume)
+``close()``
 
 ``StepResult.obs`` already holds the first observation of a new episode for every env whose
 episode ended in this step (same-step autoreset, as gymnasium 0.29). For truncated envs the last
 observation of the old episode is in ``final_obs`` (so the learner can bootstrap from it).
-``episodes`` lists one :class:`EpisodeStats` per finished episode.
+``episodes`` lists one :class:`EpisodeStats` per finished episode. Env indices in ``final_obs`` and
+``episodes`` are global (0..N-1), also in a group's result.
 """
 from __future__ import annotations
 
@@ -22,6 +26,10 @@ import numpy as np
 
 #: Numeric keys of an env's end-of-episode info that are reported as task statistics.
 TASK_STAT_KEYS = ("commands_completed", "num_fails")
+
+
+class EnvError(RuntimeError):
+    """An env raised while stepping or resetting; the message names the env index and level seed."""
 
 
 @dataclasses.dataclass
@@ -38,12 +46,25 @@ class EpisodeStats:
 
 @dataclasses.dataclass
 class StepResult:
-    obs: np.ndarray           # [N, ...] next observations (new episode's first obs after an end)
-    reward: np.ndarray        # [N] float32
-    terminated: np.ndarray    # [N] bool
-    truncated: np.ndarray     # [N] bool
-    final_obs: dict           # env index -> last obs of a truncated episode
+    obs: np.ndarray           # [n, ...] next observations (new episode's first obs after an end)
+    reward: np.ndarray        # [n] float32
+    terminated: np.ndarray    # [n] bool
+    truncated: np.ndarray     # [n] bool
+    final_obs: dict           # global env index -> last obs of a truncated episode
     episodes: list            # list[EpisodeStats]
+
+    @staticmethod
+    def concat(parts: Sequence["StepResult"]) -> "StepResult":
+        """The results of consecutive groups as one result over their envs."""
+        if len(parts) == 1:
+            return parts[0]
+        final_obs: dict = {}
+        for p in parts:
+            final_obs.update(p.final_obs)
+        return StepResult(np.concatenate([p.obs for p in parts]), np.concatenate([p.reward for p in parts]),
+                          np.concatenate([p.terminated for p in parts]),
+                          np.concatenate([p.truncated for p in parts]), final_obs,
+                          [e for p in parts for e in p.episodes])
 
 
 def episode_stats(env_index: int, seed, ret: float, length: int, info: dict) -> EpisodeStats:
@@ -53,76 +74,182 @@ def episode_stats(env_index: int, seed, ret: float, length: int, info: dict) -> 
                         None if success is None else float(success), extra)
 
 
-class SerialVectorEnv:
-    """Steps N envs one after another in this process (no IPC; fine for cheap envs and tests)."""
+def split_evenly(n: int, parts: int) -> list[slice]:
+    """``[0, n)`` as ``min(parts, n)`` contiguous slices whose sizes differ by at most one."""
+    parts = max(1, min(int(parts), n))
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
-    def __init__(self, env_fns: Sequence[Callable[[], gym.Env]]):
-        if not env_fns:
-            raise ValueError("SerialVectorEnv needs at least one env")
-        self.envs = [fn() for fn in env_fns]
-        self.num_envs = len(self.envs)
-        self.single_observation_space = self.envs[0].observation_space
-        self.single_action_space = self.envs[0].action_space
-        shape = self.single_observation_space.shape
-        self._obs = np.zeros((self.num_envs, *shape), self.single_observation_space.dtype)
-        self._ret = np.zeros(self.num_envs, np.float64)
-        self._len = np.zeros(self.num_envs, np.int64)
 
-    def _seed_of(self, i: int):
+class EnvRunner:
+    """Steps a list of envs into caller-provided arrays, with same-step autoreset and statistics.
+
+    ``obs [n, ...]``, ``reward [n]``, ``terminated [n]``, ``truncated [n]`` and ``seeds [n]`` (the
+    level seed each env is playing, -1 if unknown) are written in place: they may be views of
+    shared memory (a pool worker) or plain arrays (:class:`SerialVectorEnv`). ``offset`` is the
+    global index of ``envs[0]``, used in episode statistics and error messages.
+    """
+
+    def __init__(self, envs: Sequence[gym.Env], offset: int, obs: np.ndarray, reward: np.ndarray,
+                 terminated: np.ndarray, truncated: np.ndarray, seeds: np.ndarray):
+        self.envs = list(envs)
+        self.offset = int(offset)
+        self.obs, self.reward, self.terminated, self.truncated, self.seeds = obs, reward, terminated, truncated, seeds
+        self._ret = np.zeros(len(self.envs), np.float64)
+        self._len = np.zeros(len(self.envs), np.int64)
+
+    def seed_of(self, i: int):
         return getattr(self.envs[i], "current_seed", None)
 
-    def reset(self) -> np.ndarray:
-        for i, env in enumerate(self.envs):
-            self._obs[i], _ = env.reset()
+    def describe(self, i: int) -> str:
+        seed = self.seed_of(i)
+        return f"env {self.offset + i} (level seed {'unknown' if seed is None else seed})"
+
+    def _reset_one(self, i: int):
+        try:
+            obs, _ = self.envs[i].reset()
+        except Exception as exc:
+            raise EnvError(f"{self.describe(i)}: reset raised {type(exc).__name__}: {exc}") from exc
+        seed = self.seed_of(i)
+        self.seeds[i] = -1 if seed is None else seed
+        return obs
+
+    def reset(self) -> None:
+        for i in range(len(self.envs)):
+            self.obs[i] = self._reset_one(i)
         self._ret[:] = 0
         self._len[:] = 0
-        return self._obs.copy()
 
-    def step(self, actions: np.ndarray) -> StepResult:
-        n = self.num_envs
-        rew = np.zeros(n, np.float32)
-        term = np.zeros(n, bool)
-        trunc = np.zeros(n, bool)
+    def step(self, actions, lo: int = 0, hi: int | None = None) -> tuple[dict, list]:
+        """Step envs ``lo..hi-1`` with ``actions[0..hi-lo-1]``; returns ``(final_obs, episodes)``."""
+        hi = len(self.envs) if hi is None else hi
         final_obs: dict = {}
         episodes: list = []
-        for i, env in enumerate(self.envs):
-            obs, r, te, tr, info = env.step(actions[i])
-            rew[i] = r
-            term[i] = te
-            trunc[i] = tr
+        for j, i in enumerate(range(lo, hi)):
+            try:
+                obs, r, te, tr, info = self.envs[i].step(actions[j])
+            except Exception as exc:
+                raise EnvError(f"{self.describe(i)}: step raised {type(exc).__name__}: {exc}") from exc
+            self.reward[i] = r
+            self.terminated[i] = te
+            self.truncated[i] = tr
             self._ret[i] += r
             self._len[i] += 1
             if te or tr:
-                episodes.append(episode_stats(i, self._seed_of(i), self._ret[i], self._len[i], info))
+                episodes.append(episode_stats(self.offset + i, self.seed_of(i), self._ret[i],
+                                              self._len[i], info))
                 if tr and not te:
-                    final_obs[i] = np.asarray(obs).copy()
-                obs, _ = env.reset()
+                    final_obs[self.offset + i] = np.array(obs, copy=True)
+                obs = self._reset_one(i)
                 self._ret[i] = 0
                 self._len[i] = 0
-            self._obs[i] = obs
-        return StepResult(self._obs.copy(), rew, term, trunc, final_obs, episodes)
+            self.obs[i] = obs
+        return final_obs, episodes
 
     def get_state(self) -> dict:
         """Plain data: each env's replayable state plus the running episode returns and lengths."""
         return {"envs": [env.get_state() for env in self.envs],
                 "ret": [float(x) for x in self._ret], "len": [int(x) for x in self._len]}
 
-    def set_state(self, state: dict) -> np.ndarray:
-        """Restore what :meth:`get_state` returned; returns the current observations ``[N, ...]``."""
+    def set_state(self, state: dict) -> None:
+        """Restore :meth:`get_state`'s data (raises EnvStateError if it does not fit these envs)."""
         from .wrappers import EnvStateError
         envs = state.get("envs") if isinstance(state, dict) else None
-        if not isinstance(envs, list) or len(envs) != self.num_envs:
+        if not isinstance(envs, list) or len(envs) != len(self.envs):
             got = len(envs) if isinstance(envs, list) else "no"
-            raise EnvStateError(f"vector env state holds {got} env states, but there are {self.num_envs} envs")
+            raise EnvStateError(f"vector env state holds {got} env states, but there are {len(self.envs)} envs")
         for i, (env, st) in enumerate(zip(self.envs, envs)):
             obs = env.set_state(st)
             if obs is None:
-                obs, _ = env.reset()
-            self._obs[i] = obs
+                obs = self._reset_one(i)
+            seed = self.seed_of(i)
+            self.seeds[i] = -1 if seed is None else seed
+            self.obs[i] = obs
         self._ret[:] = np.asarray(state["ret"], np.float64)
         self._len[:] = np.asarray(state["len"], np.int64)
-        return self._obs.copy()
 
     def close(self) -> None:
         for env in self.envs:
             env.close()
+
+
+class VectorEnv:
+    """The interface shared by the vector envs (see the module docstring)."""
+
+    num_envs: int
+    single_observation_space: gym.Space
+    single_action_space: gym.Space
+    groups: list[slice]
+
+    def step(self, actions: np.ndarray) -> StepResult:
+        """Step every env (all groups) and return copies the caller may keep."""
+        for g, sl in enumerate(self.groups):
+            self.step_async(actions[sl], g)
+        return StepResult.concat([self.step_wait(g, copy=True) for g in range(len(self.groups))])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def env_actions(actions: np.ndarray) -> np.ndarray:
+    """``[n, D]`` policy actions -> what the envs take: ``[n]`` for Discrete (D = 1), else ``[n, D]``."""
+    return actions[:, 0] if actions.ndim == 2 and actions.shape[1] == 1 else actions
+
+
+class SerialVectorEnv(VectorEnv):
+    """Steps N envs one after another in this process (no IPC; fine for cheap envs and tests).
+
+    ``groups`` splits the envs into that many slices; stepping a group runs at ``step_wait``, so
+    there is no overlap here, but a grouped collector sees exactly what a pool would give it.
+    """
+
+    def __init__(self, env_fns: Sequence[Callable[[], gym.Env]], groups: int = 1):
+        if not env_fns:
+            raise ValueError("SerialVectorEnv needs at least one env")
+        envs = [fn() for fn in env_fns]
+        self.num_envs = len(envs)
+        self.single_observation_space = envs[0].observation_space
+        self.single_action_space = envs[0].action_space
+        space = self.single_observation_space
+        n = self.num_envs
+        self._obs = np.zeros((n, *space.shape), space.dtype)
+        self._rew = np.zeros(n, np.float32)
+        self._term = np.zeros(n, bool)
+        self._trunc = np.zeros(n, bool)
+        self._seeds = np.full(n, -1, np.int64)
+        self.runner = EnvRunner(envs, 0, self._obs, self._rew, self._term, self._trunc, self._seeds)
+        self.groups = split_evenly(n, groups)
+        self._pending: dict[int, np.ndarray] = {}
+
+    @property
+    def envs(self) -> list:
+        return self.runner.envs
+
+    def reset(self) -> np.ndarray:
+        self.runner.reset()
+        return self._obs.copy()
+
+    def step_async(self, actions: np.ndarray, group: int = 0) -> None:
+        self._pending[group] = np.asarray(actions)
+
+    def step_wait(self, group: int = 0, copy: bool = True) -> StepResult:
+        """Run the group's step. ``copy=False`` returns views that the next step overwrites."""
+        sl = self.groups[group]
+        final_obs, episodes = self.runner.step(self._pending.pop(group), sl.start, sl.stop)
+        obs = self._obs[sl]
+        return StepResult(obs.copy() if copy else obs, self._rew[sl].copy(), self._term[sl].copy(),
+                          self._trunc[sl].copy(), final_obs, episodes)
+
+    def get_state(self) -> dict:
+        return self.runner.get_state()
+
+    def set_state(self, state: dict) -> np.ndarray:
+        """Restore what :meth:`get_state` returned; returns the current observations ``[N, ...]``."""
+        self.runner.set_state(state)
+        return self._obs.copy()
+
+    def close(self) -> None:
+        self.runner.close()
