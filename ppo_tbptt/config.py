@@ -66,9 +66,16 @@ class EnvConfig:
     eval_seeds: tuple = (1_000_000, 1_001_000)
     """Held-out half-open range of level seeds for evaluation; must not overlap ``train_seeds``."""
     vector: str = "serial"
-    """How envs are stepped: ``serial`` (in this process) or ``pool`` (worker processes)."""
+    """How envs are stepped: ``serial`` (in this process), ``pool`` (worker processes writing
+    observations into shared memory; the fast path) or ``gym_async`` (gymnasium's AsyncVectorEnv,
+    one process per env: a baseline for benchmarks, cannot resume)."""
     envs_per_worker: int = 0
-    """For ``vector: pool``: envs per worker process (0 = spread over the CPU cores)."""
+    """For ``vector: pool``: envs per worker process (0 = spread over the usable CPU cores)."""
+    groups: int = 0
+    """Env groups the collector alternates between: while the workers step one group, the policy
+    acts for the other, so inference hides behind env stepping. 0 = 2 for ``pool`` (1 if it has a
+    single worker), 1 otherwise. A pool's groups hold whole workers. Rollouts depend on it (the
+    policy samples group by group), not on ``vector``: serial and pool with equal groups agree."""
 
 
 @dataclass(frozen=True)
@@ -355,10 +362,14 @@ def validate(cfg: Config) -> list[str]:
     e, m, t, o, r = cfg.env, cfg.model, cfg.tbptt, cfg.ppo, cfg.run
     if e.num_envs < 1:
         p.append(f"env.num_envs: must be >= 1, got {e.num_envs}")
-    if e.vector not in ("serial", "pool"):
-        p.append(f"env.vector: must be 'serial' or 'pool', got {e.vector!r}")
+    if e.vector not in ("serial", "pool", "gym_async"):
+        p.append(f"env.vector: must be 'serial', 'pool' or 'gym_async', got {e.vector!r}")
     if e.envs_per_worker < 0:
         p.append(f"env.envs_per_worker: must be >= 0, got {e.envs_per_worker}")
+    if e.groups < 0:
+        p.append(f"env.groups: must be >= 0 (0 = automatic), got {e.groups}")
+    elif e.groups > e.num_envs >= 1:
+        p.append(f"env.groups: {e.groups} groups but only env.num_envs = {e.num_envs} envs")
     for name, rng in (("train_seeds", e.train_seeds), ("eval_seeds", e.eval_seeds)):
         if rng[0] < 0 or rng[1] <= rng[0]:
             p.append(f"env.{name}: need 0 <= start < end, got [{rng[0]}, {rng[1]})")

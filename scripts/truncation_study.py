@@ -140,7 +140,7 @@ def plot(results: list[dict], args, path: Path) -> bool:
     ax.set_ylim(-0.03, 1.03)
     ax.set_xlim(0, None)
     ax.set_title(f"CueRecall, delay {args.delay}: {args.seeds} seed(s) per setting", fontsize=10)
-    ax.legend(fontsize=8, loc="center right")
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -149,9 +149,9 @@ def plot(results: list[dict], args, path: Path) -> bool:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seeds", type=int, default=5, help="seeds per setting (default 5)")
+    p.add_argument("--seeds", type=int, default=8, help="seeds per setting (default 8)")
     p.add_argument("--seed0", type=int, default=1, help="first seed")
-    p.add_argument("--steps", type=int, default=40_000, help="env steps per run (default 40,000)")
+    p.add_argument("--steps", type=int, default=61_440, help="env steps per run (default 61,440: cue_recall.yaml's budget)")
     p.add_argument("--delay", type=int, default=8, help="CueRecall delay (default 8)")
     p.add_argument("--num-cues", type=int, default=4, help="CueRecall cues (default 4)")
     p.add_argument("--tail", type=int, default=5, help="updates averaged for the final success")

@@ -9,7 +9,7 @@ import gymnasium as gym
 import numpy as np
 
 from .cue_recall import CueRecall
-from .vector import EpisodeStats, SerialVectorEnv, StepResult
+from .vector import EnvError, EpisodeStats, SerialVectorEnv, StepResult, VectorEnv
 from .wrappers import EnvStateError, LevelSeedWrapper
 
 for _k, _v in (("SDL_VIDEODRIVER", "dummy"), ("SDL_AUDIODRIVER", "dummy"), ("PYGAME_HIDE_SUPPORT_PROMPT", "1")):
@@ -97,16 +97,23 @@ def env_fn(env_cfg, next_seed: Callable[[], int], render_mode: str | None = None
 
 
 def make_vector_env(env_cfg, run_seed: int, num_envs: int | None = None, seed_range=None):
-    """The training vector env: ``env_cfg.num_envs`` envs, level seeds from ``env_cfg.train_seeds``."""
+    """The training vector env: ``env_cfg.num_envs`` envs, level seeds from ``env_cfg.train_seeds``.
+
+    ``env_cfg.vector``: ``serial`` (this process), ``pool`` (worker processes, shared memory) or
+    ``gym_async`` (gymnasium's AsyncVectorEnv, the baseline the benchmark compares with). Env ``i``
+    draws its level seeds from the same generator whichever is used."""
     n = env_cfg.num_envs if num_envs is None else num_envs
     rng = env_cfg.train_seeds if seed_range is None else seed_range
-    fns = [env_fn(env_cfg, seed_stream(rng, run_seed, i)) for i in range(n)]
     if env_cfg.vector == "pool":
-        from .pool import WorkerPoolVectorEnv
-        return WorkerPoolVectorEnv(env_cfg, run_seed, n, rng)
-    return SerialVectorEnv(fns)
+        from .pool import make_pool
+        return make_pool(env_cfg, run_seed, n, rng)
+    fns = [env_fn(env_cfg, seed_stream(rng, run_seed, i)) for i in range(n)]
+    if env_cfg.vector == "gym_async":
+        from .gym_async import GymAsyncVectorEnv
+        return GymAsyncVectorEnv(fns)
+    return SerialVectorEnv(fns, groups=max(1, env_cfg.groups))
 
 
-__all__ = ["CueRecall", "EpisodeStats", "SerialVectorEnv", "StepResult", "LevelSeedWrapper", "EnvStateError",
+__all__ = ["CueRecall", "EnvError", "EpisodeStats", "SerialVectorEnv", "StepResult", "VectorEnv", "LevelSeedWrapper", "EnvStateError",
            "SeedStream", "SeedSequence",
            "make_base_env", "make_vector_env", "seed_stream", "seed_sequence", "env_fn", "CUE_RECALL_ID"]

@@ -1,0 +1,334 @@
+"""A pool of worker processes, each stepping several envs, with observations in shared memory.
+
+Per step and worker there is one message each way: the learner writes the actions of a group of
+envs into shared memory and sends each of the group's workers one byte; a worker steps its envs,
+writes observations, rewards and done flags straight into shared memory and answers one byte (or,
+when an episode ended, a short pickled list of episode statistics). Envs are split into ``groups``
+of whole workers, so a collector can run the policy for one group while the workers of another
+step (see :class:`ppo_tbptt.rollout.Collector`).
+
+Env ``i`` draws its level seeds from the same private generator as in :class:`SerialVectorEnv`, so a
+pool and a serial vector env with the same groups produce the same rollouts.
+
+Failure handling: an exception in an env is sent back with the env index, level seed and
+traceback and raised here as :class:`EnvWorkerError`; a worker that dies (killed, crashed) is
+noticed as a closed pipe and raised the same way with its exit code, never as a hang. Workers are
+daemon processes that ignore SIGINT (the learner handles Ctrl-C and closes the pool) and exit when
+the learner's end of their pipe closes. :meth:`WorkerPoolVectorEnv.close` asks them to stop, then
+terminates and finally kills stragglers; a finalizer does the same if the pool is garbage collected.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import signal
+import traceback
+import weakref
+from multiprocessing import shared_memory
+
+import gymnasium as gym
+import numpy as np
+
+from .vector import EnvRunner, StepResult, VectorEnv, split_evenly
+
+# One-byte message tags. Learner -> worker: STEP, or CMD + pickled (name, *args).
+STEP, CMD = b"s", b"c"
+# Worker -> learner: OK, DATA + pickled payload, or ERR + pickled message.
+OK, DATA, ERR = b"k", b"d", b"e"
+
+
+class EnvWorkerError(RuntimeError):
+    """A worker's env raised, or a worker process died; the message names the envs and level seeds."""
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def worker_layout(num_envs: int, envs_per_worker: int = 0, workers: int | None = None) -> list[slice]:
+    """Contiguous env slices, one per worker. ``envs_per_worker`` 0: spread over ``workers``
+    processes (default: the usable CPU cores), as evenly as possible."""
+    if envs_per_worker > 0:
+        return [slice(a, min(a + envs_per_worker, num_envs)) for a in range(0, num_envs, envs_per_worker)]
+    return split_evenly(num_envs, workers or usable_cpus())
+
+
+def _layout(num_envs: int, obs_space: gym.Space, action_dims: int) -> tuple[dict, int]:
+    """Byte offsets of the shared arrays -> ({name: (offset, shape, dtype)}, total bytes)."""
+    fields = [("obs", (num_envs, *obs_space.shape), np.dtype(obs_space.dtype)),
+              ("actions", (num_envs, action_dims), np.dtype(np.int64)),
+              ("reward", (num_envs,), np.dtype(np.float32)),
+              ("terminated", (num_envs,), np.dtype(bool)),
+              ("truncated", (num_envs,), np.dtype(bool)),
+              ("seeds", (num_envs,), np.dtype(np.int64))]
+    out, offset = {}, 0
+    for name, shape, dtype in fields:
+        offset = -(-offset // 64) * 64  # 64-byte aligned
+        out[name] = (offset, shape, dtype.str)
+        offset += int(np.prod(shape)) * dtype.itemsize
+    return out, max(offset, 1)
+
+
+def _views(buf, layout: dict) -> dict:
+    return {name: np.ndarray(shape, np.dtype(dtype), buffer=buf, offset=off)
+            for name, (off, shape, dtype) in layout.items()}
+
+
+def _action_dims(space: gym.Space) -> int:
+    return 1 if isinstance(space, gym.spaces.Discrete) else int(np.prod(np.asarray(space.nvec).shape))
+
+
+def _worker_main(index: int, lo: int, hi: int, env_cfg, run_seed: int, seed_range, conn) -> None:
+    """A worker process: build envs lo..hi-1, attach the shared arrays, serve commands until closed."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the learner's to handle
+    from . import env_fn, seed_stream
+
+    envs: list = []
+    runner = shm = arrays = None
+    try:
+        for i in range(lo, hi):
+            envs.append(env_fn(env_cfg, seed_stream(seed_range, run_seed, i))())
+        conn.send_bytes(DATA + pickle.dumps((envs[0].observation_space, envs[0].action_space)))
+        name, layout = pickle.loads(conn.recv_bytes())
+        shm = shared_memory.SharedMemory(name=name)
+        arrays = _views(shm.buf, layout)
+        runner = EnvRunner(envs, lo, arrays["obs"][lo:hi], arrays["reward"][lo:hi],
+                           arrays["terminated"][lo:hi], arrays["truncated"][lo:hi], arrays["seeds"][lo:hi])
+        actions = arrays["actions"][lo:hi]
+        discrete = isinstance(envs[0].action_space, gym.spaces.Discrete)
+        conn.send_bytes(OK)
+        while True:
+            msg = conn.recv_bytes()
+            if msg == STEP:
+                final_obs, episodes = runner.step(actions[:, 0] if discrete else actions)
+                conn.send_bytes(DATA + pickle.dumps((final_obs, episodes)) if final_obs or episodes else OK)
+                continue
+            cmd, *args = pickle.loads(msg[1:])
+            if cmd == "close":
+                break
+            if cmd == "reset":
+                runner.reset()
+                conn.send_bytes(OK)
+            elif cmd == "get_state":
+                conn.send_bytes(DATA + pickle.dumps(runner.get_state()))
+            elif cmd == "set_state":
+                runner.set_state(args[0])
+                conn.send_bytes(OK)
+            else:
+                raise ValueError(f"unknown pool command {cmd!r}")
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        pass  # the learner is gone
+    except BaseException as exc:  # report, then exit
+        report = {"type": type(exc).__name__, "message": str(exc),
+                  "traceback": "".join(traceback.format_exception(exc))}
+        try:
+            conn.send_bytes(ERR + pickle.dumps(report))
+        except OSError:
+            pass
+    finally:
+        del arrays, runner  # views must go before the shared memory closes
+        for env in envs:
+            try:
+                env.close()
+            except Exception:
+                pass
+        if shm is not None:
+            shm.close()
+        conn.close()
+
+
+def _shutdown(procs: list, conns: list, shm) -> None:
+    """Stop the workers (politely, then terminate, then kill) and free the shared memory."""
+    for conn in conns:
+        try:
+            conn.send_bytes(CMD + pickle.dumps(("close",)))
+        except OSError:
+            pass
+    for p in procs:
+        p.join(timeout=5)
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+            p.join(timeout=2)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=2)
+    for conn in conns:
+        conn.close()
+    if shm is not None:
+        try:
+            shm.close()
+        except BufferError:  # a caller still holds a view; the mapping goes when it does
+            pass
+        try:
+            shm.unlink()
+        except FileNotFoundError:
+            pass
+
+
+class WorkerPoolVectorEnv(VectorEnv):
+    """``num_envs`` envs stepped by worker processes (see the module docstring).
+
+    ``envs_per_worker`` 0 spreads the envs over the usable CPU cores; ``groups`` 0 picks 2 when
+    there are at least two workers (so inference overlaps stepping), else 1. ``start_method``:
+    ``forkserver`` (default on Linux: children start from a clean process, not a copy of a learner
+    that holds CUDA and thread pools) or ``spawn``.
+    """
+
+    def __init__(self, env_cfg, run_seed: int, num_envs: int, seed_range, envs_per_worker: int = 0,
+                 groups: int = 0, start_method: str | None = None):
+        self.env_id = env_cfg.id
+        self.num_envs = int(num_envs)
+        self.workers = worker_layout(self.num_envs, envs_per_worker)
+        if start_method is None:
+            start_method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+        ctx = mp.get_context(start_method)
+        if start_method == "forkserver":
+            ctx.set_forkserver_preload(["ppo_tbptt.envs.pool"])
+        self._procs, self._conns, self._shm = [], [], None
+        self._closed = False
+        self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._conns, None)
+        try:
+            for w, sl in enumerate(self.workers):
+                parent, child = ctx.Pipe()
+                p = ctx.Process(target=_worker_main, name=f"ppo_tbptt-env-{w}", daemon=True,
+                                args=(w, sl.start, sl.stop, env_cfg, run_seed, tuple(seed_range), child))
+                p.start()
+                child.close()  # only the worker holds its end now, so its death closes the pipe
+                self._procs.append(p)
+                self._conns.append(parent)
+            spaces = [self._recv(w) for w in range(len(self.workers))]
+            self.single_observation_space, self.single_action_space = spaces[0]
+            layout, size = _layout(self.num_envs, self.single_observation_space,
+                                   _action_dims(self.single_action_space))
+            self._shm = shared_memory.SharedMemory(create=True, size=size)
+            self._finalizer.detach()
+            self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._conns, self._shm)
+            self._arrays = _views(self._shm.buf, layout)
+            for conn in self._conns:
+                conn.send_bytes(pickle.dumps((self._shm.name, layout)))
+            for w in range(len(self.workers)):
+                self._recv(w)
+        except BaseException:
+            self.close()
+            raise
+        self._obs = self._arrays["obs"]
+        self._actions = self._arrays["actions"]
+        # groups of whole workers: group g steps workers self._group_workers[g]
+        wgroups = split_evenly(len(self.workers), groups if groups > 0 else 2)
+        self._group_workers = [list(range(s.start, s.stop)) for s in wgroups]
+        self.groups = [slice(self.workers[s.start].start, self.workers[s.stop - 1].stop) for s in wgroups]
+
+    # ---- messaging -----------------------------------------------------------------------------
+    def _describe(self, w: int) -> str:
+        sl = self.workers[w]
+        seeds = self._arrays["seeds"][sl].tolist() if self._shm is not None else []
+        known = [s for s in seeds if s >= 0]
+        seed_text = f", level seeds {known}" if known else ""
+        return f"{self.env_id} worker {w} (envs {sl.start}..{sl.stop - 1}{seed_text})"
+
+    def _recv(self, w: int):
+        try:
+            msg = self._conns[w].recv_bytes()
+        except (EOFError, ConnectionResetError, OSError):
+            p = self._procs[w]
+            p.join(timeout=2)
+            code = p.exitcode
+            how = (f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0 and
+                   -code in signal.valid_signals() else f"exited with code {code}")
+            raise EnvWorkerError(f"{self._describe(w)} died: the process {how}") from None
+        tag = msg[:1]
+        if tag == OK:
+            return None
+        if tag == DATA:
+            return pickle.loads(msg[1:])
+        report = pickle.loads(msg[1:])
+        if report["type"] == "EnvStateError":
+            from .wrappers import EnvStateError
+            raise EnvStateError(report["message"])
+        raise EnvWorkerError(f"{self._describe(w)} failed: {report['type']}: {report['message']}\n"
+                             f"worker traceback:\n{report['traceback']}")
+
+    def _command(self, w: int, name: str, *args) -> None:
+        try:
+            self._conns[w].send_bytes(CMD + pickle.dumps((name, *args)))
+        except OSError:
+            self._recv(w)  # raises with the worker's fate
+            raise
+
+    # ---- the VectorEnv interface ---------------------------------------------------------------
+    def reset(self) -> np.ndarray:
+        for w in range(len(self.workers)):
+            self._command(w, "reset")
+        for w in range(len(self.workers)):
+            self._recv(w)
+        return self._obs.copy()
+
+    def step_async(self, actions: np.ndarray, group: int = 0) -> None:
+        """Write the group's actions ``[n_g]`` or ``[n_g, D]`` to shared memory and wake its workers."""
+        sl = self.groups[group]
+        self._actions[sl] = np.asarray(actions).reshape(sl.stop - sl.start, -1)
+        for w in self._group_workers[group]:
+            try:
+                self._conns[w].send_bytes(STEP)
+            except OSError:
+                self._recv(w)
+                raise
+
+    def step_wait(self, group: int = 0, copy: bool = True) -> StepResult:
+        """Wait for the group's workers. ``copy=False``: ``obs`` is a view of shared memory that the
+        group's next step overwrites."""
+        final_obs: dict = {}
+        episodes: list = []
+        for w in self._group_workers[group]:
+            data = self._recv(w)
+            if data is not None:
+                final_obs.update(data[0])
+                episodes.extend(data[1])
+        sl = self.groups[group]
+        a = self._arrays
+        obs = a["obs"][sl]
+        return StepResult(obs.copy() if copy else obs, a["reward"][sl].copy(), a["terminated"][sl].copy(),
+                          a["truncated"][sl].copy(), final_obs, episodes)
+
+    def get_state(self) -> dict:
+        for w in range(len(self.workers)):
+            self._command(w, "get_state")
+        parts = [self._recv(w) for w in range(len(self.workers))]
+        return {"envs": [e for p in parts for e in p["envs"]], "ret": [x for p in parts for x in p["ret"]],
+                "len": [x for p in parts for x in p["len"]]}
+
+    def set_state(self, state: dict) -> np.ndarray:
+        from .wrappers import EnvStateError
+        envs = state.get("envs") if isinstance(state, dict) else None
+        if not isinstance(envs, list) or len(envs) != self.num_envs:
+            got = len(envs) if isinstance(envs, list) else "no"
+            raise EnvStateError(f"vector env state holds {got} env states, but there are {self.num_envs} envs")
+        for w, sl in enumerate(self.workers):
+            self._command(w, "set_state", {"envs": envs[sl], "ret": state["ret"][sl], "len": state["len"][sl]})
+        for w in range(len(self.workers)):
+            self._recv(w)
+        return self._obs.copy()
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._arrays = self._obs = self._actions = None
+        self._finalizer()
+
+
+def make_pool(env_cfg, run_seed: int, num_envs: int, seed_range) -> WorkerPoolVectorEnv:
+    return WorkerPoolVectorEnv(env_cfg, run_seed, num_envs, seed_range, env_cfg.envs_per_worker,
+                               env_cfg.groups)
+
+
+__all__ = ["EnvWorkerError", "WorkerPoolVectorEnv", "make_pool", "usable_cpus", "worker_layout"]

@@ -1,0 +1,229 @@
+"""The worker pool: same rollouts as serial stepping, resumable state, clear errors, no leftovers."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+
+from eval_helpers import metric_rows, tiny_config, train_tiny
+from ppo_tbptt.config import ConfigError, load
+from ppo_tbptt.envs import make_vector_env
+from ppo_tbptt.envs.pool import EnvWorkerError, WorkerPoolVectorEnv, worker_layout
+from ppo_tbptt.envs.vector import split_evenly
+from ppo_tbptt.envs.wrappers import EnvStateError
+from ppo_tbptt.model import build_model
+from ppo_tbptt.rollout import Collector
+
+
+@contextmanager
+def deadline(seconds: int):
+    """Fail instead of hanging: SIGALRM raises inside the test after ``seconds``."""
+    def on_alarm(signum, frame):
+        raise TimeoutError(f"no answer within {seconds}s: the pool hangs")
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def gone(pid: int, within: float = 5.0) -> bool:
+    """True once no process ``pid`` exists (exited and reaped)."""
+    end = time.time() + within
+    while time.time() < end:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def cue_cfg(*extra):
+    return tiny_config("env.num_envs=6", "env.envs_per_worker=2", *extra)
+
+
+def test_layouts():
+    assert split_evenly(7, 3) == [slice(0, 2), slice(2, 5), slice(5, 7)]
+    assert split_evenly(2, 5) == [slice(0, 1), slice(1, 2)]
+    assert worker_layout(7, envs_per_worker=3) == [slice(0, 3), slice(3, 6), slice(6, 7)]
+    assert worker_layout(8, workers=2) == [slice(0, 4), slice(4, 8)]
+
+
+def collect_rollouts(cfg, seed=0, rollouts=2):
+    torch.manual_seed(seed)
+    envs = make_vector_env(cfg.env, seed)
+    try:
+        model = build_model(envs.single_observation_space, envs.single_action_space, cfg.model)
+        col = Collector(envs, model, cfg.ppo.rollout_steps, torch.device("cpu"), cfg.ppo.gamma)
+        out = []
+        for _ in range(rollouts):
+            r, eps = col.collect()
+            out.append(({k: (v.clone() if torch.is_tensor(v) else v) for k, v in vars(r).items()},
+                        [(e.env_index, e.seed, e.ret, e.length) for e in eps]))
+        return out, envs.groups
+    finally:
+        envs.close()
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_pool_rollouts_equal_serial_rollouts(groups):
+    serial, sg = collect_rollouts(cue_cfg("env.vector=serial", f"env.groups={groups}"))
+    pool, pg = collect_rollouts(cue_cfg("env.vector=pool", f"env.groups={groups}"))
+    assert sg == pg and len(pg) == groups
+    for (rs, es), (rp, ep) in zip(serial, pool):
+        assert es == ep and es, "episodes (env, level seed, return, length) must match and exist"
+        for k, v in rs.items():
+            if torch.is_tensor(v):
+                assert torch.equal(v, rp[k]), k
+
+
+@pytest.mark.parametrize("core", ["lstm", "gru"])
+def test_grouped_collection_stepping_equals_sequence_forward(core):
+    """With 3 groups the collector acts group by group; each env's stored states must still be the
+    ones its own steps produced, so running the model over the sequences reproduces the rollout."""
+    from ppo_tbptt.sequences import build_sequences
+    cfg = cue_cfg("env.groups=3", f"model.core={core}", "model.num_layers=2")
+    torch.manual_seed(0)
+    with make_vector_env(cfg.env, 0) as envs:
+        model = build_model(envs.single_observation_space, envs.single_action_space, cfg.model)
+        col = Collector(envs, model, cfg.ppo.rollout_steps, torch.device("cpu"), cfg.ppo.gamma)
+        col.collect()
+        rollout, _ = col.collect()
+    assert len(col.groups) == 3 and rollout.episode_start[1:].any() and not rollout.episode_start[0].all()
+    b = build_sequences(rollout, 5)
+    with torch.no_grad():
+        logits, values, _ = model(b.obs, b.init_state)
+    m = b.mask.bool()
+    torch.testing.assert_close(model.dist(logits).log_prob(b.actions)[m], b.logprobs[m], atol=1e-5, rtol=0)
+    torch.testing.assert_close(values[m], b.values[m], atol=1e-5, rtol=0)
+
+
+def test_memorygym_pool_matches_serial():
+    over = ["env.num_envs=4", "env.envs_per_worker=2", "env.groups=2", "model.hidden_size=8",
+            "model.hidden_layer=8", "ppo.rollout_steps=20", "ppo.minibatches=1", "tbptt.sequence_length=4"]
+    serial, _ = collect_rollouts(load("mortar_mayhem_grid", over + ["env.vector=serial"]), rollouts=1)
+    pool, _ = collect_rollouts(load("mortar_mayhem_grid", over + ["env.vector=pool"]), rollouts=1)
+    for k in ("obs", "actions", "rewards", "terminated", "state_h", "values"):
+        assert torch.equal(serial[0][0][k], pool[0][0][k]), k
+
+
+def test_trainer_on_pool_logs_the_same_metrics_as_serial(tmp_path):
+    train_tiny(tmp_path / "serial", "env.vector=serial", "env.groups=2", "run.total_steps=192")
+    train_tiny(tmp_path / "pool", "env.vector=pool", "env.groups=2", "run.total_steps=192")
+    a, b = metric_rows(tmp_path / "serial"), metric_rows(tmp_path / "pool")
+    assert len(a) == 3 and a == b
+
+
+def test_state_roundtrip_between_pool_and_serial():
+    cfg = cue_cfg()
+    pool_env = dataclasses.replace(cfg.env, vector="pool")
+    rng = np.random.default_rng(0)
+    with make_vector_env(pool_env, 3) as pool, make_vector_env(cfg.env, 4) as serial:
+        pool.reset()
+        serial.reset()
+        for _ in range(9):
+            last = pool.step(rng.integers(0, 3, 6)).obs
+        assert np.array_equal(serial.set_state(pool.get_state()), last)
+
+        def same_future(a, b):
+            for _ in range(12):
+                act = rng.integers(0, 3, 6)
+                ra, rb = a.step(act), b.step(act)
+                assert np.array_equal(ra.obs, rb.obs) and np.array_equal(ra.reward, rb.reward)
+                assert [(e.env_index, e.seed, e.ret) for e in ra.episodes] == \
+                    [(e.env_index, e.seed, e.ret) for e in rb.episodes]
+
+        same_future(pool, serial)
+        for _ in range(3):
+            serial.step(rng.integers(0, 3, 6))  # now the serial envs are ahead: copy them back
+        serial_obs = serial.step(rng.integers(0, 3, 6)).obs
+        serial_state = serial.get_state()
+        assert np.array_equal(pool.set_state(serial_state), serial_obs)
+        same_future(pool, serial)
+    with make_vector_env(dataclasses.replace(pool_env, num_envs=4), 3) as pool4:
+        with pytest.raises(EnvStateError, match="holds 6 env states, but there are 4 envs"):
+            pool4.set_state(serial_state)
+
+
+def test_env_exception_names_env_and_seed():
+    cfg = tiny_config("env.id=pool_envs:Exploding-v0", "env.kwargs={explode_at: 2}", "env.vector=pool",
+                      "env.num_envs=4", "env.envs_per_worker=2", "env.train_seeds=5:6")
+    with deadline(60), make_vector_env(cfg.env, 0) as pool:
+        pool.reset()
+        pool.step(np.zeros(4, np.int64))
+        with pytest.raises(EnvWorkerError, match=r"worker \d \(envs \d\.\.\d, level seeds \[5, 5\]\) failed: "
+                                                 r"EnvError: env \d \(level seed 5\): step raised ValueError: boom"):
+            pool.step(np.zeros(4, np.int64))
+        pids = pool.pids
+    assert all(gone(p) for p in pids)
+
+
+def test_killed_worker_is_an_error_not_a_hang():
+    with deadline(60), make_vector_env(cue_cfg("env.vector=pool").env, 0) as pool:
+        pool.reset()
+        pool.step(np.zeros(6, np.int64))
+        os.kill(pool.pids[1], signal.SIGKILL)
+        with pytest.raises(EnvWorkerError, match=r"CueRecall-v0 worker 1 \(envs 2\.\.3, level seeds \[\d+, \d+\]\) "
+                                                 r"died: the process was killed by SIGKILL"):
+            for _ in range(3):
+                pool.step(np.zeros(6, np.int64))
+        pids = pool.pids
+    assert all(gone(p) for p in pids)
+
+
+def test_close_leaves_no_processes_even_if_the_learner_is_killed(tmp_path):
+    code = textwrap.dedent("""
+        import os, sys, time
+        sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
+        from eval_helpers import tiny_config
+        from ppo_tbptt.envs import make_vector_env
+        pool = make_vector_env(tiny_config("env.vector=pool", "env.num_envs=4", "env.envs_per_worker=2").env, 0)
+        pool.reset()
+        print(" ".join(map(str, pool.pids)), flush=True)
+        time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.dirname(__file__)))
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 2 and not any(gone(p, within=0.2) for p in pids)
+        proc.kill()  # SIGKILL: no cleanup code runs in the learner
+        proc.wait(timeout=10)
+        assert all(gone(p, within=10) for p in pids), "workers outlived their learner"
+    finally:
+        proc.kill()
+
+
+def test_pool_config_errors():
+    with pytest.raises(ConfigError) as ei:
+        load("cue_recall", ["env.vector=threads", "env.groups=-1", "env.envs_per_worker=-2"])
+    text = str(ei.value)
+    assert "env.vector: must be 'serial', 'pool' or 'gym_async', got 'threads'" in text
+    assert "env.groups: must be >= 0" in text and "env.envs_per_worker: must be >= 0" in text
+    with pytest.raises(ConfigError, match="env.groups: 5 groups but only env.num_envs = 4 envs"):
+        load("cue_recall", ["env.num_envs=4", "env.groups=5"])
+
+
+def test_gym_async_baseline_steps_and_refuses_to_resume():
+    cfg = tiny_config("env.vector=gym_async", "env.num_envs=2")
+    with deadline(60), make_vector_env(cfg.env, 0) as venv:
+        assert venv.reset().shape == (2, 5)
+        eps = []
+        for _ in range(12):
+            eps += venv.step(np.zeros(2, np.int64)).episodes
+        assert len(eps) == 4 and all(e.length == 5 and e.success is not None for e in eps)
+        assert len(venv.get_state()["envs"]) == 2
+        with pytest.raises(EnvStateError, match="cannot restore"):
+            venv.set_state(venv.get_state())
