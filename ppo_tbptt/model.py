@@ -152,26 +152,36 @@ class RecurrentActorCritic(nn.Module):
         return RecurrentState(z, z.clone() if self.core_type == "lstm" else None)
 
     # ---- forward -----------------------------------------------------------------------------
-    def encode(self, obs: torch.Tensor) -> torch.Tensor:
-        """``obs [B, L, *obs_shape]`` (any dtype) -> features ``[B, L, width]``."""
+    def encode(self, obs: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """``obs [B, L, *obs_shape]`` (any dtype) -> features ``[B, L, width]``.
+
+        ``valid [B, L]`` (bool, optional): encode only these positions and give the others zero
+        features. Padding sits after a sequence's real steps, so the recurrent outputs at real
+        steps do not depend on it, and the encoder (most of the compute) skips it."""
         if tuple(obs.shape[2:]) != self.obs_shape:
             raise ValueError(f"observation shape {tuple(obs.shape[2:])} != model's {self.obs_shape}")
         b, l = obs.shape[:2]
-        x = obs.reshape(b * l, *self.obs_shape).float() * self.obs_scale  # [B*L, ...]
-        return self.encoder(x).reshape(b, l, -1)  # [B, L, width]
+        if valid is None:
+            x = obs.reshape(b * l, *self.obs_shape).float() * self.obs_scale  # [B*L, ...]
+            return self.encoder(x).reshape(b, l, -1)  # [B, L, width]
+        feats = self.encoder(obs[valid].float() * self.obs_scale)  # [V, width], V real positions
+        out = feats.new_zeros(b, l, feats.shape[-1])  # [B, L, width]
+        out[valid] = feats
+        return out
 
     def heads(self, core_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``core_out [..., H]`` -> ``logits [..., sum(nvec)]``, ``values [...]``."""
         z = self.body(core_out)
         return self.policy_head(z), self.value_head(z).squeeze(-1)
 
-    def forward(self, obs: torch.Tensor, state: RecurrentState):
+    def forward(self, obs: torch.Tensor, state: RecurrentState, valid: torch.Tensor | None = None):
         """Run over sequences in one recurrent call.
 
         ``obs [B, L, ...]``, ``state`` h/c ``[K, B, H]`` -> ``logits [B, L, A]``, ``values [B, L]``,
         final state. Sequences never cross an episode start, so no resets happen inside.
+        ``valid [B, L]``: see :meth:`encode` (outputs past a sequence's end are then meaningless).
         """
-        x = self.encode(obs)
+        x = self.encode(obs, valid)
         out, s = self.core(x, state.as_torch())  # out [B, L, H]
         logits, values = self.heads(out)
         return logits, values, RecurrentState.from_torch(s)

@@ -66,5 +66,5 @@ def ppo_loss_from_outputs(model: RecurrentActorCritic, batch: SequenceBatch, log
 
 def ppo_loss(model: RecurrentActorCritic, batch: SequenceBatch, coefs: LossCoefs) -> LossOutput:
     """Run the model over the batch's sequences (one recurrent call) and compute the PPO loss."""
-    logits, values, _ = model(batch.obs, batch.init_state)
+    logits, values, _ = model(batch.obs, batch.init_state, batch.valid)
     return ppo_loss_from_outputs(model, batch, logits, values, coefs)

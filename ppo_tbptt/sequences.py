@@ -19,9 +19,11 @@ from .rollout import Rollout
 class SequenceBatch:
     """Batch-first sequences. S sequences of padded length L.
 
-    ``mask [S, L]`` is 1 where a transition enters the loss. ``index [S, L]`` is each position's
-    flat time-major index ``t * N + n`` into the rollout (padding repeats the last real index).
-    ``init_state`` holds the detached start states ``[K, S, H]``.
+    ``mask [S, L]`` is 1 where a transition enters the loss. ``valid [S, L]`` is true on real steps
+    (a prefix that only feeds the recurrent state included), false on the padding after a
+    sequence's end. ``index [S, L]`` is each position's flat time-major index ``t * N + n`` into
+    the rollout (padding repeats the last real index). ``init_state`` holds the detached start
+    states ``[K, S, H]``.
     """
 
     obs: torch.Tensor           # [S, L, ...]
@@ -31,6 +33,7 @@ class SequenceBatch:
     advantages: torch.Tensor    # [S, L]
     returns: torch.Tensor       # [S, L]
     mask: torch.Tensor          # [S, L] float
+    valid: torch.Tensor         # [S, L] bool
     index: torch.Tensor         # [S, L] int64
     init_state: RecurrentState  # [K, S, H]
 
@@ -81,9 +84,8 @@ def gather_sequences(rollout: Rollout, t0: torch.Tensor, n: torch.Tensor, length
     """
     T, N = rollout.num_steps, rollout.num_envs
     ar = torch.arange(pad_to, device=t0.device)
-    mask = ar[None, :] < length[:, None]  # [S, L]
-    if loss_from is not None:
-        mask = mask & (ar[None, :] >= loss_from[:, None])  # [S, L]
+    valid = ar[None, :] < length[:, None]  # [S, L]
+    mask = valid if loss_from is None else valid & (ar[None, :] >= loss_from[:, None])  # [S, L]
     t = t0[:, None] + torch.minimum(ar[None, :], (length - 1)[:, None])  # [S, L] clamped to last real step
     index = t * N + n[:, None]  # [S, L] flat time-major
 
@@ -93,7 +95,7 @@ def gather_sequences(rollout: Rollout, t0: torch.Tensor, n: torch.Tensor, length
     return SequenceBatch(
         obs=g(rollout.obs), actions=g(rollout.actions), logprobs=g(rollout.logprobs),
         values=g(rollout.values), advantages=g(rollout.advantages), returns=g(rollout.returns),
-        mask=mask.float(), index=index, init_state=rollout.state_at(t0, n).detach(),
+        mask=mask.float(), valid=valid, index=index, init_state=rollout.state_at(t0, n).detach(),
     )
 
 

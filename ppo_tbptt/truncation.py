@@ -305,7 +305,7 @@ class TruncationStrategy:
 
     def forward(self, model: RecurrentActorCritic, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """The training forward: ``logits [S, L, A]``, ``values [S, L]``."""
-        logits, values, _ = model(batch.obs, batch.init_state)
+        logits, values, _ = model(batch.obs, batch.init_state, batch.valid)
         return logits, values
 
     def metrics(self) -> dict:
@@ -359,7 +359,7 @@ class OverlapStrategy(TruncationStrategy):
     def forward(self, model: RecurrentActorCritic, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.tb.burn_in or self.k1 == self.k2:
             return super().forward(model, batch)
-        x = model.encode(batch.obs)  # [S, L, F]
+        x = model.encode(batch.obs, batch.valid)  # [S, L, F]
         S, L = x.shape[:2]
         prefix = (batch.mask > 0).float().argmax(dim=1)  # [S] first loss position = prefix length
         out = x.new_zeros(S, L, model.hidden_size)  # [S, L, H]
@@ -393,7 +393,7 @@ class RandomStrategy(TruncationStrategy):
         return batch
 
     def forward(self, model: RecurrentActorCritic, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        x = model.encode(batch.obs)  # [S, L, F]
+        x = model.encode(batch.obs, batch.valid)  # [S, L, F]
         out = random_truncation_unroll(core_step(model.core), x, batch.init_state.tensors(),
                                        self.cut_prob, self.generator)  # [S, L, H]
         return model.heads(out)

@@ -37,12 +37,12 @@ def test_overlap_with_k1_equal_k2_reproduces_fixed():
     assert isinstance(strat, OverlapStrategy)
     got = strat.build(rollout)
     ref = build_sequences(rollout, 4)
-    for name in ("obs", "actions", "logprobs", "values", "advantages", "returns", "mask", "index"):
+    for name in ("obs", "actions", "logprobs", "values", "advantages", "returns", "mask", "valid", "index"):
         assert torch.equal(getattr(got, name), getattr(ref, name)), name
     assert torch.equal(got.init_state.h, ref.init_state.h)
     assert torch.equal(got.init_state.c, ref.init_state.c)
     logits, values = strat.forward(model, got)
-    ref_logits, ref_values, _ = model(ref.obs, ref.init_state)
+    ref_logits, ref_values, _ = model(ref.obs, ref.init_state, ref.valid)
     assert torch.equal(logits, ref_logits) and torch.equal(values, ref_values)
 
 
