@@ -22,6 +22,7 @@ class MetricsWriter:
         if resume_step is not None:
             truncate_jsonl(self.run_dir / "metrics.jsonl", resume_step)
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        self._curves: dict[str, list] = {}  # curves logged since the last row
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -34,7 +35,9 @@ class MetricsWriter:
 
     def curve(self, tag: str, values, global_step: int) -> None:
         """A 1-D curve indexed by lag (e.g. phi_k) as a TensorBoard histogram: bucket k holds
-        ``values[k]``, so the histogram's shape is the curve."""
+        ``values[k]``, so the histogram's shape is the curve. The next ``metrics.jsonl`` row holds
+        it as a list under the same tag."""
+        self._curves[tag] = [float(x) if math.isfinite(float(x)) else None for x in values]
         if self.tb is None:
             return
         import numpy as np
@@ -56,6 +59,8 @@ class MetricsWriter:
             self.tb.flush()
         rec = {"global_step": int(global_step), "time": t}
         rec.update({k: (v if math.isfinite(v) else None) for k, v in clean.items()})
+        rec.update(self._curves)
+        self._curves = {}
         self._jsonl.write(json.dumps(rec) + "\n")
 
     def close(self) -> None:

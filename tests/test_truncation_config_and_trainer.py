@@ -78,3 +78,9 @@ def test_each_strategy_runs_one_update_and_logs_its_instruments(tmp_path, overri
         assert scalars["tbptt/staleness_kl"] >= 0
     rec = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert rec["tbptt/K"] == scalars["tbptt/K"]
+    if cfg.tbptt.strategy == "adaptive":  # the phi_k curve goes to metrics.jsonl too, as a list
+        phi = rec["tbptt/phi_k"]
+        assert len(phi) == cfg.tbptt.adapt_window and all(v is None or v >= 0 for v in phi)
+        assert list(event.histogram_value.bucket) == pytest.approx([v or 0.0 for v in phi])
+    else:
+        assert "tbptt/phi_k" not in rec
