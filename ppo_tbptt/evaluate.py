@@ -25,7 +25,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m ppo_tbptt.evaluate",
                                 description="Evaluate a checkpoint on held-out levels.")
     p.add_argument("path", help="run folder (uses its latest checkpoint) or a checkpoint file")
-    p.add_argument("--episodes", type=int, default=100, help="episodes, one level seed each (default 100)")
+    p.add_argument("--episodes", type=int, default=None,
+                   help="episodes, one level seed each (default 100, or all of a smaller --seeds range)")
     p.add_argument("--seeds", default=None, metavar="A:B",
                    help="half-open level seed range (default: the config's held-out env.eval_seeds)")
     p.add_argument("--deterministic", action="store_true",
@@ -134,7 +135,10 @@ def main(argv=None) -> int:
         return fail(str(exc))
     try:
         seed_range = parse_range(args.seeds) if args.seeds else tuple(cfg.env.eval_seeds)
-        seeds = seeds_from_range(seed_range, args.episodes)
+        episodes = args.episodes
+        if episodes is None:
+            episodes = min(100, seed_range[1] - seed_range[0]) if args.seeds else 100
+        seeds = seeds_from_range(seed_range, episodes)
     except ValueError as exc:
         return fail(str(exc))
     if args.num_envs is not None and args.num_envs < 1:

@@ -134,9 +134,7 @@ class Evaluator:
         img = np.asarray(env.render(), dtype=np.uint8)
         if img.ndim == 2:
             img = np.repeat(img[..., None], 3, axis=2)
-        if self.env_id != "CueRecall-v0":  # MemoryGym images are stored x/y transposed
-            img = np.ascontiguousarray(img.transpose(1, 0, 2))
-        return img
+        return img  # MemoryGym's render() is upright already (its observations are x/y transposed)
 
     @torch.no_grad()
     def run(self, model: RecurrentActorCritic, seeds: Sequence[int], deterministic: bool = False,

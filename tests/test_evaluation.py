@@ -104,6 +104,12 @@ def test_cli_warns_when_seeds_overlap_training(trained_run, capsys):
     assert "overlap" not in capsys.readouterr().err
 
 
+def test_cli_small_seed_range_alone_evaluates_all_of_it(trained_run, tmp_path):
+    out = tmp_path / "eval.json"
+    assert cli.main([str(trained_run), "--seeds", "2000000:2000007", "--json", str(out), "--quiet"]) == 0
+    assert json.loads(out.read_text())["seeds"] == list(range(2000000, 2000007))
+
+
 @pytest.mark.parametrize("bad", ["9:3", "x:y", "5", "1:2"])
 def test_cli_bad_seed_range_exit_2(trained_run, bad, capsys):
     assert cli.main([str(trained_run), "--episodes", "2", "--seeds", bad, "--quiet"]) == 2
@@ -164,3 +170,23 @@ def test_mismatched_architecture_exit_2(trained_run, tmp_path, capsys):
     assert cli.main([str(path)]) == 2
     err = _one_line_error(capsys)
     assert "do not fit" in err and "shape mismatch" in err
+
+
+def test_memorygym_frames_are_upright():
+    """MemoryGym observations are x/y transposed; the frames of a GIF must show the level upright,
+    i.e. the observation transposed back (which differs from the raw observation)."""
+    from ppo_tbptt.config import load
+    from ppo_tbptt.evaluation import Evaluator
+    cfg = load("mortar_mayhem_grid")
+    ev = Evaluator(cfg.env, 1, render=True)
+    try:
+        env = ev.envs[0]
+        obs, _ = env.reset(seed=1_000_003)
+        for a in (1, 2):
+            obs, *_ = env.step(a)
+        frame = ev._frame(env)
+        assert frame.shape == obs.shape
+        assert np.array_equal(frame, obs.transpose(1, 0, 2))
+        assert not np.array_equal(frame, obs)
+    finally:
+        ev.close()
