@@ -73,9 +73,10 @@ class EnvConfig:
     """For ``vector: pool``: envs per worker process (0 = spread over the usable CPU cores)."""
     groups: int = 0
     """Env groups the collector alternates between: while the workers step one group, the policy
-    acts for the other, so inference hides behind env stepping. 0 = 2 for ``pool`` (1 if it has a
-    single worker), 1 otherwise. A pool's groups hold whole workers. Rollouts depend on it (the
-    policy samples group by group), not on ``vector``: serial and pool with equal groups agree."""
+    acts for another, so inference hides behind env stepping. 0 = automatic: 2 for ``pool`` with
+    a CUDA device, else 1. A pool's groups hold whole workers (at most one group per worker).
+    Rollouts depend on it (the policy samples group by group), not on ``vector``: serial and pool
+    with equal groups produce the same rollouts."""
 
 
 @dataclass(frozen=True)
@@ -253,14 +254,17 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
         if isinstance(value, bool):
             problems.append(f"{where}: expected a number, got {value!r}")
             return _MISSING
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 3e-4 as a string
+            number = float(value)
+        elif isinstance(value, str):  # PyYAML reads 3e-4 as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        problems.append(f"{where}: expected a number, got {value!r}")
+        if number is not None and math.isfinite(number):
+            return number
+        problems.append(f"{where}: expected a finite number, got {value!r}")
         return _MISSING
     if tp is str:
         if isinstance(value, str):

@@ -7,6 +7,7 @@ number when SIGINT/SIGTERM stopped training after saving a checkpoint.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -55,12 +56,17 @@ def resume(args, overrides: list[str]) -> int:
     from .trainer import Trainer
     from .envs.wrappers import EnvStateError
     run_dir = Path(args.resume)
+    if run_dir.is_file():
+        print(f"error: --resume takes the run folder, not a checkpoint file: try --resume "
+              f"{run_dir.parent.parent if run_dir.parent.name == 'checkpoints' else run_dir.parent}",
+              file=sys.stderr)
+        return 2
     try:
         trainer = Trainer.from_run(run_dir, None, overrides)
     except ConfigError as exc:
         print(f"error: {'; '.join(exc.problems)}", file=sys.stderr)
         return 2
-    except (CheckpointError, EnvStateError, ValueError) as exc:
+    except (CheckpointError, EnvStateError, ValueError) as exc:  # EnvConfigError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"resuming {run_dir} from {trainer.resumed_from} at step {trainer.global_step:,}  "
@@ -104,9 +110,15 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    from .envs import EnvConfigError
     from .trainer import Trainer
     print(f"run folder: {run_dir}  (tensorboard --logdir {cfg.run.out_dir})  device: {device}", flush=True)
-    trainer = Trainer(cfg, run_dir, device)
+    try:
+        trainer = Trainer(cfg, run_dir, device)
+    except EnvConfigError as exc:
+        shutil.rmtree(run_dir, ignore_errors=True)  # nothing was trained: leave no empty run behind
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return run(trainer)
 
 

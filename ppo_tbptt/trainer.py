@@ -98,7 +98,7 @@ class Trainer:
         if cfg.run.torch_threads > 0:
             torch.set_num_threads(cfg.run.torch_threads)
         seed_everything(cfg.run.seed)
-        self.envs = make_vector_env(cfg.env, cfg.run.seed)
+        self.envs = make_vector_env(cfg.env, cfg.run.seed, device=device.type)
         self.model = build_model(self.envs.single_observation_space, self.envs.single_action_space,
                                  cfg.model).to(device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.ppo.lr.initial,

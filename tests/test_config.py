@@ -95,3 +95,22 @@ def test_eval_seeds_must_be_held_out():
     with pytest.raises(C.ConfigError, match="overlaps env.train_seeds"):
         C.load("cue_recall", ["env.train_seeds=0:100", "env.eval_seeds=50:150"])
     assert C.load("cue_recall", ["env.train_seeds=0:100", "env.eval_seeds=100:150"]).env.eval_seeds == (100, 150)
+
+
+def test_non_finite_numbers_are_rejected():
+    with pytest.raises(C.ConfigError) as ei:
+        C.load("cue_recall", ["ppo.vf_coef=.nan", "ppo.gamma=.inf"])
+    assert "ppo.vf_coef: expected a finite number" in str(ei.value)
+    assert "ppo.gamma: expected a finite number" in str(ei.value)
+
+
+@pytest.mark.parametrize("bad,vector", [("env.kwargs.bogus=1", "serial"), ("env.kwargs.delay=-1", "serial"),
+                                        ("env.id=Nope-v0", "serial"), ("env.kwargs.bogus=1", "pool")])
+def test_cli_unbuildable_env_exit_2_and_no_run_folder(tmp_path, bad, vector):
+    r = subprocess.run([sys.executable, "-m", "ppo_tbptt.train", "--config", "cue_recall", "--set", bad,
+                        "--set", f"env.vector={vector}", "--set", "env.num_envs=2",
+                        "--set", f"run.out_dir={tmp_path}"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2, r.stderr
+    err = r.stderr.strip().splitlines()
+    assert err[-1].startswith("error: cannot build env") and "Traceback" not in r.stderr, r.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -207,6 +207,8 @@ def test_resume_cli_clean_errors(tmp_path, capsys):
     run = tmp_path / "run"
     train_tiny(run, "run.total_steps=64")
     latest = ckpt.latest_checkpoint(run)
+    assert train_cli.main(["--resume", str(latest)]) == 2  # a file instead of the run folder
+    assert f"try --resume {run}" in _one_line_error(capsys)
     good = latest.read_bytes()
     latest.write_bytes(good[:100])
     assert train_cli.main(["--resume", str(run)]) == 2

@@ -96,24 +96,55 @@ def env_fn(env_cfg, next_seed: Callable[[], int], render_mode: str | None = None
     return thunk
 
 
-def make_vector_env(env_cfg, run_seed: int, num_envs: int | None = None, seed_range=None):
+class EnvConfigError(ValueError):
+    """The envs cannot be built from the config (unknown id, bad constructor arguments, ...)."""
+
+
+def env_groups(env_cfg, device: str | None = None) -> int:
+    """``env.groups``, with 0 resolved: 2 for a pool feeding a GPU policy (the GPU computes one
+    group's actions while the CPU cores step the other's envs), else 1 (on a CPU the policy and the
+    workers share the cores, and one larger batch per step is faster: measured on 2 cores, 1,718
+    against 1,014 steps/s with the MortarMayhem-Grid model)."""
+    if env_cfg.groups > 0:
+        return env_cfg.groups
+    return 2 if env_cfg.vector == "pool" and device is not None and str(device).startswith("cuda") else 1
+
+
+def make_vector_env(env_cfg, run_seed: int, num_envs: int | None = None, seed_range=None,
+                    device: str | None = None):
     """The training vector env: ``env_cfg.num_envs`` envs, level seeds from ``env_cfg.train_seeds``.
 
     ``env_cfg.vector``: ``serial`` (this process), ``pool`` (worker processes, shared memory) or
     ``gym_async`` (gymnasium's AsyncVectorEnv, the baseline the benchmark compares with). Env ``i``
-    draws its level seeds from the same generator whichever is used."""
+    draws its level seeds from the same generator whichever is used. ``device`` (the policy's)
+    resolves ``env.groups: 0`` (see :func:`env_groups`)."""
+    try:
+        return _make_vector_env(env_cfg, run_seed, num_envs, seed_range, device)
+    except (TypeError, ValueError) as exc:  # the env constructor rejected the config's id or kwargs
+        raise EnvConfigError(f"cannot build env {env_cfg.id!r} with env.kwargs {env_cfg.kwargs}: "
+                             f"{type(exc).__name__}: {exc}") from exc
+    except Exception as exc:
+        from .pool import EnvWorkerError
+        if isinstance(exc, EnvWorkerError) and exc.during_start and exc.error_type in ("TypeError", "ValueError"):
+            raise EnvConfigError(f"cannot build env {env_cfg.id!r} with env.kwargs {env_cfg.kwargs}: "
+                                 f"{exc.error_type}: {exc.error_message}") from exc
+        raise
+
+
+def _make_vector_env(env_cfg, run_seed: int, num_envs: int | None, seed_range, device: str | None):
     n = env_cfg.num_envs if num_envs is None else num_envs
     rng = env_cfg.train_seeds if seed_range is None else seed_range
+    groups = env_groups(env_cfg, device)
     if env_cfg.vector == "pool":
-        from .pool import make_pool
-        return make_pool(env_cfg, run_seed, n, rng)
+        from .pool import WorkerPoolVectorEnv
+        return WorkerPoolVectorEnv(env_cfg, run_seed, n, rng, env_cfg.envs_per_worker, groups)
     fns = [env_fn(env_cfg, seed_stream(rng, run_seed, i)) for i in range(n)]
     if env_cfg.vector == "gym_async":
         from .gym_async import GymAsyncVectorEnv
         return GymAsyncVectorEnv(fns)
-    return SerialVectorEnv(fns, groups=max(1, env_cfg.groups))
+    return SerialVectorEnv(fns, groups=groups)
 
 
-__all__ = ["CueRecall", "EnvError", "EpisodeStats", "SerialVectorEnv", "StepResult", "VectorEnv", "LevelSeedWrapper", "EnvStateError",
+__all__ = ["CueRecall", "EnvConfigError", "EnvError", "EpisodeStats", "SerialVectorEnv", "StepResult", "VectorEnv", "LevelSeedWrapper", "EnvStateError",
            "SeedStream", "SeedSequence",
-           "make_base_env", "make_vector_env", "seed_stream", "seed_sequence", "env_fn", "CUE_RECALL_ID"]
+           "env_groups", "make_base_env", "make_vector_env", "seed_stream", "seed_sequence", "env_fn", "CUE_RECALL_ID"]

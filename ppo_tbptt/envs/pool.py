@@ -39,7 +39,15 @@ OK, DATA, ERR = b"k", b"d", b"e"
 
 
 class EnvWorkerError(RuntimeError):
-    """A worker's env raised, or a worker process died; the message names the envs and level seeds."""
+    """A worker's env raised, or a worker process died; the message names the envs and level seeds.
+
+    ``error_type`` / ``error_message``: the exception raised in the worker (None if it died);
+    ``during_start``: it happened while the worker built its envs."""
+
+    def __init__(self, message: str, error_type: str | None = None, error_message: str | None = None,
+                 during_start: bool = False):
+        super().__init__(message)
+        self.error_type, self.error_message, self.during_start = error_type, error_message, during_start
 
 
 def usable_cpus() -> int:
@@ -173,14 +181,14 @@ def _shutdown(procs: list, conns: list, shm) -> None:
 class WorkerPoolVectorEnv(VectorEnv):
     """``num_envs`` envs stepped by worker processes (see the module docstring).
 
-    ``envs_per_worker`` 0 spreads the envs over the usable CPU cores; ``groups`` 0 picks 2 when
-    there are at least two workers (so inference overlaps stepping), else 1. ``start_method``:
+    ``envs_per_worker`` 0 spreads the envs over the usable CPU cores; ``groups`` (at most one per
+    worker) splits the workers into that many groups of whole workers. ``start_method``:
     ``forkserver`` (default on Linux: children start from a clean process, not a copy of a learner
     that holds CUDA and thread pools) or ``spawn``.
     """
 
     def __init__(self, env_cfg, run_seed: int, num_envs: int, seed_range, envs_per_worker: int = 0,
-                 groups: int = 0, start_method: str | None = None):
+                 groups: int = 1, start_method: str | None = None):
         self.env_id = env_cfg.id
         self.num_envs = int(num_envs)
         self.workers = worker_layout(self.num_envs, envs_per_worker)
@@ -190,7 +198,7 @@ class WorkerPoolVectorEnv(VectorEnv):
         if start_method == "forkserver":
             ctx.set_forkserver_preload(["ppo_tbptt.envs.pool"])
         self._procs, self._conns, self._shm = [], [], None
-        self._closed = False
+        self._closed = self._started = False
         self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._conns, None)
         try:
             for w, sl in enumerate(self.workers):
@@ -213,13 +221,14 @@ class WorkerPoolVectorEnv(VectorEnv):
                 conn.send_bytes(pickle.dumps((self._shm.name, layout)))
             for w in range(len(self.workers)):
                 self._recv(w)
+            self._started = True
         except BaseException:
             self.close()
             raise
         self._obs = self._arrays["obs"]
         self._actions = self._arrays["actions"]
         # groups of whole workers: group g steps workers self._group_workers[g]
-        wgroups = split_evenly(len(self.workers), groups if groups > 0 else 2)
+        wgroups = split_evenly(len(self.workers), groups)
         self._group_workers = [list(range(s.start, s.stop)) for s in wgroups]
         self.groups = [slice(self.workers[s.start].start, self.workers[s.stop - 1].stop) for s in wgroups]
 
@@ -251,7 +260,8 @@ class WorkerPoolVectorEnv(VectorEnv):
             from .wrappers import EnvStateError
             raise EnvStateError(report["message"])
         raise EnvWorkerError(f"{self._describe(w)} failed: {report['type']}: {report['message']}\n"
-                             f"worker traceback:\n{report['traceback']}")
+                             f"worker traceback:\n{report['traceback']}", report["type"], report["message"],
+                             during_start=not self._started)
 
     def _command(self, w: int, name: str, *args) -> None:
         try:
@@ -326,9 +336,4 @@ class WorkerPoolVectorEnv(VectorEnv):
         self._finalizer()
 
 
-def make_pool(env_cfg, run_seed: int, num_envs: int, seed_range) -> WorkerPoolVectorEnv:
-    return WorkerPoolVectorEnv(env_cfg, run_seed, num_envs, seed_range, env_cfg.envs_per_worker,
-                               env_cfg.groups)
-
-
-__all__ = ["EnvWorkerError", "WorkerPoolVectorEnv", "make_pool", "usable_cpus", "worker_layout"]
+__all__ = ["EnvWorkerError", "WorkerPoolVectorEnv", "usable_cpus", "worker_layout"]
