@@ -1,0 +1,276 @@
+"""``python -m ppo_tbptt.benchmark --config NAME [--seconds S] [--set section.key=value ...]``
+
+Throughput, measured side by side in one run on this machine:
+
+1. the env-only ceiling: one env per process on every usable core, random actions, no IPC;
+2. gymnasium's AsyncVectorEnv alone (random actions, the config's number of envs);
+3. collection with the policy, no learning (the config's vector env, and AsyncVectorEnv);
+4. end-to-end training (the config's vector env, and AsyncVectorEnv).
+
+Prints a table of steps/s and each one's ratio to (1); ``--json`` writes the same figures. The
+AsyncVectorEnv rows run the same collector and trainer, so the difference is the env side alone.
+Each measurement first runs one warm-up rollout or update (process start, CUDA and cuDNN set-up),
+then whole rollouts or updates until ``--seconds`` have passed.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing as mp
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import Config, ConfigError, load
+
+
+def machine_description(device: torch.device) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    from .envs.pool import usable_cpus
+    text = f"{usable_cpus()} usable CPU cores ({cpu}), Python {platform.python_version()}, torch {torch.__version__}"
+    if device.type == "cuda":
+        text += f", GPU {torch.cuda.get_device_name(device)}"
+    return text
+
+
+# ---- (1) env-only ceiling ------------------------------------------------------------------------
+def _env_only_worker(env_cfg, index: int, seconds: float, start, out) -> None:
+    """One env in this process, random actions for ``seconds`` after ``start`` is set."""
+    from .envs import env_fn, seed_stream
+    env = env_fn(env_cfg, seed_stream(env_cfg.train_seeds, 12345, index))()
+    env.reset()
+    env.action_space.seed(index)
+    actions = [env.action_space.sample() for _ in range(4096)]
+    start.wait()
+    steps, t0 = 0, time.perf_counter()
+    while True:
+        for _ in range(64):
+            _, _, term, trunc, _ = env.step(actions[steps % 4096])
+            steps += 1
+            if term or trunc:
+                env.reset()
+        elapsed = time.perf_counter() - t0
+        if elapsed >= seconds:
+            break
+    out.put((steps, elapsed))
+    env.close()
+
+
+def env_only_ceiling(env_cfg, seconds: float, processes: int) -> dict:
+    ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+    start, out = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_env_only_worker, args=(env_cfg, i, seconds, start, out), daemon=True)
+             for i in range(processes)]
+    for p in procs:
+        p.start()
+    time.sleep(0.5)  # let them build their envs; the clock starts at the event
+    start.set()
+    results = [out.get(timeout=seconds + 120) for _ in procs]
+    for p in procs:
+        p.join(timeout=10)
+    return {"steps_per_second": float(sum(s / e for s, e in results)), "processes": processes,
+            "per_process": [s / e for s, e in results]}
+
+
+# ---- (2) AsyncVectorEnv alone --------------------------------------------------------------------
+def async_env_only(env_cfg, seconds: float) -> dict:
+    from .envs import make_vector_env
+    venv = make_vector_env(dataclasses.replace(env_cfg, vector="gym_async"), 12345)
+    try:
+        venv.reset()
+        space = venv.single_action_space
+        space.seed(0)
+        acts = [np.stack([space.sample() for _ in range(venv.num_envs)]) for _ in range(256)]
+        for a in acts[:8]:
+            venv.step(a)  # warm-up
+        steps, i, t0 = 0, 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            venv.step(acts[i % 256])
+            steps += venv.num_envs
+            i += 1
+        return {"steps_per_second": steps / (time.perf_counter() - t0)}
+    finally:
+        venv.close()
+
+
+# ---- (3) collection, (4) end-to-end -------------------------------------------------------------
+def collection(cfg: Config, device: torch.device, seconds: float) -> dict:
+    from .envs import make_vector_env
+    from .model import build_model
+    from .rollout import Collector
+    from .utils import seed_everything
+    seed_everything(cfg.run.seed)
+    envs = make_vector_env(cfg.env, cfg.run.seed, device=device.type)
+    try:
+        model = build_model(envs.single_observation_space, envs.single_action_space, cfg.model).to(device)
+        model.eval()
+        col = Collector(envs, model, cfg.ppo.rollout_steps, device, cfg.ppo.gamma, cfg.model.reset_hidden_state)
+        col.collect()  # warm-up
+        steps, rollouts, wait0, t0 = 0, 0, col.wait_seconds, time.perf_counter()
+        while rollouts == 0 or time.perf_counter() - t0 < seconds:
+            col.collect()
+            steps += cfg.ppo.rollout_steps * envs.num_envs
+            rollouts += 1
+        elapsed = time.perf_counter() - t0
+        return {"steps_per_second": steps / elapsed, "rollouts": rollouts,
+                "env_wait_fraction": (col.wait_seconds - wait0) / elapsed}
+    finally:
+        envs.close()
+
+
+def end_to_end(cfg: Config, device: torch.device, seconds: float) -> dict:
+    from .trainer import Trainer
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(cfg, Path(tmp), device, log=False, quiet=True)
+        try:
+            trainer.train_update()  # warm-up
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            steps0, updates, t0 = trainer.global_step, 0, time.perf_counter()
+            collect = update = 0.0
+            while updates == 0 or time.perf_counter() - t0 < seconds:
+                s = trainer.train_update()
+                collect += s["time/collect_seconds"]
+                update += s["time/update_seconds"]
+                updates += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            elapsed = time.perf_counter() - t0
+            return {"steps_per_second": (trainer.global_step - steps0) / elapsed, "updates": updates,
+                    "collect_seconds_per_update": collect / updates, "update_seconds_per_update": update / updates}
+        finally:
+            trainer.close()
+
+
+def describe_vector(cfg: Config, device: torch.device) -> str:
+    from .envs import env_groups
+    e = cfg.env
+    groups = env_groups(e, device.type)
+    if e.vector == "pool":
+        from .envs.pool import worker_layout
+        workers = worker_layout(e.num_envs, e.envs_per_worker)
+        sizes = sorted({s.stop - s.start for s in workers})
+        groups = min(groups, len(workers))
+        return f"pool: {len(workers)} workers x {'/'.join(map(str, sizes))} envs, {groups} group(s)"
+    if e.vector == "gym_async":
+        return "gymnasium AsyncVectorEnv"
+    return f"serial, {groups} group(s)"
+
+
+def run_benchmark(cfg: Config, device: torch.device, seconds: float, baselines: bool = True,
+                  only: set | None = None, log=print) -> dict:
+    from .envs.pool import usable_cpus
+    n, T = cfg.env.num_envs, cfg.ppo.rollout_steps
+    async_cfg = cfg.replace("env", vector="gym_async")
+    plan = [("env_only", f"env-only ceiling: {usable_cpus()} processes x 1 env, random actions, no IPC",
+             usable_cpus(), lambda: env_only_ceiling(cfg.env, seconds, usable_cpus()))]
+    if baselines:
+        plan.append(("async_env_only", "gymnasium AsyncVectorEnv alone, random actions", n,
+                     lambda: async_env_only(cfg.env, seconds)))
+    plan.append(("collect", f"collection with the policy ({describe_vector(cfg, device)})", n,
+                 lambda: collection(cfg, device, seconds)))
+    if baselines and cfg.env.vector != "gym_async":
+        plan.append(("async_collect", "collection with the policy (gymnasium AsyncVectorEnv)", n,
+                     lambda: collection(async_cfg, device, seconds)))
+    plan.append(("train", f"end-to-end training ({describe_vector(cfg, device)})", n,
+                 lambda: end_to_end(cfg, device, seconds)))
+    if baselines and cfg.env.vector != "gym_async":
+        plan.append(("async_train", "end-to-end training (gymnasium AsyncVectorEnv)", n,
+                     lambda: end_to_end(async_cfg, device, seconds)))
+    results = {}
+    for key, label, envs, fn in plan:
+        if only and key not in only:
+            continue
+        log(f"  measuring {label} ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        r = fn()
+        r.update(label=label, envs=envs, wall_seconds=time.perf_counter() - t0)
+        results[key] = r
+        log(f"    {r['steps_per_second']:,.0f} steps/s", file=sys.stderr, flush=True)
+    return {"config": {"env": cfg.env.id, "num_envs": n, "rollout_steps": T, "batch": n * T,
+                       "vector": describe_vector(cfg, device), "core": cfg.model.core,
+                       "hidden_size": cfg.model.hidden_size, "sequence_length": cfg.tbptt.sequence_length,
+                       "epochs": cfg.ppo.epochs, "minibatches": cfg.ppo.minibatches},
+            "device": str(device), "machine": machine_description(device), "seconds": seconds,
+            "results": results}
+
+
+def format_table(report: dict) -> str:
+    c = report["config"]
+    res = report["results"]
+    base = res.get("env_only", {}).get("steps_per_second")
+    lines = [f"{c['env']}: {c['num_envs']} envs x {c['rollout_steps']} steps = {c['batch']:,} per update, "
+             f"{c['core'].upper()} {c['hidden_size']}, sequence length {c['sequence_length']}, "
+             f"{c['epochs']} epochs x {c['minibatches']} minibatches; device {report['device']}",
+             f"machine: {report['machine']}", "",
+             "| measurement | envs | steps/s | ratio to env-only |", "|---|---:|---:|---:|"]
+    for r in res.values():
+        ratio = f"{r['steps_per_second'] / base:.2f}" if base else "-"
+        extra = ""
+        if "update_seconds_per_update" in r:
+            extra = (f" (per update: collect {r['collect_seconds_per_update']:.2f} s, "
+                     f"learn {r['update_seconds_per_update']:.2f} s)")
+        lines.append(f"| {r['label']}{extra} | {r['envs']} | {r['steps_per_second']:,.0f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ppo_tbptt.benchmark", description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="config name in configs/ or a path")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config field (repeatable), e.g. --set env.num_envs=8")
+    p.add_argument("--seconds", type=float, default=20.0, help="seconds per measurement (default 20)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="overrides run.device")
+    p.add_argument("--no-baselines", action="store_true", help="skip the gymnasium AsyncVectorEnv rows")
+    p.add_argument("--only", default="", help="comma-separated subset: env_only, async_env_only, collect, "
+                                               "async_collect, train, async_train")
+    p.add_argument("--json", default=None, metavar="OUT.json", help="also write the figures as JSON")
+    args = p.parse_args(argv)
+    if args.seconds <= 0:
+        p.error("--seconds must be > 0")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.overrides) + ([f"run.device={args.device}"] if args.device else [])
+    try:
+        cfg = load(args.config, overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from .utils import resolve_device
+    try:
+        device = resolve_device(cfg.run.device)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if cfg.run.torch_threads > 0:
+        torch.set_num_threads(cfg.run.torch_threads)
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    print(f"benchmark: {args.config}, {args.seconds:g} s per measurement", file=sys.stderr, flush=True)
+    report = run_benchmark(cfg, device, args.seconds, baselines=not args.no_baselines, only=only or None)
+    print(format_table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+    sys.exit(main())
