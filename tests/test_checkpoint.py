@@ -71,16 +71,45 @@ def test_second_signal_stops_at_once(tmp_path):
         trainer.close()
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_saves_checkpoint_and_exits_cleanly(tmp_path, sig):
+def descendants(pid: int) -> set[int]:
+    """All processes below ``pid`` (from /proc: children, grandchildren, ...)."""
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(stat.parent.name)] = int(fields[1])
+    out, frontier = set(), {pid}
+    while frontier:
+        frontier = {c for c, p in parent.items() if p in frontier} - out
+        out |= frontier
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX signals, /proc")
+@pytest.mark.parametrize("sig,vector", [(signal.SIGINT, "serial"), (signal.SIGTERM, "serial"),
+                                        (signal.SIGINT, "pool"), (signal.SIGTERM, "pool")],
+                         ids=["SIGINT", "SIGTERM", "SIGINT-pool-group", "SIGTERM-pool-group"])
+def test_signal_saves_checkpoint_and_exits_cleanly(tmp_path, sig, vector):
+    """With a pool the signal goes to the whole process group, as Ctrl-C in a terminal or a service
+    manager's stop does: the workers must outlive it long enough to be closed, then be gone."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), SDL_VIDEODRIVER="dummy", SDL_AUDIODRIVER="dummy",
                PYGAME_HIDE_SUPPORT_PROMPT="1", PYTHONUNBUFFERED="1")
     over = [a for o in TINY if not o.startswith("run.total_steps") for a in ("--set", o)]
     cmd = [sys.executable, "-m", "ppo_tbptt.train", "--config", "cue_recall", *over,
-           "--set", "run.total_steps=10000000", "--set", f"run.out_dir={tmp_path}", "--run-name", "r"]
+           "--set", "run.total_steps=10000000", "--set", f"run.out_dir={tmp_path}", "--run-name", "r",
+           "--set", f"env.vector={vector}", "--set", "env.envs_per_worker=2"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, start_new_session=True)
     try:
         deadline = time.time() + 60
         for line in proc.stdout:
@@ -89,12 +118,21 @@ def test_signal_saves_checkpoint_and_exits_cleanly(tmp_path, sig):
             assert time.time() < deadline, "no update line within 60 s"
         else:
             pytest.fail(f"training ended before its first update: {proc.stderr.read()}")
-        proc.send_signal(sig)
+        children = descendants(proc.pid)
+        if vector == "pool":
+            assert len(children) >= 3, children  # the forkserver and two workers
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    end = time.time() + 10
+    while any(alive(p) for p in children) and time.time() < end:
+        time.sleep(0.05)
+    assert not any(alive(p) for p in children), "processes outlived the training process"
     assert proc.returncode == 128 + sig, err
     assert "Traceback" not in err
     assert f"{signal.Signals(sig).name} received" in out and "resume with:" in out

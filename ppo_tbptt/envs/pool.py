@@ -13,9 +13,10 @@ pool and a serial vector env with the same groups produce the same rollouts.
 Failure handling: an exception in an env is sent back with the env index, level seed and
 traceback and raised here as :class:`EnvWorkerError`; a worker that dies (killed, crashed) is
 noticed as a closed pipe and raised the same way with its exit code, never as a hang. Workers are
-daemon processes that ignore SIGINT (the learner handles Ctrl-C and closes the pool) and exit when
-the learner's end of their pipe closes. :meth:`WorkerPoolVectorEnv.close` asks them to stop, then
-terminates and finally kills stragglers; a finalizer does the same if the pool is garbage collected.
+daemon processes that ignore SIGINT and SIGTERM (the learner handles them and closes the pool) and
+exit when the learner's end of their pipe closes, also when the learner is killed.
+:meth:`WorkerPoolVectorEnv.close` asks them to stop and kills those still running after 5 s; a
+finalizer does the same if the pool is garbage collected.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import multiprocessing as mp
 import os
 import pickle
 import signal
+import time
 import traceback
 import weakref
 from multiprocessing import shared_memory
@@ -92,7 +94,10 @@ def _action_dims(space: gym.Space) -> int:
 
 def _worker_main(index: int, lo: int, hi: int, env_cfg, run_seed: int, seed_range, conn) -> None:
     """A worker process: build envs lo..hi-1, attach the shared arrays, serve commands until closed."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the learner's to handle
+    # Ctrl-C and a service manager's stop signal the whole process group: the learner handles
+    # them (finish the update, save, close the pool); a worker outlives them until it is closed.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from . import env_fn, seed_stream
 
     envs: list = []
@@ -156,15 +161,13 @@ def _shutdown(procs: list, conns: list, shm) -> None:
             conn.send_bytes(CMD + pickle.dumps(("close",)))
         except OSError:
             pass
+    end = time.monotonic() + 5
     for p in procs:
-        p.join(timeout=5)
+        p.join(timeout=max(0.0, end - time.monotonic()))
     for p in procs:
-        if p.is_alive():
-            p.terminate()
-            p.join(timeout=2)
-        if p.is_alive():
+        if p.is_alive():  # stuck in an env step: workers ignore SIGTERM, so kill
             p.kill()
-            p.join(timeout=2)
+            p.join(timeout=5)
     for conn in conns:
         conn.close()
     if shm is not None:
