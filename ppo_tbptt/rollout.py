@@ -82,8 +82,8 @@ class Collector:
     The envs' ``groups`` are served in turn: the policy acts for group g and sends its actions, then
     collects group g+1's step results and acts for it, ... so with a worker pool the policy's work
     for one group overlaps the stepping of the others. With one group this is the plain loop.
-    Observations reach the device with one host copy (into pinned memory on CUDA, then an
-    asynchronous transfer).
+    Observations reach the device with one host copy (the envs write them into ``self.obs`` on a
+    CPU, into pinned memory on CUDA, then an asynchronous transfer).
     """
 
     def __init__(self, envs, model: RecurrentActorCritic, rollout_steps: int, device: torch.device,
@@ -101,8 +101,14 @@ class Collector:
                                        model.num_layers, model.hidden_size, model.core_type == "lstm",
                                        device)
         self.obs = torch.zeros_like(self.buffer.obs[0])  # [N, ...] the observation each env shows now
-        self._staging = self.obs.cpu().pin_memory() if device.type == "cuda" else None
-        self._put_obs(slice(0, self.N), envs.reset())
+        # The envs deliver observations into host memory: straight into self.obs on a CPU, into a
+        # pinned staging copy on CUDA (then an asynchronous transfer; see _host_obs / _upload).
+        self._host = self.obs if device.type != "cuda" else torch.zeros(
+            self.obs.shape, dtype=self.obs.dtype, pin_memory=True)
+        self._host_np = self._host.numpy()
+        self._uploads: dict[int, torch.cuda.Event] = {}  # group -> its last transfer from _host
+        np.copyto(self._host_np, envs.reset())
+        self._upload(slice(0, self.N))
         self.state = model.initial_state(self.N, device)
         self.episode_start = torch.ones(self.N, dtype=torch.bool, device=device)
         self._next_state: dict[int, RecurrentState] = {}
@@ -127,20 +133,33 @@ class Collector:
         if not torch.equal(torch.from_numpy(obs), saved.to(torch.from_numpy(obs).dtype)):
             raise EnvStateError("restored envs show different observations than when the checkpoint "
                                "was written; the env is not replayable from seed and actions")
-        self._put_obs(slice(0, self.N), obs)
+        self._uploads.clear()
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        np.copyto(self._host_np, obs)
+        self._upload(slice(0, self.N))
         h = state["state_h"].to(self.device)
         c = state["state_c"]
         self.state = RecurrentState(h.clone(), None if c is None else c.to(self.device).clone())
         self.episode_start = state["episode_start"].to(self.device).clone()
 
-    def _put_obs(self, sl: slice, arr: np.ndarray) -> None:
-        """Copy envs' observations ``[n, ...]`` (possibly a view of shared memory) into ``self.obs[sl]``."""
-        src = torch.from_numpy(arr)
-        if self._staging is None:
-            self.obs[sl].copy_(src)
-        else:  # the staging slice is reused only after this group's next act(), which synchronises
-            self._staging[sl].copy_(src)
-            self.obs[sl].copy_(self._staging[sl], non_blocking=True)
+    def _host_obs(self, g: int, sl: slice) -> np.ndarray:
+        """Where group g's next observations go; waits until its last transfer from there is done."""
+        event = self._uploads.pop(g, None)
+        if event is not None:
+            event.synchronize()
+        return self._host_np[sl]
+
+    def _upload(self, sl: slice, g: int | None = None) -> None:
+        """Move observations from the host buffer to ``self.obs[sl]`` (nothing to do on a CPU)."""
+        if self._host is self.obs:
+            return
+        self.obs[sl].copy_(self._host[sl], non_blocking=True)
+        if g is None:  # reset / restore: rare, so wait here rather than track it
+            torch.cuda.current_stream(self.device).synchronize()
+        else:
+            self._uploads[g] = torch.cuda.Event()
+            self._uploads[g].record()
 
     def _to_device(self, arr: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(arr)
@@ -149,7 +168,9 @@ class Collector:
     def _act(self, t: int, g: int, sl: slice) -> None:
         """Store step t's inputs for group g, run the policy on them and send the actions."""
         buf = self.buffer
-        state = RecurrentState(self.state.h[:, sl], None if self.state.c is None else self.state.c[:, sl])
+        # [K, n, H] slices are not contiguous for K > 1, which cuDNN's RNN refuses for hx
+        state = RecurrentState(self.state.h[:, sl].contiguous(),
+                               None if self.state.c is None else self.state.c[:, sl].contiguous())
         buf.obs[t, sl] = self.obs[sl]
         buf.episode_start[t, sl] = self.episode_start[sl]
         buf.state_h[t, :, sl] = state.h
@@ -166,7 +187,7 @@ class Collector:
         """Take group g's results of step t: rewards, dones, next obs; reset ended envs' states."""
         buf = self.buffer
         t0 = time.perf_counter()
-        res = self.envs.step_wait(g, copy=False)
+        res = self.envs.step_wait(g, obs_out=self._host_obs(g, sl))
         self.wait_seconds += time.perf_counter() - t0
         flags = torch.from_numpy(np.stack([res.reward, res.terminated, res.truncated]).astype(np.float32))
         flags = flags.to(self.device)  # [3, n]: one transfer instead of three
@@ -188,7 +209,7 @@ class Collector:
         if self.state.c is not None:
             self.state.c[:, sl] = next_state.c
         self.episode_start[sl] = done
-        self._put_obs(sl, res.obs)
+        self._upload(sl, g)
         episodes.extend(res.episodes)
 
     @torch.no_grad()

@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,8 +58,20 @@ def cue_cfg(*extra):
 def test_layouts():
     assert split_evenly(7, 3) == [slice(0, 2), slice(2, 5), slice(5, 7)]
     assert split_evenly(2, 5) == [slice(0, 1), slice(1, 2)]
-    assert worker_layout(7, envs_per_worker=3) == [slice(0, 3), slice(3, 6), slice(6, 7)]
-    assert worker_layout(8, workers=2) == [slice(0, 4), slice(4, 8)]
+    # groups are formed first, exactly as SerialVectorEnv forms them, whatever the core count
+    for cores in (1, 2, 3, 4, 16):
+        groups, workers, members = worker_layout(8, groups=2, workers=cores)
+        assert groups == split_evenly(8, 2) == [slice(0, 4), slice(4, 8)]
+        assert [workers[w] for w in members[0]][0].start == 0 and workers[-1].stop == 8
+        assert all(workers[w].start >= g.start and workers[w].stop <= g.stop
+                   for g, ws in zip(groups, members) for w in ws)
+    assert worker_layout(8, groups=2, workers=4)[1] == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8)]
+    assert worker_layout(7, envs_per_worker=3)[1] == [slice(0, 3), slice(3, 6), slice(6, 7)]
+    assert worker_layout(6, envs_per_worker=4, groups=2)[1] == [slice(0, 3), slice(3, 6)]
+
+
+def shm_segments() -> set:
+    return {p.name for p in Path("/dev/shm").glob("psm_*")} if Path("/dev/shm").is_dir() else set()
 
 
 def collect_rollouts(cfg, seed=0, rollouts=2):
@@ -77,10 +90,14 @@ def collect_rollouts(cfg, seed=0, rollouts=2):
         envs.close()
 
 
-@pytest.mark.parametrize("groups", [1, 3])
-def test_pool_rollouts_equal_serial_rollouts(groups):
+@pytest.mark.parametrize("groups,per_worker", [(1, 2), (3, 2), (2, 4)])
+def test_pool_rollouts_equal_serial_rollouts(groups, per_worker):
+    """(2, 4): 4 envs per worker would not fit the groups of 3: the pool must still form serial's."""
     serial, sg = collect_rollouts(cue_cfg("env.vector=serial", f"env.groups={groups}"))
-    pool, pg = collect_rollouts(cue_cfg("env.vector=pool", f"env.groups={groups}"))
+    before = shm_segments()
+    pool, pg = collect_rollouts(cue_cfg("env.vector=pool", f"env.groups={groups}",
+                                        f"env.envs_per_worker={per_worker}"))
+    assert shm_segments() <= before, "shared memory left behind"
     assert sg == pg and len(pg) == groups
     for (rs, es), (rp, ep) in zip(serial, pool):
         assert es == ep and es, "episodes (env, level seed, return, length) must match and exist"
@@ -111,17 +128,20 @@ def test_grouped_collection_stepping_equals_sequence_forward(core):
 
 
 def test_memorygym_pool_matches_serial():
-    over = ["env.num_envs=4", "env.envs_per_worker=2", "env.groups=2", "model.hidden_size=8",
+    """MultiDiscrete actions (sampled per dimension, group by group) and CNN observations."""
+    over = ["env.num_envs=5", "env.envs_per_worker=2", "env.groups=2", "model.hidden_size=8",
             "model.hidden_layer=8", "ppo.rollout_steps=20", "ppo.minibatches=1", "tbptt.sequence_length=4"]
-    serial, _ = collect_rollouts(load("mortar_mayhem_grid", over + ["env.vector=serial"]), rollouts=1)
-    pool, _ = collect_rollouts(load("mortar_mayhem_grid", over + ["env.vector=pool"]), rollouts=1)
+    serial, _ = collect_rollouts(load("mortar_mayhem", over + ["env.vector=serial"]), rollouts=1)
+    pool, _ = collect_rollouts(load("mortar_mayhem", over + ["env.vector=pool"]), rollouts=1)
+    assert serial[0][0]["actions"].shape[-1] == 2
     for k in ("obs", "actions", "rewards", "terminated", "state_h", "values"):
         assert torch.equal(serial[0][0][k], pool[0][0][k]), k
 
 
 def test_trainer_on_pool_logs_the_same_metrics_as_serial(tmp_path):
     train_tiny(tmp_path / "serial", "env.vector=serial", "env.groups=2", "run.total_steps=192")
-    train_tiny(tmp_path / "pool", "env.vector=pool", "env.groups=2", "run.total_steps=192")
+    train_tiny(tmp_path / "pool", "env.vector=pool", "env.groups=2", "run.total_steps=192",
+               "env.envs_per_worker=3")
     a, b = metric_rows(tmp_path / "serial"), metric_rows(tmp_path / "pool")
     assert len(a) == 3 and a == b
 
@@ -155,6 +175,21 @@ def test_state_roundtrip_between_pool_and_serial():
     with make_vector_env(dataclasses.replace(pool_env, num_envs=4), 3) as pool4:
         with pytest.raises(EnvStateError, match="holds 6 env states, but there are 4 envs"):
             pool4.set_state(serial_state)
+
+
+@pytest.mark.parametrize("vector", ["serial", "pool"])
+def test_step_protocol_misuse_is_an_error(vector):
+    with make_vector_env(cue_cfg(f"env.vector={vector}", "env.groups=2").env, 0) as venv:
+        venv.reset()
+        with pytest.raises(RuntimeError, match="without a step_async"):
+            venv.step_wait(1)
+        venv.step_async(np.zeros(3, np.int64), 0)
+        with pytest.raises(RuntimeError, match="still pending"):
+            venv.step_async(np.zeros(3, np.int64), 0)
+        assert venv.step_wait(0).obs.shape == (3, 5)
+    if vector == "pool":
+        with pytest.raises(RuntimeError, match="pool is closed"):
+            venv.step_async(np.zeros(3, np.int64), 0)
 
 
 def test_env_exception_names_env_and_seed():

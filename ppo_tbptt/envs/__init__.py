@@ -9,7 +9,7 @@ import gymnasium as gym
 import numpy as np
 
 from .cue_recall import CueRecall
-from .vector import EnvError, EpisodeStats, SerialVectorEnv, StepResult, VectorEnv
+from .vector import EnvConfigError, EnvError, EpisodeStats, SerialVectorEnv, StepResult, VectorEnv
 from .wrappers import EnvStateError, LevelSeedWrapper
 
 for _k, _v in (("SDL_VIDEODRIVER", "dummy"), ("SDL_AUDIODRIVER", "dummy"), ("PYGAME_HIDE_SUPPORT_PROMPT", "1")):
@@ -91,13 +91,13 @@ def seed_sequence(seeds: list[int]) -> SeedSequence:
 def env_fn(env_cfg, next_seed: Callable[[], int], render_mode: str | None = None) -> Callable[[], gym.Env]:
     """A picklable-enough thunk building one seeded, reset-param-applying env."""
     def thunk() -> gym.Env:
-        base = make_base_env(env_cfg.id, env_cfg.kwargs, render_mode)
+        try:
+            base = make_base_env(env_cfg.id, env_cfg.kwargs, render_mode)
+        except (TypeError, ValueError) as exc:  # the id is unknown or the constructor rejects kwargs
+            raise EnvConfigError(f"cannot build env {env_cfg.id!r} with env.kwargs {env_cfg.kwargs}: "
+                                 f"{type(exc).__name__}: {exc}") from exc
         return LevelSeedWrapper(base, next_seed, env_cfg.reset_params)
     return thunk
-
-
-class EnvConfigError(ValueError):
-    """The envs cannot be built from the config (unknown id, bad constructor arguments, ...)."""
 
 
 def env_groups(env_cfg, device: str | None = None) -> int:
@@ -118,20 +118,6 @@ def make_vector_env(env_cfg, run_seed: int, num_envs: int | None = None, seed_ra
     ``gym_async`` (gymnasium's AsyncVectorEnv, the baseline the benchmark compares with). Env ``i``
     draws its level seeds from the same generator whichever is used. ``device`` (the policy's)
     resolves ``env.groups: 0`` (see :func:`env_groups`)."""
-    try:
-        return _make_vector_env(env_cfg, run_seed, num_envs, seed_range, device)
-    except (TypeError, ValueError) as exc:  # the env constructor rejected the config's id or kwargs
-        raise EnvConfigError(f"cannot build env {env_cfg.id!r} with env.kwargs {env_cfg.kwargs}: "
-                             f"{type(exc).__name__}: {exc}") from exc
-    except Exception as exc:
-        from .pool import EnvWorkerError
-        if isinstance(exc, EnvWorkerError) and exc.during_start and exc.error_type in ("TypeError", "ValueError"):
-            raise EnvConfigError(f"cannot build env {env_cfg.id!r} with env.kwargs {env_cfg.kwargs}: "
-                                 f"{exc.error_type}: {exc.error_message}") from exc
-        raise
-
-
-def _make_vector_env(env_cfg, run_seed: int, num_envs: int | None, seed_range, device: str | None):
     n = env_cfg.num_envs if num_envs is None else num_envs
     rng = env_cfg.train_seeds if seed_range is None else seed_range
     groups = env_groups(env_cfg, device)

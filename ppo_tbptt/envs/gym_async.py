@@ -1,7 +1,7 @@
 """gymnasium's AsyncVectorEnv behind the :class:`VectorEnv` interface: the plain baseline.
 
-One process per env, observations in shared memory, a pickled message per env and step, and
-gymnasium 0.29's same-step autoreset (``final_observation`` / ``final_info``). It exists so that the
+One process per env (started from a forkserver, as the pool's workers), observations in shared
+memory, a pickled message per env and step, and gymnasium 0.29's same-step autoreset (``final_observation`` / ``final_info``). It exists so that the
 benchmark can run the same trainer on it and on the worker pool side by side; it cannot resume
 (its envs cannot be restored individually).
 """
@@ -12,13 +12,19 @@ from typing import Callable, Sequence
 import gymnasium as gym
 import numpy as np
 
-from .vector import StepResult, VectorEnv, episode_stats
+from .vector import StepResult, VectorEnv, deliver_obs, episode_stats
 from .wrappers import EnvStateError
+
+
+def _has_forkserver() -> bool:
+    import multiprocessing as mp
+    return "forkserver" in mp.get_all_start_methods()
 
 
 class GymAsyncVectorEnv(VectorEnv):
     def __init__(self, env_fns: Sequence[Callable[[], gym.Env]]):
-        self.venv = gym.vector.AsyncVectorEnv(list(env_fns), shared_memory=True, copy=True)
+        self.venv = gym.vector.AsyncVectorEnv(list(env_fns), shared_memory=True, copy=True,
+                                              context="forkserver" if _has_forkserver() else None)
         self.num_envs = self.venv.num_envs
         self.single_observation_space = self.venv.single_observation_space
         self.single_action_space = self.venv.single_action_space
@@ -35,7 +41,7 @@ class GymAsyncVectorEnv(VectorEnv):
     def step_async(self, actions: np.ndarray, group: int = 0) -> None:
         self.venv.step_async(actions)
 
-    def step_wait(self, group: int = 0, copy: bool = True) -> StepResult:
+    def step_wait(self, group: int = 0, obs_out: np.ndarray | None = None) -> StepResult:
         obs, rew, term, trunc, infos = self.venv.step_wait()
         self._ret += rew
         self._len += 1
@@ -48,7 +54,7 @@ class GymAsyncVectorEnv(VectorEnv):
                 final_obs[int(i)] = np.asarray(infos["final_observation"][i])
             self._ret[i] = 0
             self._len[i] = 0
-        return StepResult(obs, np.asarray(rew, np.float32), np.asarray(term, bool), np.asarray(trunc, bool),
+        return StepResult(obs if obs_out is None else deliver_obs(obs, obs_out), np.asarray(rew, np.float32), np.asarray(term, bool), np.asarray(trunc, bool),
                           final_obs, episodes)
 
     def get_state(self) -> dict:

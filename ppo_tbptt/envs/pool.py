@@ -3,9 +3,9 @@
 Per step and worker there is one message each way: the learner writes the actions of a group of
 envs into shared memory and sends each of the group's workers one byte; a worker steps its envs,
 writes observations, rewards and done flags straight into shared memory and answers one byte (or,
-when an episode ended, a short pickled list of episode statistics). Envs are split into ``groups``
-of whole workers, so a collector can run the policy for one group while the workers of another
-step (see :class:`ppo_tbptt.rollout.Collector`).
+when an episode ended, a short pickled list of episode statistics). The envs form ``groups``
+exactly as in :class:`SerialVectorEnv`, each served by its own workers, so a collector can run the
+policy for one group while the workers of another step (see :class:`ppo_tbptt.rollout.Collector`).
 
 Env ``i`` draws its level seeds from the same private generator as in :class:`SerialVectorEnv`, so a
 pool and a serial vector env with the same groups produce the same rollouts.
@@ -32,7 +32,7 @@ from multiprocessing import shared_memory
 import gymnasium as gym
 import numpy as np
 
-from .vector import EnvRunner, StepResult, VectorEnv, split_evenly
+from .vector import EnvConfigError, EnvRunner, PendingSteps, StepResult, VectorEnv, deliver_obs, split_evenly
 
 # One-byte message tags. Learner -> worker: STEP, or CMD + pickled (name, *args).
 STEP, CMD = b"s", b"c"
@@ -41,15 +41,7 @@ OK, DATA, ERR = b"k", b"d", b"e"
 
 
 class EnvWorkerError(RuntimeError):
-    """A worker's env raised, or a worker process died; the message names the envs and level seeds.
-
-    ``error_type`` / ``error_message``: the exception raised in the worker (None if it died);
-    ``during_start``: it happened while the worker built its envs."""
-
-    def __init__(self, message: str, error_type: str | None = None, error_message: str | None = None,
-                 during_start: bool = False):
-        super().__init__(message)
-        self.error_type, self.error_message, self.during_start = error_type, error_message, during_start
+    """A worker's env raised, or a worker process died; the message names the envs and level seeds."""
 
 
 def usable_cpus() -> int:
@@ -59,12 +51,25 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def worker_layout(num_envs: int, envs_per_worker: int = 0, workers: int | None = None) -> list[slice]:
-    """Contiguous env slices, one per worker. ``envs_per_worker`` 0: spread over ``workers``
-    processes (default: the usable CPU cores), as evenly as possible."""
-    if envs_per_worker > 0:
-        return [slice(a, min(a + envs_per_worker, num_envs)) for a in range(0, num_envs, envs_per_worker)]
-    return split_evenly(num_envs, workers or usable_cpus())
+def worker_layout(num_envs: int, envs_per_worker: int = 0, groups: int = 1,
+                  workers: int | None = None) -> tuple[list[slice], list[slice], list[list[int]]]:
+    """``(groups, workers, members)``: env groups exactly as :class:`SerialVectorEnv` forms them
+    (so rollouts do not depend on the machine), each group's envs split over worker processes
+    (``envs_per_worker`` each, or, with 0, the ``workers`` processes (default: the usable CPU
+    cores) shared out in proportion to the groups' sizes), and the worker indices of each group."""
+    group_slices = split_evenly(num_envs, groups)
+    total = workers or usable_cpus()
+    layout: list[slice] = []
+    members: list[list[int]] = []
+    for g in group_slices:
+        n = g.stop - g.start
+        if envs_per_worker > 0:
+            parts = [slice(a, min(a + envs_per_worker, n)) for a in range(0, n, envs_per_worker)]
+        else:
+            parts = split_evenly(n, max(1, round(total * n / num_envs)))
+        members.append(list(range(len(layout), len(layout) + len(parts))))
+        layout.extend(slice(g.start + p.start, g.start + p.stop) for p in parts)
+    return group_slices, layout, members
 
 
 def _layout(num_envs: int, obs_space: gym.Space, action_dims: int) -> tuple[dict, int]:
@@ -106,7 +111,13 @@ def _worker_main(index: int, lo: int, hi: int, env_cfg, run_seed: int, seed_rang
         for i in range(lo, hi):
             envs.append(env_fn(env_cfg, seed_stream(seed_range, run_seed, i))())
         conn.send_bytes(DATA + pickle.dumps((envs[0].observation_space, envs[0].action_space)))
-        name, layout = pickle.loads(conn.recv_bytes())
+        msg = conn.recv_bytes()
+        if msg[:1] != CMD:
+            raise ValueError(f"expected the attach command, got {msg[:20]!r}")
+        cmd, *args = pickle.loads(msg[1:])
+        if cmd != "attach":  # closed while starting
+            return
+        name, layout = args
         shm = shared_memory.SharedMemory(name=name)
         arrays = _views(shm.buf, layout)
         runner = EnvRunner(envs, lo, arrays["obs"][lo:hi], arrays["reward"][lo:hi],
@@ -170,11 +181,8 @@ def _shutdown(procs: list, conns: list, shm) -> None:
             p.join(timeout=5)
     for conn in conns:
         conn.close()
-    if shm is not None:
-        try:
-            shm.close()
-        except BufferError:  # a caller still holds a view; the mapping goes when it does
-            pass
+    if shm is not None:  # no view of it escapes the pool (step_wait copies), so unmap it now
+        shm.close()
         try:
             shm.unlink()
         except FileNotFoundError:
@@ -184,8 +192,8 @@ def _shutdown(procs: list, conns: list, shm) -> None:
 class WorkerPoolVectorEnv(VectorEnv):
     """``num_envs`` envs stepped by worker processes (see the module docstring).
 
-    ``envs_per_worker`` 0 spreads the envs over the usable CPU cores; ``groups`` (at most one per
-    worker) splits the workers into that many groups of whole workers. ``start_method``:
+    ``groups`` splits the envs as :class:`SerialVectorEnv` does; ``envs_per_worker`` 0 spreads each
+    group over its share of the usable CPU cores (see :func:`worker_layout`). ``start_method``:
     ``forkserver`` (default on Linux: children start from a clean process, not a copy of a learner
     that holds CUDA and thread pools) or ``spawn``.
     """
@@ -194,14 +202,15 @@ class WorkerPoolVectorEnv(VectorEnv):
                  groups: int = 1, start_method: str | None = None):
         self.env_id = env_cfg.id
         self.num_envs = int(num_envs)
-        self.workers = worker_layout(self.num_envs, envs_per_worker)
+        self.groups, self.workers, self._group_workers = worker_layout(self.num_envs, envs_per_worker, groups)
         if start_method is None:
             start_method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
         ctx = mp.get_context(start_method)
         if start_method == "forkserver":
             ctx.set_forkserver_preload(["ppo_tbptt.envs.pool"])
-        self._procs, self._conns, self._shm = [], [], None
-        self._closed = self._started = False
+        self._procs, self._conns, self._shm, self._arrays = [], [], None, None
+        self._pending = PendingSteps()
+        self._closed = False
         self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._conns, None)
         try:
             for w, sl in enumerate(self.workers):
@@ -220,25 +229,18 @@ class WorkerPoolVectorEnv(VectorEnv):
             self._finalizer.detach()
             self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._conns, self._shm)
             self._arrays = _views(self._shm.buf, layout)
-            for conn in self._conns:
-                conn.send_bytes(pickle.dumps((self._shm.name, layout)))
+            for w in range(len(self.workers)):
+                self._command(w, "attach", self._shm.name, layout)
             for w in range(len(self.workers)):
                 self._recv(w)
-            self._started = True
         except BaseException:
             self.close()
             raise
-        self._obs = self._arrays["obs"]
-        self._actions = self._arrays["actions"]
-        # groups of whole workers: group g steps workers self._group_workers[g]
-        wgroups = split_evenly(len(self.workers), groups)
-        self._group_workers = [list(range(s.start, s.stop)) for s in wgroups]
-        self.groups = [slice(self.workers[s.start].start, self.workers[s.stop - 1].stop) for s in wgroups]
 
     # ---- messaging -----------------------------------------------------------------------------
     def _describe(self, w: int) -> str:
         sl = self.workers[w]
-        seeds = self._arrays["seeds"][sl].tolist() if self._shm is not None else []
+        seeds = self._arrays["seeds"][sl].tolist() if self._arrays is not None else []
         known = [s for s in seeds if s >= 0]
         seed_text = f", level seeds {known}" if known else ""
         return f"{self.env_id} worker {w} (envs {sl.start}..{sl.stop - 1}{seed_text})"
@@ -259,12 +261,17 @@ class WorkerPoolVectorEnv(VectorEnv):
         if tag == DATA:
             return pickle.loads(msg[1:])
         report = pickle.loads(msg[1:])
-        if report["type"] == "EnvStateError":
+        if report["type"] == "EnvStateError":  # a bad checkpoint, not a broken worker
             from .wrappers import EnvStateError
             raise EnvStateError(report["message"])
+        if report["type"] == "EnvConfigError":  # the config names an env that cannot be built
+            raise EnvConfigError(report["message"])
         raise EnvWorkerError(f"{self._describe(w)} failed: {report['type']}: {report['message']}\n"
-                             f"worker traceback:\n{report['traceback']}", report["type"], report["message"],
-                             during_start=not self._started)
+                             f"worker traceback:\n{report['traceback']}")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"the {self.env_id} worker pool is closed")
 
     def _command(self, w: int, name: str, *args) -> None:
         try:
@@ -275,16 +282,19 @@ class WorkerPoolVectorEnv(VectorEnv):
 
     # ---- the VectorEnv interface ---------------------------------------------------------------
     def reset(self) -> np.ndarray:
+        self._check_open()
         for w in range(len(self.workers)):
             self._command(w, "reset")
         for w in range(len(self.workers)):
             self._recv(w)
-        return self._obs.copy()
+        return self._arrays["obs"].copy()
 
     def step_async(self, actions: np.ndarray, group: int = 0) -> None:
         """Write the group's actions ``[n_g]`` or ``[n_g, D]`` to shared memory and wake its workers."""
+        self._check_open()
+        self._pending.start(group)
         sl = self.groups[group]
-        self._actions[sl] = np.asarray(actions).reshape(sl.stop - sl.start, -1)
+        self._arrays["actions"][sl] = np.asarray(actions).reshape(sl.stop - sl.start, -1)
         for w in self._group_workers[group]:
             try:
                 self._conns[w].send_bytes(STEP)
@@ -292,9 +302,10 @@ class WorkerPoolVectorEnv(VectorEnv):
                 self._recv(w)
                 raise
 
-    def step_wait(self, group: int = 0, copy: bool = True) -> StepResult:
-        """Wait for the group's workers. ``copy=False``: ``obs`` is a view of shared memory that the
-        group's next step overwrites."""
+    def step_wait(self, group: int = 0, obs_out: np.ndarray | None = None) -> StepResult:
+        """Wait for the group's workers; ``obs_out`` receives the observations (else a new array)."""
+        self._check_open()
+        self._pending.finish(group)
         final_obs: dict = {}
         episodes: list = []
         for w in self._group_workers[group]:
@@ -304,11 +315,11 @@ class WorkerPoolVectorEnv(VectorEnv):
                 episodes.extend(data[1])
         sl = self.groups[group]
         a = self._arrays
-        obs = a["obs"][sl]
-        return StepResult(obs.copy() if copy else obs, a["reward"][sl].copy(), a["terminated"][sl].copy(),
+        return StepResult(deliver_obs(a["obs"][sl], obs_out), a["reward"][sl].copy(), a["terminated"][sl].copy(),
                           a["truncated"][sl].copy(), final_obs, episodes)
 
     def get_state(self) -> dict:
+        self._check_open()
         for w in range(len(self.workers)):
             self._command(w, "get_state")
         parts = [self._recv(w) for w in range(len(self.workers))]
@@ -317,6 +328,7 @@ class WorkerPoolVectorEnv(VectorEnv):
 
     def set_state(self, state: dict) -> np.ndarray:
         from .wrappers import EnvStateError
+        self._check_open()
         envs = state.get("envs") if isinstance(state, dict) else None
         if not isinstance(envs, list) or len(envs) != self.num_envs:
             got = len(envs) if isinstance(envs, list) else "no"
@@ -325,7 +337,7 @@ class WorkerPoolVectorEnv(VectorEnv):
             self._command(w, "set_state", {"envs": envs[sl], "ret": state["ret"][sl], "len": state["len"][sl]})
         for w in range(len(self.workers)):
             self._recv(w)
-        return self._obs.copy()
+        return self._arrays["obs"].copy()
 
     @property
     def pids(self) -> list[int]:
@@ -335,7 +347,7 @@ class WorkerPoolVectorEnv(VectorEnv):
         if self._closed:
             return
         self._closed = True
-        self._arrays = self._obs = self._actions = None
+        self._arrays = None
         self._finalizer()
 
 

@@ -4,7 +4,8 @@ Every vector env here has the same small interface (:class:`VectorEnv`):
 
 ``reset() -> obs [N, ...]``
 ``step(actions [N, ...]) -> StepResult`` (all envs; the arrays are the caller's)
-``step_async(actions [n_g, ...], group)`` and ``step_wait(group, copy) -> StepResult`` (one group)
+``step_async(actions [n_g, ...], group)`` and ``step_wait(group, obs_out) -> StepResult`` (one
+group; ``obs_out [n_g, ...]``, if given, receives the observations: one copy, no view escapes)
 ``groups``: contiguous env slices that can be stepped independently; a collector that alternates
 between them overlaps the policy's work for one group with the envs' stepping of another
 ``get_state() -> plain data`` and ``set_state(state) -> obs [N, ...]`` (for bit-exact resume)
@@ -30,6 +31,10 @@ TASK_STAT_KEYS = ("commands_completed", "num_fails")
 
 class EnvError(RuntimeError):
     """An env raised while stepping or resetting; the message names the env index and level seed."""
+
+
+class EnvConfigError(ValueError):
+    """The env cannot be built from the config (unknown id, constructor arguments it rejects)."""
 
 
 @dataclasses.dataclass
@@ -182,16 +187,42 @@ class VectorEnv:
     groups: list[slice]
 
     def step(self, actions: np.ndarray) -> StepResult:
-        """Step every env (all groups) and return copies the caller may keep."""
+        """Step every env (all groups) and return arrays the caller owns."""
         for g, sl in enumerate(self.groups):
             self.step_async(actions[sl], g)
-        return StepResult.concat([self.step_wait(g, copy=True) for g in range(len(self.groups))])
+        return StepResult.concat([self.step_wait(g) for g in range(len(self.groups))])
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def deliver_obs(obs: np.ndarray, obs_out: np.ndarray | None) -> np.ndarray:
+    """``obs`` copied into ``obs_out`` (returned), or into a new array if there is none."""
+    if obs_out is None:
+        return obs.copy()
+    np.copyto(obs_out, obs)
+    return obs_out
+
+
+class PendingSteps:
+    """Which groups have actions in flight: step_async twice, or step_wait without step_async,
+    is a caller's bug that would silently step envs with stale or overwritten actions."""
+
+    def __init__(self):
+        self.groups: set[int] = set()
+
+    def start(self, group: int) -> None:
+        if group in self.groups:
+            raise RuntimeError(f"step_async for group {group} while its previous step is still pending")
+        self.groups.add(group)
+
+    def finish(self, group: int) -> None:
+        if group not in self.groups:
+            raise RuntimeError(f"step_wait for group {group} without a step_async")
+        self.groups.discard(group)
 
 
 def env_actions(actions: np.ndarray) -> np.ndarray:
@@ -222,7 +253,8 @@ class SerialVectorEnv(VectorEnv):
         self._seeds = np.full(n, -1, np.int64)
         self.runner = EnvRunner(envs, 0, self._obs, self._rew, self._term, self._trunc, self._seeds)
         self.groups = split_evenly(n, groups)
-        self._pending: dict[int, np.ndarray] = {}
+        self._actions: dict[int, np.ndarray] = {}
+        self._pending = PendingSteps()
 
     @property
     def envs(self) -> list:
@@ -233,14 +265,15 @@ class SerialVectorEnv(VectorEnv):
         return self._obs.copy()
 
     def step_async(self, actions: np.ndarray, group: int = 0) -> None:
-        self._pending[group] = np.asarray(actions)
+        self._pending.start(group)
+        self._actions[group] = np.asarray(actions)
 
-    def step_wait(self, group: int = 0, copy: bool = True) -> StepResult:
-        """Run the group's step. ``copy=False`` returns views that the next step overwrites."""
+    def step_wait(self, group: int = 0, obs_out: np.ndarray | None = None) -> StepResult:
+        """Run the group's step (envs step here, one after another)."""
+        self._pending.finish(group)
         sl = self.groups[group]
-        final_obs, episodes = self.runner.step(self._pending.pop(group), sl.start, sl.stop)
-        obs = self._obs[sl]
-        return StepResult(obs.copy() if copy else obs, self._rew[sl].copy(), self._term[sl].copy(),
+        final_obs, episodes = self.runner.step(self._actions.pop(group), sl.start, sl.stop)
+        return StepResult(deliver_obs(self._obs[sl], obs_out), self._rew[sl].copy(), self._term[sl].copy(),
                           self._trunc[sl].copy(), final_obs, episodes)
 
     def get_state(self) -> dict:
