@@ -164,10 +164,11 @@ class RecurrentActorCritic(nn.Module):
         if valid is None:
             x = obs.reshape(b * l, *self.obs_shape).float() * self.obs_scale  # [B*L, ...]
             return self.encoder(x).reshape(b, l, -1)  # [B, L, width]
-        feats = self.encoder(obs[valid].float() * self.obs_scale)  # [V, width], V real positions
-        out = feats.new_zeros(b, l, feats.shape[-1])  # [B, L, width]
-        out[valid] = feats
-        return out
+        idx = valid.reshape(b * l).nonzero().squeeze(1)  # [V] flat real positions (one host sync)
+        x = obs.reshape(b * l, *self.obs_shape)[idx].float() * self.obs_scale  # [V, ...]
+        feats = self.encoder(x)  # [V, width]
+        out = feats.new_zeros(b * l, feats.shape[-1]).index_copy(0, idx, feats)  # [B*L, width]
+        return out.reshape(b, l, -1)  # [B, L, width]
 
     def heads(self, core_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``core_out [..., H]`` -> ``logits [..., sum(nvec)]``, ``values [...]``."""
