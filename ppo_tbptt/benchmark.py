@@ -50,13 +50,13 @@ def machine_description(device: torch.device) -> str:
 
 # ---- (1) env-only ceiling ------------------------------------------------------------------------
 def _env_only_worker(env_cfg, index: int, seconds: float, start, out) -> None:
-    """One env in this process, random actions for ``seconds`` after ``start`` is set."""
+    """One env in this process, random actions for ``seconds`` once every process is ready."""
     from .envs import env_fn, seed_stream
     env = env_fn(env_cfg, seed_stream(env_cfg.train_seeds, 12345, index))()
     env.reset()
     env.action_space.seed(index)
     actions = [env.action_space.sample() for _ in range(4096)]
-    start.wait()
+    start.wait()  # a barrier: all processes start their clocks together
     steps, t0 = 0, time.perf_counter()
     while True:
         for _ in range(64):
@@ -73,17 +73,17 @@ def _env_only_worker(env_cfg, index: int, seconds: float, start, out) -> None:
 
 def env_only_ceiling(env_cfg, seconds: float, processes: int) -> dict:
     ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-    start, out = ctx.Event(), ctx.Queue()
+    start, out = ctx.Barrier(processes + 1), ctx.Queue()
     procs = [ctx.Process(target=_env_only_worker, args=(env_cfg, i, seconds, start, out), daemon=True)
              for i in range(processes)]
     for p in procs:
         p.start()
-    time.sleep(0.5)  # let them build their envs; the clock starts at the event
-    start.set()
+    start.wait(timeout=300)
     results = [out.get(timeout=seconds + 120) for _ in procs]
     for p in procs:
         p.join(timeout=10)
-    return {"steps_per_second": float(sum(s / e for s, e in results)), "processes": processes,
+    steps, elapsed = int(sum(s for s, _ in results)), float(max(e for _, e in results))
+    return {"steps_per_second": steps / elapsed, "processes": processes, "steps": steps, "seconds": elapsed,
             "per_process": [s / e for s, e in results]}
 
 
@@ -103,7 +103,8 @@ def async_env_only(env_cfg, seconds: float) -> dict:
             venv.step(acts[i % 256])
             steps += venv.num_envs
             i += 1
-        return {"steps_per_second": steps / (time.perf_counter() - t0)}
+        elapsed = time.perf_counter() - t0
+        return {"steps_per_second": steps / elapsed, "steps": steps, "seconds": elapsed}
     finally:
         venv.close()
 
@@ -127,7 +128,7 @@ def collection(cfg: Config, device: torch.device, seconds: float) -> dict:
             steps += cfg.ppo.rollout_steps * envs.num_envs
             rollouts += 1
         elapsed = time.perf_counter() - t0
-        return {"steps_per_second": steps / elapsed, "rollouts": rollouts,
+        return {"steps_per_second": steps / elapsed, "steps": steps, "seconds": elapsed, "rollouts": rollouts,
                 "env_wait_fraction": (col.wait_seconds - wait0) / elapsed}
     finally:
         envs.close()
@@ -151,7 +152,8 @@ def end_to_end(cfg: Config, device: torch.device, seconds: float) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             elapsed = time.perf_counter() - t0
-            return {"steps_per_second": (trainer.global_step - steps0) / elapsed, "updates": updates,
+            steps = trainer.global_step - steps0
+            return {"steps_per_second": steps / elapsed, "steps": steps, "seconds": elapsed, "updates": updates,
                     "collect_seconds_per_update": collect / updates, "update_seconds_per_update": update / updates}
         finally:
             trainer.close()
@@ -163,13 +165,15 @@ def describe_vector(cfg: Config, device: torch.device) -> str:
     groups = env_groups(e, device.type)
     if e.vector == "pool":
         from .envs.pool import worker_layout
-        workers = worker_layout(e.num_envs, e.envs_per_worker)
+        _, workers, _ = worker_layout(e.num_envs, e.envs_per_worker, groups)
         sizes = sorted({s.stop - s.start for s in workers})
-        groups = min(groups, len(workers))
         return f"pool: {len(workers)} workers x {'/'.join(map(str, sizes))} envs, {groups} group(s)"
     if e.vector == "gym_async":
         return "gymnasium AsyncVectorEnv"
     return f"serial, {groups} group(s)"
+
+
+MEASUREMENTS = ("env_only", "async_env_only", "collect", "async_collect", "train", "async_train")
 
 
 def run_benchmark(cfg: Config, device: torch.device, seconds: float, baselines: bool = True,
@@ -263,6 +267,11 @@ def main(argv=None) -> int:
     if cfg.run.torch_threads > 0:
         torch.set_num_threads(cfg.run.torch_threads)
     only = {s.strip() for s in args.only.split(",") if s.strip()}
+    unknown = only - set(MEASUREMENTS)
+    if unknown:
+        print(f"error: --only: unknown {', '.join(sorted(unknown))} (known: {', '.join(MEASUREMENTS)})",
+              file=sys.stderr)
+        return 2
     print(f"benchmark: {args.config}, {args.seconds:g} s per measurement", file=sys.stderr, flush=True)
     report = run_benchmark(cfg, device, args.seconds, baselines=not args.no_baselines, only=only or None)
     print(format_table(report))

@@ -18,14 +18,24 @@ def test_benchmark_reports_every_row(tmp_path):
     report = json.loads(out.read_text())
     res = report["results"]
     assert list(res) == ["env_only", "async_env_only", "collect", "async_collect", "train", "async_train"]
-    assert all(v["steps_per_second"] > 0 for v in res.values())
-    assert res["train"]["updates"] >= 1 and res["collect"]["rollouts"] >= 1
+    for v in res.values():  # the rate is what was counted over the time it took
+        assert v["steps"] > 0 and v["seconds"] > 0 and v["steps_per_second"] == v["steps"] / v["seconds"]
+    for key in ("collect", "async_collect"):  # whole rollouts of T x N steps after the warm-up
+        assert res[key]["steps"] == res[key]["rollouts"] * 16 * 4
+    for key in ("train", "async_train"):
+        assert res[key]["steps"] == res[key]["updates"] * 64 and res[key]["seconds"] >= 0.3
     assert report["config"]["batch"] == 64 and "pool: " in report["config"]["vector"]
     base = res["env_only"]["steps_per_second"]
     table = r.stdout
     assert "| measurement | envs | steps/s | ratio to env-only |" in table
     for v in res.values():  # every row printed with its ratio to the env-only ceiling
         assert f"| {v['steps_per_second']:,.0f} | {v['steps_per_second'] / base:.2f} |" in table
+
+
+def test_benchmark_unknown_measurement_exit_2():
+    r = subprocess.run([sys.executable, "-m", "ppo_tbptt.benchmark", "--config", "cue_recall", "--only", "train,fly"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 2 and "unknown fly" in r.stderr
 
 
 def test_benchmark_bad_input_exit_2():
