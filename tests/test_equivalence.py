@@ -43,6 +43,11 @@ def test_stepping_equals_sequence_forward(core, seq_len):
     m = b.mask.bool()
     torch.testing.assert_close(logp[m], b.logprobs[m], atol=1e-5, rtol=0)
     torch.testing.assert_close(values[m], b.values[m], atol=1e-5, rtol=0)
+    # sequences that begin an episode start from a zero state; the others from a stored, non-zero one
+    starts = rollout.episode_start.flatten()[b.index[:, 0]]  # [S]
+    assert starts.any() and (~starts).any()
+    for h in b.init_state.tensors():  # [K, S, H]
+        assert torch.all(h[:, starts] == 0) and torch.all(h[:, ~starts].abs().sum(dim=(0, 2)) > 0)
 
 
 def test_stepping_equals_sequence_forward_memorygym_cnn():
