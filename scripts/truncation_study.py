@@ -5,9 +5,10 @@ setting and seed for a fixed step budget, and reports the success rate at the en
 (mean of ``charts/success`` over the last ``--tail`` updates: the sampling policy, on the training
 levels). Writes ``results.jsonl`` (one line per run), ``table.md`` and ``truncation_study.png``.
 
-    python scripts/truncation_study.py                     # defaults (50 runs): about 11 minutes on 2 CPU cores
+    python scripts/truncation_study.py --jobs 2            # defaults (80 runs): about 5 minutes on 2 CPU cores
     python scripts/truncation_study.py --seeds 1 --steps 20000 --out runs/study_smoke
     python scripts/truncation_study.py --only fixed,random --jobs 2
+    python scripts/truncation_study.py --replot --out runs/truncation_study   # redraw from results.jsonl
 
 Each setting is a list of ``--set``-style overrides on ``configs/cue_recall.yaml``.
 """
@@ -116,7 +117,7 @@ def plot(results: list[dict], args, path: Path) -> bool:
     except ImportError:
         print("matplotlib not installed (pip install 'ppo_tbptt[plot]'): skipping the figure")
         return False
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    fig, ax = plt.subplots(figsize=(7.6, 4.0), dpi=110)
     fams = ["fixed", "overlap", "overlap (burn-in)", "random", "adaptive"]
     marker = {"fixed": "o-", "overlap": "s-", "overlap (burn-in)": "x", "random": "^-", "adaptive": "*"}
     for fam in fams:
@@ -140,7 +141,7 @@ def plot(results: list[dict], args, path: Path) -> bool:
     ax.set_ylim(-0.03, 1.03)
     ax.set_xlim(0, None)
     ax.set_title(f"CueRecall, delay {args.delay}: {args.seeds} seed(s) per setting", fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -158,11 +159,27 @@ def main(argv=None) -> int:
     p.add_argument("--only", default="", help="comma-separated families to run (fixed,overlap,random,adaptive)")
     p.add_argument("--jobs", type=int, default=1, help="parallel worker processes (one thread each)")
     p.add_argument("--out", default="runs/truncation_study", help="output folder")
+    p.add_argument("--replot", action="store_true",
+                   help="train nothing: redraw table.md and the figure from --out's results.jsonl")
     args = p.parse_args(argv)
     if args.seeds < 1 or args.steps < 1 or args.jobs < 1 or args.delay < 0 or args.num_cues < 2:
         p.error("--seeds, --steps and --jobs must be >= 1, --delay >= 0, --num-cues >= 2")
 
     out = Path(args.out)
+    if args.replot:
+        path = out / "results.jsonl"
+        if not path.is_file():
+            p.error(f"--replot: no {path}")
+        results = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        args.seeds = len({r["seed"] for r in results})
+        args.seed0 = min(r["seed"] for r in results)
+        args.steps = results[0]["steps"]
+        md = table(results, args)
+        (out / "table.md").write_text(md)
+        print(md)
+        if plot(results, args, out / "truncation_study.png"):
+            print(f"figure: {out / 'truncation_study.png'}")
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     only = {f.strip() for f in args.only.split(",") if f.strip()}
     chosen = [s for s in settings(args.delay) if not only or s["family"].split(" ")[0] in only]
