@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import Config, ConfigError, load
+from .config import Config
 
 
 def machine_description(device: torch.device) -> str:
@@ -253,15 +253,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     overrides = list(args.overrides) + ([f"run.device={args.device}"] if args.device else [])
+    from .train import config_and_device
     try:
-        cfg = load(args.config, overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    from .utils import resolve_device
-    try:
-        device = resolve_device(cfg.run.device)
-    except ValueError as exc:
+        cfg, device = config_and_device(args.config, overrides)
+    except ValueError as exc:  # ConfigError, or cuda asked for where there is none
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if cfg.run.torch_threads > 0:

@@ -35,6 +35,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def config_and_device(config: str, overrides: list[str]):
+    """A command line's config (with ``--set`` overrides) and its resolved ``run.device``; raises
+    ValueError (ConfigError is one) with the message to print."""
+    from .utils import resolve_device
+    cfg = load(config, overrides)
+    return cfg, resolve_device(cfg.run.device)
+
+
 def make_run_dir(out_dir: str, run_name: str | None, default_prefix: str, seed: int) -> Path:
     root = Path(out_dir)
     if run_name:
@@ -93,14 +101,8 @@ def main(argv=None) -> int:
     if args.resume:
         return resume(args, overrides)
     try:
-        cfg = load(args.config, overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    from .utils import resolve_device
-    try:
-        device = resolve_device(cfg.run.device)
-    except ValueError as exc:
+        cfg, device = config_and_device(args.config, overrides)
+    except ValueError as exc:  # ConfigError, or cuda asked for where there is none
         print(f"error: {exc}", file=sys.stderr)
         return 2
     prefix = cfg.run.name or resolve_path(args.config).stem
