@@ -32,7 +32,7 @@ from multiprocessing import shared_memory
 import gymnasium as gym
 import numpy as np
 
-from .vector import EnvConfigError, EnvRunner, PendingSteps, StepResult, VectorEnv, deliver_obs, split_evenly
+from .vector import EnvConfigError, EnvRunner, PendingSteps, StepResult, VectorEnv, deliver_obs, env_states, split_evenly
 
 # One-byte message tags. Learner -> worker: STEP, or CMD + pickled (name, *args).
 STEP, CMD = b"s", b"c"
@@ -327,12 +327,8 @@ class WorkerPoolVectorEnv(VectorEnv):
                 "len": [x for p in parts for x in p["len"]]}
 
     def set_state(self, state: dict) -> np.ndarray:
-        from .wrappers import EnvStateError
         self._check_open()
-        envs = state.get("envs") if isinstance(state, dict) else None
-        if not isinstance(envs, list) or len(envs) != self.num_envs:
-            got = len(envs) if isinstance(envs, list) else "no"
-            raise EnvStateError(f"vector env state holds {got} env states, but there are {self.num_envs} envs")
+        envs = env_states(state, self.num_envs)
         for w, sl in enumerate(self.workers):
             self._command(w, "set_state", {"envs": envs[sl], "ret": state["ret"][sl], "len": state["len"][sl]})
         for w in range(len(self.workers)):

@@ -86,6 +86,17 @@ def split_evenly(n: int, parts: int) -> list[slice]:
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def env_states(state, num_envs: int) -> list:
+    """The per-env states of a vector env state (``get_state()``'s ``envs`` list), checked to hold
+    one per env; raises EnvStateError otherwise."""
+    from .wrappers import EnvStateError
+    envs = state.get("envs") if isinstance(state, dict) else None
+    if not isinstance(envs, list) or len(envs) != num_envs:
+        got = len(envs) if isinstance(envs, list) else "no"
+        raise EnvStateError(f"vector env state holds {got} env states, but there are {num_envs} envs")
+    return envs
+
+
 class EnvRunner:
     """Steps a list of envs into caller-provided arrays, with same-step autoreset and statistics.
 
@@ -158,11 +169,7 @@ class EnvRunner:
 
     def set_state(self, state: dict) -> None:
         """Restore :meth:`get_state`'s data (raises EnvStateError if it does not fit these envs)."""
-        from .wrappers import EnvStateError
-        envs = state.get("envs") if isinstance(state, dict) else None
-        if not isinstance(envs, list) or len(envs) != len(self.envs):
-            got = len(envs) if isinstance(envs, list) else "no"
-            raise EnvStateError(f"vector env state holds {got} env states, but there are {len(self.envs)} envs")
+        envs = env_states(state, len(self.envs))
         for i, (env, st) in enumerate(zip(self.envs, envs)):
             obs = env.set_state(st)
             if obs is None:
