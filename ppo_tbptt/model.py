@@ -9,7 +9,6 @@ import gymnasium as gym
 import numpy as np
 import torch
 from torch import nn
-from torch.distributions import Categorical
 
 
 @dataclasses.dataclass
@@ -83,24 +82,48 @@ class MLPEncoder(nn.Module):
 
 
 class ActionDist:
-    """A product of categoricals (Discrete: one, MultiDiscrete: one per dimension)."""
+    """A product of categoricals (Discrete: one, MultiDiscrete: one per dimension).
+
+    The arithmetic is ``torch.distributions.Categorical``'s, step for step (same normalisation,
+    same ``multinomial`` draw, so the same samples for the same RNG state), without its per-call
+    object and argument-checking cost, which the collector pays at every step."""
 
     def __init__(self, logits: torch.Tensor, nvec: Sequence[int]):
         self.nvec = list(nvec)
-        self.dists = [Categorical(logits=lg) for lg in torch.split(logits, self.nvec, dim=-1)]
+        parts = torch.split(logits, self.nvec, dim=-1) if len(self.nvec) > 1 else (logits,)
+        self.log_probs = [lg - lg.logsumexp(-1, keepdim=True) for lg in parts]  # normalised logits
+        self._probs: list[torch.Tensor] | None = None
+
+    @property
+    def probs(self) -> list[torch.Tensor]:
+        if self._probs is None:
+            self._probs = [torch.softmax(lp, -1) for lp in self.log_probs]
+        return self._probs
 
     def sample(self) -> torch.Tensor:
-        return torch.stack([d.sample() for d in self.dists], dim=-1)  # [..., D]
+        out = []
+        for p in self.probs:
+            flat = torch.multinomial(p.reshape(-1, p.shape[-1]), 1, True)  # [B, 1]
+            out.append(flat.reshape(p.shape[:-1]))
+        return torch.stack(out, dim=-1)  # [..., D]
 
     def mode(self) -> torch.Tensor:
-        return torch.stack([d.logits.argmax(-1) for d in self.dists], dim=-1)
+        return torch.stack([lp.argmax(-1) for lp in self.log_probs], dim=-1)
 
     def log_prob(self, actions: torch.Tensor) -> torch.Tensor:
         """``actions [..., D]`` -> ``[...]`` summed over dimensions."""
-        return sum(d.log_prob(actions[..., i]) for i, d in enumerate(self.dists))
+        return sum(lp.gather(-1, actions[..., i:i + 1]).squeeze(-1) for i, lp in enumerate(self.log_probs))
 
     def entropy(self) -> torch.Tensor:
-        return sum(d.entropy() for d in self.dists)
+        return sum(-(lp.clamp(min=torch.finfo(lp.dtype).min) * p).sum(-1)
+                   for lp, p in zip(self.log_probs, self.probs))
+
+    def kl(self, other: "ActionDist") -> torch.Tensor:
+        """KL(self || other), summed over dimensions."""
+        total = 0
+        for lp, p, lq in zip(self.log_probs, self.probs, other.log_probs):
+            total = total + torch.where(p > 0, p * (lp - lq), torch.zeros_like(p)).sum(-1)
+        return total
 
 
 def action_nvec(space: gym.Space) -> list[int]:

@@ -27,7 +27,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch.distributions import kl_divergence
 
 from .config import Config
 from .model import RecurrentActorCritic, RecurrentState
@@ -248,8 +247,7 @@ def staleness_kl(model: RecurrentActorCritic, obs: torch.Tensor, stored: Recurre
     """
     new_logits = model(obs, refreshed)[0][:, 0]  # [S, A]
     old_logits = model(obs, stored)[0][:, 0]
-    new, old = model.dist(new_logits), model.dist(old_logits)
-    kl = sum(kl_divergence(p, q) for p, q in zip(new.dists, old.dists))  # [S]
+    kl = model.dist(new_logits).kl(model.dist(old_logits))  # [S]
     return float(kl.mean())
 
 

@@ -1,0 +1,52 @@
+"""The action distribution: torch.distributions.Categorical's results, bit for bit."""
+import pytest
+import torch
+from torch.distributions import Categorical, kl_divergence
+
+from ppo_tbptt.model import ActionDist
+
+
+@pytest.mark.parametrize("nvec", [[4], [3, 3], [5, 2, 3]])
+@pytest.mark.parametrize("shape", [(7,), (3, 6)])
+def test_action_dist_matches_categorical_exactly(nvec, shape):
+    gen = torch.Generator().manual_seed(sum(nvec) * 100 + len(shape))
+    logits = torch.randn(*shape, sum(nvec), generator=gen) * 3
+    logits[..., 0] = -1e30  # a near-impossible action: entropy and KL must stay finite
+    ref = [Categorical(logits=lg) for lg in torch.split(logits, nvec, dim=-1)]
+    ours = ActionDist(logits, nvec)
+
+    torch.manual_seed(5)
+    expected = torch.stack([d.sample() for d in ref], dim=-1)
+    torch.manual_seed(5)
+    actions = ours.sample()
+    assert actions.shape == (*shape, len(nvec)) and actions.dtype == torch.int64
+    assert torch.equal(actions, expected)  # same draws from the same RNG state
+
+    assert torch.equal(ours.log_prob(actions), sum(d.log_prob(actions[..., i]) for i, d in enumerate(ref)))
+    assert torch.equal(ours.entropy(), sum(d.entropy() for d in ref))
+    assert torch.equal(ours.mode(), torch.stack([d.logits.argmax(-1) for d in ref], dim=-1))
+    assert torch.isfinite(ours.entropy()).all()
+
+    other_logits = torch.randn(*shape, sum(nvec), generator=gen)
+    other = [Categorical(logits=lg) for lg in torch.split(other_logits, nvec, dim=-1)]
+    expected_kl = sum(kl_divergence(p, q) for p, q in zip(ref, other))
+    torch.testing.assert_close(ours.kl(ActionDist(other_logits, nvec)), expected_kl, rtol=1e-6, atol=1e-6)
+    assert torch.isfinite(ours.kl(ActionDist(other_logits, nvec))).all()
+
+
+def test_action_dist_gradients_match_categorical():
+    nvec = [3, 2]
+    base = torch.randn(4, 5, generator=torch.Generator().manual_seed(0))
+    actions = torch.tensor([[0, 1], [2, 0], [1, 1], [2, 1]])
+    grads = []
+    for use_ref in (True, False):
+        logits = base.clone().requires_grad_(True)
+        if use_ref:
+            ds = [Categorical(logits=lg) for lg in torch.split(logits, nvec, dim=-1)]
+            out = sum(d.log_prob(actions[:, i]) for i, d in enumerate(ds)).sum() + 0.1 * sum(d.entropy() for d in ds).sum()
+        else:
+            d = ActionDist(logits, nvec)
+            out = d.log_prob(actions).sum() + 0.1 * d.entropy().sum()
+        out.backward()
+        grads.append(logits.grad)
+    assert torch.equal(grads[0], grads[1])
