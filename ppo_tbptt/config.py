@@ -190,6 +190,10 @@ class RunConfig:
     """Evaluate on held-out ``env.eval_seeds`` every this many env steps (<= 0: never)."""
     eval_episodes: int = 32
     """Episodes per periodic evaluation (one level seed each, the first seeds of ``env.eval_seeds``)."""
+    max_seconds: float = 0.0
+    """Wall-clock budget of one training process: after the update that reaches it, save a
+    checkpoint and stop (``--resume`` continues; each resumed process has the budget again).
+    <= 0: no limit."""
 
 
 @dataclass(frozen=True)

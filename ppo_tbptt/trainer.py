@@ -115,6 +115,7 @@ class Trainer:
         self.best_eval: float | None = None
         self.evaluator = None
         self._stop_signal: int | None = None
+        self.time_limited = False  # train() stopped at run.max_seconds
         if resume is not None:
             self.load_state_dict(resume)
         self.writer = MetricsWriter(self.run_dir, resume_step=self.global_step if resume else None) if log else None
@@ -308,13 +309,16 @@ class Trainer:
         return self._stop_signal
 
     def train(self, handle_signals: bool = True) -> dict:
-        """Train to ``run.total_steps``. SIGINT/SIGTERM (when ``handle_signals`` and in the main
+        """Train to ``run.total_steps``, or until ``run.max_seconds`` have passed (then
+        ``time_limited`` is true; a checkpoint is saved either way). SIGINT/SIGTERM (when ``handle_signals`` and in the main
         thread): finish the update, save a checkpoint, close the envs, return (see ``interrupted``);
         a second signal raises KeyboardInterrupt at once (the envs are still closed)."""
         cfg = self.cfg
         start, start_step, elapsed0 = time.time(), self.global_step, self.elapsed
         next_ckpt = next_multiple(self.global_step, cfg.run.checkpoint_every)
         next_eval = next_multiple(self.global_step, cfg.run.eval_every)
+        limit = cfg.run.max_seconds
+        self.time_limited = False
         scalars: dict = {}
         old_handlers = {}
         if handle_signals and threading.current_thread() is threading.main_thread():
@@ -346,11 +350,18 @@ class Trainer:
                 if next_ckpt is not None and self.global_step >= next_ckpt:
                     path = self.save_checkpoint()
                     next_ckpt = next_multiple(self.global_step, cfg.run.checkpoint_every)
+                if limit > 0 and time.time() - start >= limit and self.global_step < cfg.run.total_steps:
+                    self.time_limited = True
+                    break
             if path is None or path.stem != f"step_{self.global_step:012d}":
                 path = self.save_checkpoint()
             if not self.quiet:
                 if self._stop_signal is not None:
                     console(f"interrupted at {self.global_step:,} steps; checkpoint {path}\n"
+                            f"resume with: python -m ppo_tbptt.train --resume {self.run_dir}")
+                elif self.time_limited:
+                    console(f"time limit run.max_seconds={limit:g} reached at {self.global_step:,} of "
+                            f"{cfg.run.total_steps:,} steps; checkpoint {path}\n"
                             f"resume with: python -m ppo_tbptt.train --resume {self.run_dir}")
                 else:
                     console(f"done: {self.global_step:,} steps in {time.time() - start:.1f}s; checkpoint {path}")

@@ -239,3 +239,22 @@ def test_train_cli_needs_config_or_resume(capsys):
     assert exc.value.code == 2
     with pytest.raises(SystemExit):
         train_cli.main(["--config", "cue_recall", "--resume", "runs/x"])
+
+
+def test_time_limit_saves_a_checkpoint_and_resume_finishes_the_same_run(tmp_path, capsys):
+    """run.max_seconds stops after the update that reaches it, with a checkpoint; each resumed
+    process has the budget again; the pieces log exactly what one uninterrupted run logs."""
+    train_tiny(tmp_path / "full", "run.total_steps=256")
+    run = tmp_path / "part"
+    part = train_tiny(run, "run.total_steps=256", "run.max_seconds=1e-9")  # any update exceeds it
+    assert part.time_limited and part.global_step == 64
+    assert ckpt.latest_checkpoint(run).name == f"step_{64:012d}.pt"
+    assert train_cli.main(["--resume", str(run)]) == 0  # the budget holds again: one more update
+    out = capsys.readouterr().out
+    assert "time limit run.max_seconds=1e-09 reached at 128 of 256 steps" in out and "--resume" in out
+    assert train_cli.main(["--resume", str(run), "--set", "run.max_seconds=0"]) == 0  # no limit
+    assert "done: 256 steps" in capsys.readouterr().out
+    assert metric_rows(run) == metric_rows(tmp_path / "full")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    elapsed = [r["time/elapsed_seconds"] for r in rows]
+    assert elapsed == sorted(elapsed) and len(elapsed) == 4  # summed over the three processes
