@@ -69,6 +69,22 @@ class MetricsWriter:
         self._jsonl.close()
 
 
+def read_metrics(run: Path) -> list[dict]:
+    """The rows of ``run/metrics.jsonl`` (a torn last line is skipped). ValueError if none."""
+    path = Path(run) / "metrics.jsonl" if Path(run).is_dir() else Path(run)
+    if not path.is_file():
+        raise ValueError(f"{run}: no metrics.jsonl (expected a run folder or a metrics.jsonl file)")
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
 def truncate_jsonl(path: Path, max_step: int) -> int:
     """Keep only the rows of ``metrics.jsonl`` with ``global_step <= max_step`` (and drop a torn last
     line); rewritten atomically. Returns the number of rows dropped."""

@@ -12,32 +12,17 @@ stamps). Needs matplotlib: ``pip install 'ppo_tbptt[plot]'``. Exit code 2 on bad
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from ppo_tbptt.logger import read_metrics  # noqa: F401  (also used by the tests)
+
 PANELS = [  # (row, train tag, eval tag, y label)
     (0, "charts/success", "eval/success", "success rate"),
     (1, "charts/episodic_return", "eval/return", "episodic return"),
 ]
-
-
-def read_metrics(run: Path) -> list[dict]:
-    """The rows of ``run/metrics.jsonl`` (a torn last line is skipped). ValueError if none."""
-    path = Path(run) / "metrics.jsonl" if Path(run).is_dir() else Path(run)
-    if not path.is_file():
-        raise ValueError(f"{run}: no metrics.jsonl (expected a run folder or a metrics.jsonl file)")
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    if not rows:
-        raise ValueError(f"{path}: no rows")
-    return rows
 
 
 def series(rows: list[dict], tag: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
