@@ -4,7 +4,8 @@ Throughput, measured side by side in one run on this machine:
 
 1. the env-only ceiling: one env per process on every usable core, random actions, no IPC;
 2. gymnasium's AsyncVectorEnv alone (random actions, the config's number of envs);
-3. collection with the policy, no learning (the config's vector env, and AsyncVectorEnv);
+3. collection with the policy, no learning (the config's vector env, and AsyncVectorEnv), and the
+   policy side's own ceiling: the same collector with envs that return at once;
 4. end-to-end training (the config's vector env, and AsyncVectorEnv).
 
 Prints a table of steps/s and each one's ratio to (1); ``--json`` writes the same figures. The
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 from .config import Config
+from .envs.vector import PendingSteps, StepResult, deliver_obs, split_evenly
 
 
 def machine_description(device: torch.device) -> str:
@@ -110,13 +112,50 @@ def async_env_only(env_cfg, seconds: float) -> dict:
 
 
 # ---- (3) collection, (4) end-to-end -------------------------------------------------------------
-def collection(cfg: Config, device: torch.device, seconds: float) -> dict:
+class InstantVectorEnv:
+    """A vector env whose steps cost nothing: every step returns one real observation of the
+    config's env again, reward 0, no episode end. Collecting from it measures the policy side
+    alone (inference, buffer writes, transfers, the collector's bookkeeping), in the same groups
+    the config's vector env would form."""
+
+    def __init__(self, env_cfg, device_type: str):
+        from .envs import env_fn, env_groups, seed_stream
+        env = env_fn(env_cfg, seed_stream(env_cfg.train_seeds, 0, 0))()
+        try:
+            self.single_observation_space = env.observation_space
+            self.single_action_space = env.action_space
+            first, _ = env.reset()
+        finally:
+            env.close()
+        self.num_envs = env_cfg.num_envs
+        self.groups = split_evenly(self.num_envs, env_groups(env_cfg, device_type))
+        self._obs = np.broadcast_to(np.asarray(first), (self.num_envs, *np.shape(first)))
+        self._pending = PendingSteps()
+
+    def reset(self) -> np.ndarray:
+        return self._obs.copy()
+
+    def step_async(self, actions, group: int = 0) -> None:
+        self._pending.start(group)
+
+    def step_wait(self, group: int = 0, obs_out: np.ndarray | None = None):
+        self._pending.finish(group)
+        sl = self.groups[group]
+        n = sl.stop - sl.start
+        return StepResult(deliver_obs(self._obs[sl], obs_out), np.zeros(n, np.float32), np.zeros(n, bool),
+                            np.zeros(n, bool), {}, [])
+
+    def close(self) -> None:
+        pass
+
+
+def collection(cfg: Config, device: torch.device, seconds: float, instant: bool = False) -> dict:
     from .envs import make_vector_env
     from .model import build_model
     from .rollout import Collector
     from .utils import seed_everything
     seed_everything(cfg.run.seed)
-    envs = make_vector_env(cfg.env, cfg.run.seed, device=device.type)
+    envs = InstantVectorEnv(cfg.env, device.type) if instant else make_vector_env(cfg.env, cfg.run.seed, device=device.type)
     try:
         model = build_model(envs.single_observation_space, envs.single_action_space, cfg.model).to(device)
         model.eval()
@@ -173,7 +212,7 @@ def describe_vector(cfg: Config, device: torch.device) -> str:
     return f"serial, {groups} group(s)"
 
 
-MEASUREMENTS = ("env_only", "async_env_only", "collect", "async_collect", "train", "async_train")
+MEASUREMENTS = ("env_only", "async_env_only", "policy_only", "collect", "async_collect", "train", "async_train")
 
 
 def run_benchmark(cfg: Config, device: torch.device, seconds: float, baselines: bool = True,
@@ -186,6 +225,8 @@ def run_benchmark(cfg: Config, device: torch.device, seconds: float, baselines: 
     if baselines:
         plan.append(("async_env_only", "gymnasium AsyncVectorEnv alone, random actions", n,
                      lambda: async_env_only(cfg.env, seconds)))
+    plan.append(("policy_only", "policy side alone: collection from envs that return at once", n,
+                 lambda: collection(cfg, device, seconds, instant=True)))
     plan.append(("collect", f"collection with the policy ({describe_vector(cfg, device)})", n,
                  lambda: collection(cfg, device, seconds)))
     if baselines and cfg.env.vector != "gym_async":
@@ -241,8 +282,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=20.0, help="seconds per measurement (default 20)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="overrides run.device")
     p.add_argument("--no-baselines", action="store_true", help="skip the gymnasium AsyncVectorEnv rows")
-    p.add_argument("--only", default="", help="comma-separated subset: env_only, async_env_only, collect, "
-                                               "async_collect, train, async_train")
+    p.add_argument("--only", default="", help="comma-separated subset: " + ", ".join(MEASUREMENTS))
     p.add_argument("--json", default=None, metavar="OUT.json", help="also write the figures as JSON")
     args = p.parse_args(argv)
     if args.seconds <= 0:

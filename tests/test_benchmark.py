@@ -17,10 +17,11 @@ def test_benchmark_reports_every_row(tmp_path):
     assert r.returncode == 0, r.stderr
     report = json.loads(out.read_text())
     res = report["results"]
-    assert list(res) == ["env_only", "async_env_only", "collect", "async_collect", "train", "async_train"]
+    assert list(res) == ["env_only", "async_env_only", "policy_only", "collect", "async_collect", "train",
+                         "async_train"]
     for v in res.values():  # the rate is what was counted over the time it took
         assert v["steps"] > 0 and v["seconds"] > 0 and v["steps_per_second"] == v["steps"] / v["seconds"]
-    for key in ("collect", "async_collect"):  # whole rollouts of T x N steps after the warm-up
+    for key in ("policy_only", "collect", "async_collect"):  # whole rollouts of T x N steps after the warm-up
         assert res[key]["steps"] == res[key]["rollouts"] * 16 * 4
     for key in ("train", "async_train"):
         assert res[key]["steps"] == res[key]["updates"] * 64 and res[key]["seconds"] >= 0.3
