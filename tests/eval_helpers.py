@@ -34,3 +34,21 @@ def metric_rows(run_dir: Path) -> list[dict]:
         rows.append({k: v for k, v in rec.items()
                      if k != "time" and not k.startswith("time/") and k != "charts/SPS"})
     return rows
+
+
+def _cuda_param():
+    import pytest
+    return pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs CUDA")])
+
+
+#: Devices to parametrize device-dependent tests over: the CPU always, CUDA where present
+#: (those cases carry the ``gpu`` marker: ``pytest -m gpu`` runs just them).
+DEVICES = ["cpu", _cuda_param()]
+
+
+def deterministic_cuda():
+    """Make cuDNN pick deterministic kernels (returns the previous flags for restoring)."""
+    prev = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    return prev

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval_helpers import metric_rows, tiny_config, train_tiny
+from eval_helpers import DEVICES, deterministic_cuda, metric_rows, tiny_config, train_tiny
 from ppo_tbptt.config import ConfigError, load
 from ppo_tbptt.envs import make_vector_env
 from ppo_tbptt.envs.pool import EnvWorkerError, WorkerPoolVectorEnv, worker_layout
@@ -74,29 +74,41 @@ def shm_segments() -> set:
     return {p.name for p in Path("/dev/shm").glob("psm_*")} if Path("/dev/shm").is_dir() else set()
 
 
-def collect_rollouts(cfg, seed=0, rollouts=2):
+@pytest.fixture
+def deterministic():
+    prev = deterministic_cuda()
+    yield
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = prev
+
+
+def collect_rollouts(cfg, seed=0, rollouts=2, device="cpu"):
+    """Rollouts (tensors copied to the CPU) and episode statistics from a fresh model and envs."""
+    device = torch.device(device)
     torch.manual_seed(seed)
-    envs = make_vector_env(cfg.env, seed)
+    envs = make_vector_env(cfg.env, seed, device=device.type)
     try:
-        model = build_model(envs.single_observation_space, envs.single_action_space, cfg.model)
-        col = Collector(envs, model, cfg.ppo.rollout_steps, torch.device("cpu"), cfg.ppo.gamma)
+        model = build_model(envs.single_observation_space, envs.single_action_space, cfg.model).to(device)
+        col = Collector(envs, model, cfg.ppo.rollout_steps, device, cfg.ppo.gamma)
         out = []
         for _ in range(rollouts):
             r, eps = col.collect()
-            out.append(({k: (v.clone() if torch.is_tensor(v) else v) for k, v in vars(r).items()},
+            out.append(({k: (v.to("cpu", copy=True) if torch.is_tensor(v) else v) for k, v in vars(r).items()},
                         [(e.env_index, e.seed, e.ret, e.length) for e in eps]))
         return out, envs.groups
     finally:
         envs.close()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("groups,per_worker", [(1, 2), (3, 2), (2, 4)])
-def test_pool_rollouts_equal_serial_rollouts(groups, per_worker):
-    """(2, 4): 4 envs per worker would not fit the groups of 3: the pool must still form serial's."""
-    serial, sg = collect_rollouts(cue_cfg("env.vector=serial", f"env.groups={groups}"))
+def test_pool_rollouts_equal_serial_rollouts(groups, per_worker, device, deterministic):
+    """(2, 4): 4 envs per worker would not fit the groups of 3: the pool must still form serial's.
+    On CUDA this also checks the pinned staging buffer: an observation overwritten before its
+    asynchronous transfer finished would make the pool's rollout differ from serial's."""
+    serial, sg = collect_rollouts(cue_cfg("env.vector=serial", f"env.groups={groups}"), device=device)
     before = shm_segments()
     pool, pg = collect_rollouts(cue_cfg("env.vector=pool", f"env.groups={groups}",
-                                        f"env.envs_per_worker={per_worker}"))
+                                        f"env.envs_per_worker={per_worker}"), device=device)
     assert shm_segments() <= before, "shared memory left behind"
     assert sg == pg and len(pg) == groups
     for (rs, es), (rp, ep) in zip(serial, pool):
@@ -106,16 +118,19 @@ def test_pool_rollouts_equal_serial_rollouts(groups, per_worker):
                 assert torch.equal(v, rp[k]), k
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("core", ["lstm", "gru"])
-def test_grouped_collection_stepping_equals_sequence_forward(core):
+def test_grouped_collection_stepping_equals_sequence_forward(core, device):
     """With 3 groups the collector acts group by group; each env's stored states must still be the
-    ones its own steps produced, so running the model over the sequences reproduces the rollout."""
+    ones its own steps produced, so running the model over the sequences reproduces the rollout.
+    Two layers: a group's state slice is not contiguous, which cuDNN refuses unless copied."""
     from ppo_tbptt.sequences import build_sequences
     cfg = cue_cfg("env.groups=3", f"model.core={core}", "model.num_layers=2")
+    device = torch.device(device)
     torch.manual_seed(0)
-    with make_vector_env(cfg.env, 0) as envs:
-        model = build_model(envs.single_observation_space, envs.single_action_space, cfg.model)
-        col = Collector(envs, model, cfg.ppo.rollout_steps, torch.device("cpu"), cfg.ppo.gamma)
+    with make_vector_env(cfg.env, 0, device=device.type) as envs:
+        model = build_model(envs.single_observation_space, envs.single_action_space, cfg.model).to(device)
+        col = Collector(envs, model, cfg.ppo.rollout_steps, device, cfg.ppo.gamma)
         col.collect()
         rollout, _ = col.collect()
     assert len(col.groups) == 3 and rollout.episode_start[1:].any() and not rollout.episode_start[0].all()
@@ -123,16 +138,21 @@ def test_grouped_collection_stepping_equals_sequence_forward(core):
     with torch.no_grad():
         logits, values, _ = model(b.obs, b.init_state)
     m = b.mask.bool()
-    torch.testing.assert_close(model.dist(logits).log_prob(b.actions)[m], b.logprobs[m], atol=1e-5, rtol=0)
-    torch.testing.assert_close(values[m], b.values[m], atol=1e-5, rtol=0)
+    # cuDNN may use TF32 for the recurrent matmuls: step-by-step and whole-sequence kernels then
+    # round differently (a wrong state is off by orders of magnitude more)
+    tol = 1e-5 if device.type == "cpu" else 2e-3
+    torch.testing.assert_close(model.dist(logits).log_prob(b.actions)[m], b.logprobs[m], atol=tol, rtol=0)
+    torch.testing.assert_close(values[m], b.values[m], atol=tol, rtol=0)
 
 
-def test_memorygym_pool_matches_serial():
-    """MultiDiscrete actions (sampled per dimension, group by group) and CNN observations."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_memorygym_pool_matches_serial(device, deterministic):
+    """MultiDiscrete actions (sampled per dimension, group by group) and CNN observations (uint8,
+    through pinned memory on CUDA)."""
     over = ["env.num_envs=5", "env.envs_per_worker=2", "env.groups=2", "model.hidden_size=8",
             "model.hidden_layer=8", "ppo.rollout_steps=20", "ppo.minibatches=1", "tbptt.sequence_length=4"]
-    serial, _ = collect_rollouts(load("mortar_mayhem", over + ["env.vector=serial"]), rollouts=1)
-    pool, _ = collect_rollouts(load("mortar_mayhem", over + ["env.vector=pool"]), rollouts=1)
+    serial, _ = collect_rollouts(load("mortar_mayhem", over + ["env.vector=serial"]), rollouts=1, device=device)
+    pool, _ = collect_rollouts(load("mortar_mayhem", over + ["env.vector=pool"]), rollouts=1, device=device)
     assert serial[0][0]["actions"].shape[-1] == 2
     for k in ("obs", "actions", "rewards", "terminated", "state_h", "values"):
         assert torch.equal(serial[0][0][k], pool[0][0][k]), k

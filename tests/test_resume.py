@@ -258,3 +258,23 @@ def test_time_limit_saves_a_checkpoint_and_resume_finishes_the_same_run(tmp_path
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     elapsed = [r["time/elapsed_seconds"] for r in rows]
     assert elapsed == sorted(elapsed) and len(elapsed) == 4  # summed over the three processes
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_run_interrupts_resumes_and_evaluates(tmp_path):
+    """The CUDA paths of a whole run: pinned observation staging, the checkpoint's device-to-host
+    copies, and the restore (which re-checks that the rebuilt envs show the saved observations)."""
+    extra = ["run.device=cuda", "model.core=gru", "env.kwargs.delay=5", "run.total_steps=320"] + EVAL
+    part = Trainer(tiny_config(*extra), tmp_path / "part", torch.device("cuda"), quiet=True)
+    _interrupt_after(part, 2)
+    part.train(handle_signals=False)
+    assert part.global_step == 128
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "part"))
+    assert state["collector"]["state_h"].device.type == "cpu" and state["collector"]["state_h"].abs().sum() > 0
+    resumed = Trainer.from_run(tmp_path / "part", quiet=True)
+    assert resumed.device.type == "cuda" and resumed.global_step == 128
+    resumed.train(handle_signals=False)
+    rows = metric_rows(tmp_path / "part")
+    assert [r["global_step"] for r in rows] == [64, 128, 192, 256, 320]
+    assert all(np.isfinite(r["losses/value"]) for r in rows) and any("eval/success" in r for r in rows)
