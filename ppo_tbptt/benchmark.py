@@ -8,7 +8,10 @@ Throughput, measured side by side in one run on this machine:
    policy side's own ceiling: the same collector with envs that return at once;
 4. end-to-end training (the config's vector env, and AsyncVectorEnv).
 
-Prints a table of steps/s and each one's ratio to (1); ``--json`` writes the same figures. The
+Prints a table of steps/s and each one's ratio to (1); ``--json`` writes the same figures.
+``--sweep 32x512,64x256,...`` instead measures the policy side, collection and end-to-end training
+for each number of envs x rollout length (the env-only ceiling once) and prints one row per layout,
+for choosing them on a machine. The
 AsyncVectorEnv rows run the same collector and trainer, so the difference is the env side alone.
 Each measurement first runs one warm-up rollout or update (process start, CUDA and cuDNN set-up),
 then whole rollouts or updates until ``--seconds`` have passed.
@@ -274,6 +277,53 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+SWEEP_ROWS = ("policy_only", "collect", "train")
+
+
+def parse_layouts(text: str) -> list[tuple[int, int]]:
+    """``"32x512,64x256"`` -> ``[(32, 512), (64, 256)]`` (ValueError with the bad item)."""
+    out = []
+    for item in (t.strip() for t in text.split(",")):
+        parts = item.lower().split("x")
+        if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"--sweep: expected ENVSxSTEPS items like 64x256, got {item!r}")
+        out.append((int(parts[0]), int(parts[1])))
+    return out
+
+
+def run_sweep(configs: list[Config], device: torch.device, seconds: float, log=print) -> dict:
+    """The env-only ceiling once, then the policy side, collection and training per config."""
+    from .envs.pool import usable_cpus
+    log(f"  measuring the env-only ceiling ({usable_cpus()} processes) ...", file=sys.stderr, flush=True)
+    ceiling = env_only_ceiling(configs[0].env, seconds, usable_cpus())
+    log(f"    {ceiling['steps_per_second']:,.0f} steps/s", file=sys.stderr, flush=True)
+    layouts = []
+    for cfg in configs:
+        log(f"  layout {cfg.env.num_envs} envs x {cfg.ppo.rollout_steps} steps:", file=sys.stderr, flush=True)
+        layouts.append(run_benchmark(cfg, device, seconds, baselines=False, only=set(SWEEP_ROWS), log=log))
+    return {"env_only": ceiling, "device": str(device), "machine": machine_description(device),
+            "seconds": seconds, "layouts": layouts}
+
+
+def format_sweep(sweep: dict) -> str:
+    base = sweep["env_only"]["steps_per_second"]
+    first = sweep["layouts"][0]["config"]
+    lines = [f"{first['env']}, {first['core'].upper()} {first['hidden_size']}, {first['epochs']} epochs x "
+             f"{first['minibatches']} minibatches; device {sweep['device']}",
+             f"machine: {sweep['machine']}",
+             f"env-only ceiling: {base:,.0f} steps/s", "",
+             "| envs x steps | batch | vector | policy side | collection | end-to-end | per update: collect / learn (s) "
+             "| end-to-end / env-only |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for rep in sweep["layouts"]:
+        c, r = rep["config"], rep["results"]
+        t = r["train"]
+        lines.append(f"| {c['num_envs']} x {c['rollout_steps']} | {c['batch']:,} | {c['vector']} | "
+                     f"{r['policy_only']['steps_per_second']:,.0f} | {r['collect']['steps_per_second']:,.0f} | "
+                     f"{t['steps_per_second']:,.0f} | {t['collect_seconds_per_update']:.2f} / "
+                     f"{t['update_seconds_per_update']:.2f} | {t['steps_per_second'] / base:.2f} |")
+    return "\n".join(lines)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m ppo_tbptt.benchmark", description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="config name in configs/ or a path")
@@ -283,6 +333,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="overrides run.device")
     p.add_argument("--no-baselines", action="store_true", help="skip the gymnasium AsyncVectorEnv rows")
     p.add_argument("--only", default="", help="comma-separated subset: " + ", ".join(MEASUREMENTS))
+    p.add_argument("--sweep", default="", metavar="NxT,...",
+                   help="compare layouts: envs x rollout steps, e.g. 32x512,64x256,128x128")
     p.add_argument("--json", default=None, metavar="OUT.json", help="also write the figures as JSON")
     args = p.parse_args(argv)
     if args.seconds <= 0:
@@ -307,6 +359,24 @@ def main(argv=None) -> int:
         print(f"error: --only: unknown {', '.join(sorted(unknown))} (known: {', '.join(MEASUREMENTS)})",
               file=sys.stderr)
         return 2
+    if args.sweep and only:
+        print("error: --only does not apply to --sweep (it measures policy_only, collect and train)",
+              file=sys.stderr)
+        return 2
+    if args.sweep:
+        try:
+            configs = [config_and_device(args.config, overrides + [f"env.num_envs={n}", f"ppo.rollout_steps={t}"])[0]
+                       for n, t in parse_layouts(args.sweep)]
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"benchmark sweep: {args.config}, {len(configs)} layouts, {args.seconds:g} s per measurement",
+              file=sys.stderr, flush=True)
+        sweep = run_sweep(configs, device, args.seconds)
+        print(format_sweep(sweep))
+        if args.json:
+            Path(args.json).write_text(json.dumps(sweep, indent=2))
+        return 0
     print(f"benchmark: {args.config}, {args.seconds:g} s per measurement", file=sys.stderr, flush=True)
     report = run_benchmark(cfg, device, args.seconds, baselines=not args.no_baselines, only=only or None)
     print(format_table(report))

@@ -43,3 +43,31 @@ def test_benchmark_bad_input_exit_2():
     r = subprocess.run([sys.executable, "-m", "ppo_tbptt.benchmark", "--config", "cue_recall",
                         "--set", "env.num_envs=0"], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert r.returncode == 2 and "env.num_envs" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_benchmark_sweep_one_row_per_layout(tmp_path):
+    out = tmp_path / "sweep.json"
+    r = subprocess.run([sys.executable, "-m", "ppo_tbptt.benchmark", "--config", "cue_recall",
+                        "--set", "env.vector=pool", "--set", "ppo.minibatches=2", "--set", "run.torch_threads=1",
+                        "--sweep", "4x16,2x8", "--seconds", "0.2", "--device", "cpu", "--json", str(out)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    sweep = json.loads(out.read_text())
+    assert [(s["config"]["num_envs"], s["config"]["rollout_steps"], s["config"]["batch"]) for s in sweep["layouts"]] \
+        == [(4, 16, 64), (2, 8, 16)]
+    base = sweep["env_only"]["steps_per_second"]
+    for s in sweep["layouts"]:
+        res = s["results"]
+        assert list(res) == ["policy_only", "collect", "train"]
+        assert res["train"]["steps"] == res["train"]["updates"] * s["config"]["batch"]
+        n, t = s["config"]["num_envs"], s["config"]["rollout_steps"]
+        row = f"| {n} x {t} | {n * t:,} | "
+        assert any(line.startswith(row) and line.endswith(f"| {res['train']['steps_per_second'] / base:.2f} |")
+                   for line in r.stdout.splitlines()), r.stdout
+
+
+def test_benchmark_sweep_bad_layout_exit_2():
+    for bad in (["--sweep", "64by256"], ["--sweep", "0x16"], ["--sweep", "4x16", "--only", "train"]):
+        r = subprocess.run([sys.executable, "-m", "ppo_tbptt.benchmark", "--config", "cue_recall", *bad],
+                           capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr, r.stderr
