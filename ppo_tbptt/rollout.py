@@ -159,7 +159,7 @@ class Collector:
             torch.cuda.current_stream(self.device).synchronize()
         else:
             self._uploads[g] = torch.cuda.Event()
-            self._uploads[g].record()
+            self._uploads[g].record(torch.cuda.current_stream(self.device))  # (cuda:N, not the current device)
 
     def _to_device(self, arr: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(arr)
