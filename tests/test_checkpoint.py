@@ -142,6 +142,20 @@ def test_signal_saves_checkpoint_and_exits_cleanly(tmp_path, sig, vector):
     step = state["global_step"]
     assert step > 0 and step % 64 == 0 and latest.name == f"step_{step:012d}.pt"
     assert [r["global_step"] for r in metric_rows(run)][-1] == step
-    # resumable: continue one more update
-    assert train_cli.main(["--resume", str(run), "--set", f"run.total_steps={step + 64}"]) == 0
+    # resumable in another process (the same config; a time budget ends it after one more update),
+    # and the pieces log exactly what one uninterrupted process logs
+    assert train_cli.main(["--resume", str(run), "--set", "run.max_seconds=1e-9"]) == 0
     assert ckpt.load_checkpoint(ckpt.latest_checkpoint(run))["global_step"] == step + 64
+    full = Trainer(tiny_config("run.total_steps=10000000", f"env.vector={vector}", "env.envs_per_worker=2"),
+                   tmp_path / "full", torch.device("cpu"), quiet=True)
+    original = full.train_update
+
+    def update_then_stop():
+        out = original()
+        if full.global_step == step + 64:
+            full.request_stop()
+        return out
+
+    full.train_update = update_then_stop
+    full.train(handle_signals=False)
+    assert metric_rows(run) == metric_rows(tmp_path / "full")
