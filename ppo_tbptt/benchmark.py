@@ -119,7 +119,8 @@ class InstantVectorEnv:
     """A vector env whose steps cost nothing: every step returns one real observation of the
     config's env again, reward 0, no episode end. Collecting from it measures the policy side
     alone (inference, buffer writes, transfers, the collector's bookkeeping), in the same groups
-    the config's vector env would form."""
+    the config's vector env would form; what it leaves out is the value pass the collector makes
+    on the final observations of truncated episodes."""
 
     def __init__(self, env_cfg, device_type: str):
         from .envs import env_fn, env_groups, seed_stream
@@ -131,7 +132,8 @@ class InstantVectorEnv:
         finally:
             env.close()
         self.num_envs = env_cfg.num_envs
-        self.groups = split_evenly(self.num_envs, env_groups(env_cfg, device_type))
+        groups = 1 if env_cfg.vector == "gym_async" else env_groups(env_cfg, device_type)  # as make_vector_env
+        self.groups = split_evenly(self.num_envs, groups)
         self._obs = np.broadcast_to(np.asarray(first), (self.num_envs, *np.shape(first)))
         self._pending = PendingSteps()
 

@@ -191,9 +191,10 @@ class RunConfig:
     eval_episodes: int = 32
     """Episodes per periodic evaluation (one level seed each, the first seeds of ``env.eval_seeds``)."""
     max_seconds: float = 0.0
-    """Wall-clock budget of one training process: after the update that reaches it, save a
-    checkpoint and stop (``--resume`` continues; each resumed process has the budget again).
-    <= 0: no limit."""
+    """Wall-clock budget of one training process, counted from its first update (env start-up
+    and a resume's replay come before): after the update that reaches it (and that update's
+    evaluation and checkpoint, if due), save a checkpoint and stop; ``--resume`` continues, with
+    the budget again. <= 0: no limit."""
 
 
 @dataclass(frozen=True)

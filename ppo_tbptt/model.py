@@ -86,10 +86,14 @@ class ActionDist:
 
     The arithmetic is ``torch.distributions.Categorical``'s, step for step (same normalisation,
     same ``multinomial`` draw, so the same samples for the same RNG state), without its per-call
-    object and argument-checking cost, which the collector pays at every step."""
+    object and argument-checking cost, which the collector pays at every step. (Non-finite logits
+    are caught where they would do harm: the trainer checks every update's losses.)"""
 
     def __init__(self, logits: torch.Tensor, nvec: Sequence[int]):
         self.nvec = list(nvec)
+        if logits.shape[-1] != sum(self.nvec):
+            raise ValueError(f"logits have {logits.shape[-1]} entries in the last dimension, the action "
+                             f"space needs {sum(self.nvec)} ({'+'.join(map(str, self.nvec))})")
         parts = torch.split(logits, self.nvec, dim=-1) if len(self.nvec) > 1 else (logits,)
         self.log_probs = [lg - lg.logsumexp(-1, keepdim=True) for lg in parts]  # normalised logits
         self._probs: list[torch.Tensor] | None = None
@@ -119,7 +123,8 @@ class ActionDist:
                    for lp, p in zip(self.log_probs, self.probs))
 
     def kl(self, other: "ActionDist") -> torch.Tensor:
-        """KL(self || other), summed over dimensions."""
+        """KL(self || other), summed over dimensions, from the log-probabilities: finite where
+        ``other``'s probability underflows to 0 in float32 (torch's categorical KL gives inf)."""
         total = 0
         for lp, p, lq in zip(self.log_probs, self.probs, other.log_probs):
             total = total + torch.where(p > 0, p * (lp - lq), torch.zeros_like(p)).sum(-1)

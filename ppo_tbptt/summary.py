@@ -3,7 +3,7 @@
 One row per interval of training wall-clock time (``time/elapsed_seconds``, summed over resumed
 processes): env steps at the interval's end, steps/s over the interval, and the success rate and
 return of the training episodes that ended in it (each episode counts once: the updates' means are
-weighted by their episode counts), plus held-out evaluation where the run logged it. For a quick
+weighted by their episode counts, success by the episodes that report it), plus held-out evaluation where the run logged it. For a quick
 look at a run on a machine without TensorBoard, and for reports.
 """
 from __future__ import annotations
@@ -17,10 +17,11 @@ from pathlib import Path
 from .logger import read_metrics
 
 
-def _weighted(rows: list[dict], tag: str) -> float | None:
+def _weighted(rows: list[dict], tag: str, count: str) -> float | None:
+    """Mean of ``tag`` over the rows, each weighted by its ``count`` of episodes."""
     num = den = 0.0
     for r in rows:
-        v, n = r.get(tag), r.get("charts/episodes")
+        v, n = r.get(tag), r.get(count, r.get("charts/episodes"))
         if v is None or n is None or not math.isfinite(v):
             continue
         num += v * n
@@ -40,23 +41,25 @@ def summarize(rows: list[dict], every: float) -> list[dict]:
         nonlocal prev_step, prev_time, bucket
         last = bucket[-1]
         secs = last["time/elapsed_seconds"]
-        evals = [r for r in bucket if r.get("eval/success", r.get("eval/return")) is not None]
+        evals = [r for r in bucket if r.get("eval/success") is not None or r.get("eval/return") is not None]
         out.append({
             "until_seconds": end * every, "elapsed_seconds": secs, "global_step": int(last["global_step"]),
             "steps_per_second": (last["global_step"] - prev_step) / max(secs - prev_time, 1e-9),
             "episodes": int(sum(r.get("charts/episodes") or 0 for r in bucket)),
-            "success": _weighted(bucket, "charts/success"),
-            "return": _weighted(bucket, "charts/episodic_return"),
+            "success": _weighted(bucket, "charts/success", "charts/success_episodes"),
+            "return": _weighted(bucket, "charts/episodic_return", "charts/episodes"),
             "eval_success": evals[-1].get("eval/success") if evals else None,
             "eval_return": evals[-1].get("eval/return") if evals else None,
         })
         prev_step, prev_time, bucket = int(last["global_step"]), secs, []
 
     current = None
-    for r in rows:
+    for i, r in enumerate(rows, 1):
+        if not isinstance(r, dict) or not isinstance(r.get("global_step"), (int, float)):
+            raise ValueError(f"metrics row {i} is not a trainer's row (an object with global_step)")
         secs = r.get("time/elapsed_seconds")
-        if secs is None:
-            raise ValueError("metrics rows lack time/elapsed_seconds (written by the trainer at every update)")
+        if not isinstance(secs, (int, float)):
+            raise ValueError(f"metrics row {i} lacks time/elapsed_seconds (written by the trainer at every update)")
         index = max(1, math.ceil(secs / every))  # interval (index-1)*every < secs <= index*every
         if current is not None and index != current:
             flush(current)

@@ -83,11 +83,15 @@ def resume(args, overrides: list[str]) -> int:
 
 
 def run(trainer) -> int:
+    from .trainer import TrainingDiverged
     try:
         trainer.train()
     except KeyboardInterrupt:
         print("stopped at once (second signal); the last checkpoint on disk is intact", file=sys.stderr)
         return 130
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     if trainer.interrupted is not None:
         return 128 + trainer.interrupted
     return 0

@@ -23,6 +23,10 @@ from .truncation import make_strategy
 from .utils import seed_everything
 
 
+class TrainingDiverged(FloatingPointError):
+    """An update produced a non-finite loss: training stops before anything is saved."""
+
+
 def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:
     var = target.var()
     return float("nan") if var == 0 else float(1.0 - (target - pred).var() / var)
@@ -40,6 +44,7 @@ def episode_scalars(episodes: list) -> dict:
     succ = [e.success for e in episodes if e.success is not None]
     if succ:
         out["charts/success"] = float(np.mean(succ))
+        out["charts/success_episodes"] = float(len(succ))  # the episodes that report success
     for key in sorted({k for e in episodes for k in e.extra}):
         vals = [e.extra[key] for e in episodes if key in e.extra]
         out[f"charts/{key}"] = float(np.mean(vals))
@@ -185,6 +190,7 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         count = 0
         first_kl = None
+        finite = torch.ones((), dtype=torch.bool, device=self.device)  # checked once, after the epochs
         for epoch in range(cfg.ppo.epochs):
             self.truncation.before_epoch(self.model, rollout, batch, epoch)
             for mb_idx in minibatch_indices(batch.num_sequences, cfg.ppo.minibatches, self.shuffle_gen):
@@ -192,6 +198,7 @@ class Trainer:
                 logits, values = self.truncation.forward(self.model, mb)
                 out = ppo_loss_from_outputs(self.model, mb, logits, values, coefs)
                 self.optimizer.zero_grad(set_to_none=True)
+                finite &= torch.isfinite(out.loss.detach())
                 out.loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.ppo.max_grad_norm)
                 self.optimizer.step()
@@ -201,6 +208,12 @@ class Trainer:
                 for k, v in out.metrics.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
+        if not bool(finite):
+            raise TrainingDiverged(
+                f"non-finite loss in update {self.update + 1} (env steps {self.global_step - self.batch_size:,}"
+                f"..{self.global_step:,}): training stopped and nothing was saved from it; the weights "
+                "are no longer usable, the run's last checkpoint is intact (try a lower ppo.lr or "
+                "ppo.max_grad_norm, or look for non-finite rewards or observations)")
         t2 = time.perf_counter()
         self.update += 1
 
@@ -317,7 +330,7 @@ class Trainer:
         start, start_step, elapsed0 = time.time(), self.global_step, self.elapsed
         next_ckpt = next_multiple(self.global_step, cfg.run.checkpoint_every)
         next_eval = next_multiple(self.global_step, cfg.run.eval_every)
-        limit = cfg.run.max_seconds
+        limit, clock0 = cfg.run.max_seconds, time.monotonic()
         self.time_limited = False
         scalars: dict = {}
         old_handlers = {}
@@ -350,7 +363,7 @@ class Trainer:
                 if next_ckpt is not None and self.global_step >= next_ckpt:
                     path = self.save_checkpoint()
                     next_ckpt = next_multiple(self.global_step, cfg.run.checkpoint_every)
-                if limit > 0 and time.time() - start >= limit and self.global_step < cfg.run.total_steps:
+                if limit > 0 and time.monotonic() - clock0 >= limit and self.global_step < cfg.run.total_steps:
                     self.time_limited = True
                     break
             if path is None or path.stem != f"step_{self.global_step:012d}":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -47,8 +48,14 @@ def _cuda_param():
 DEVICES = ["cpu", _cuda_param()]
 
 
-def deterministic_cuda():
-    """Make cuDNN pick deterministic kernels (returns the previous flags for restoring)."""
-    prev = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    return prev
+@contextmanager
+def exact_cuda():
+    """cuDNN with deterministic kernels and without TF32 (full float32 in convolutions and the
+    recurrent matmuls), so CUDA results can be compared as tightly as CPU results; restored after."""
+    b = torch.backends.cudnn
+    prev = (b.deterministic, b.benchmark, b.allow_tf32)
+    b.deterministic, b.benchmark, b.allow_tf32 = True, False, False
+    try:
+        yield
+    finally:
+        b.deterministic, b.benchmark, b.allow_tf32 = prev

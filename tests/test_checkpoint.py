@@ -159,3 +159,26 @@ def test_signal_saves_checkpoint_and_exits_cleanly(tmp_path, sig, vector):
     full.train_update = update_then_stop
     full.train(handle_signals=False)
     assert metric_rows(run) == metric_rows(tmp_path / "full")
+
+
+def test_non_finite_loss_stops_training_without_saving(tmp_path, monkeypatch, capsys):
+    """A NaN loss (here injected from the second update on) ends training with a one-line error
+    and exit code 1 before the poisoned weights reach a checkpoint or the next rollout."""
+    import ppo_tbptt.trainer as trainer_mod
+    real = trainer_mod.ppo_loss_from_outputs
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] > 4:  # 2 epochs x 2 minibatches per update in the tiny config
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer_mod, "ppo_loss_from_outputs", poisoned)
+    over = [a for o in TINY + ["run.checkpoint_every=64", f"run.out_dir={tmp_path}"] for a in ("--set", o)]
+    assert train_cli.main(["--config", "cue_recall", *over, "--run-name", "r"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: non-finite loss in update 2 (env steps 64..128)") and "\n" not in err
+    assert ckpt.latest_checkpoint(tmp_path / "r").name == f"step_{64:012d}.pt"
+    assert [r["global_step"] for r in metric_rows(tmp_path / "r")] == [64]

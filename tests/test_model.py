@@ -50,3 +50,21 @@ def test_action_dist_gradients_match_categorical():
         out.backward()
         grads.append(logits.grad)
     assert torch.equal(grads[0], grads[1])
+
+
+def test_kl_stays_finite_where_the_other_probability_underflows():
+    """exp(-200) is 0 in float32: the KL must come from log-probabilities (torch's gives inf)."""
+    p, q = torch.tensor([[0.0, 1.0, 2.0]]), torch.tensor([[0.0, -200.0, 2.0]])
+    ours = ActionDist(p, [3]).kl(ActionDist(q, [3]))
+    lp, lq = p.double().log_softmax(-1), q.double().log_softmax(-1)
+    exact = (lp.exp() * (lp - lq)).sum(-1)
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours.double(), exact, rtol=1e-5, atol=0)
+    assert torch.isinf(kl_divergence(Categorical(logits=p), Categorical(logits=q))).all()
+
+
+def test_action_dist_rejects_logits_of_the_wrong_width():
+    with pytest.raises(ValueError, match="action space needs 5"):
+        ActionDist(torch.zeros(2, 4), [3, 2])
+    with pytest.raises(ValueError, match="action space needs 4"):
+        ActionDist(torch.zeros(2, 5), [4])

@@ -30,6 +30,8 @@ def test_intervals_weight_updates_by_their_episodes(tmp_path):
     assert out[1]["success"] is None and out[1]["episodes"] == 0
     assert out[1]["steps_per_second"] == pytest.approx(60 / 30)
     assert out[2]["eval_success"] == 0.75 and out[2]["success"] == 0.5
+    rows[3]["eval/success"] = None  # a task without a success flag: eval return alone still shows
+    assert summary.summarize(rows, 60)[2]["eval_return"] == 3.0
     assert out[2]["steps_per_second"] == pytest.approx(240 / 60)
     table = summary.format_table(out, 60)
     assert "| 1 | 200 | 3 | 4 | 0.250 | 0.500 | - | - |" in table.splitlines()
@@ -46,3 +48,23 @@ def test_cli_on_a_real_run_and_clean_errors(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error:")
     assert summary.main([str(tmp_path / "run"), "--every", "0"]) == 2
     assert "--every must be > 0" in capsys.readouterr().err
+
+
+def test_success_is_weighted_by_the_episodes_that_report_it(tmp_path):
+    rows = [  # 10 episodes ended, only 2 reported success (both solved); then 2 of 2 failed
+        {"global_step": 10, "time/elapsed_seconds": 1.0, "charts/episodes": 10, "charts/success_episodes": 2,
+         "charts/success": 1.0, "charts/episodic_return": 0.0},
+        {"global_step": 20, "time/elapsed_seconds": 2.0, "charts/episodes": 2, "charts/success_episodes": 2,
+         "charts/success": 0.0, "charts/episodic_return": 6.0},
+    ]
+    out = summary.summarize(summary.read_metrics(_write(tmp_path, rows)), 60)
+    assert out[0]["success"] == pytest.approx(0.5)  # 2 solved of 4 reporting, not 10 of 12
+    assert out[0]["return"] == pytest.approx(1.0)  # returns: every episode counts
+
+
+@pytest.mark.parametrize("bad", ['[1, 2]', '{"time/elapsed_seconds": 1.0}', '{"global_step": 5}'])
+def test_rows_that_are_not_trainer_rows_give_a_clean_error(tmp_path, capsys, bad):
+    (tmp_path / "metrics.jsonl").write_text(bad + "\n")
+    assert summary.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: metrics row 1") and "Traceback" not in err
