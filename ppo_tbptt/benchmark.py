@@ -8,11 +8,11 @@ Throughput, measured side by side in one run on this machine:
    policy side's own ceiling: the same collector with envs that return at once;
 4. end-to-end training (the config's vector env, and AsyncVectorEnv).
 
-Prints a table of steps/s and each one's ratio to (1); ``--json`` writes the same figures.
+Prints a table of steps/s and each one's ratio to (1); ``--json`` writes the same figures. The
+AsyncVectorEnv rows run the same collector and trainer, so the difference is the env side alone.
 ``--sweep 32x512,64x256,...`` instead measures the policy side, collection and end-to-end training
 for each number of envs x rollout length (the env-only ceiling once) and prints one row per layout,
-for choosing them on a machine. The
-AsyncVectorEnv rows run the same collector and trainer, so the difference is the env side alone.
+for choosing them on a machine.
 Each measurement first runs one warm-up rollout or update (process start, CUDA and cuDNN set-up),
 then whole rollouts or updates until ``--seconds`` have passed.
 """
@@ -148,7 +148,7 @@ class InstantVectorEnv:
         sl = self.groups[group]
         n = sl.stop - sl.start
         return StepResult(deliver_obs(self._obs[sl], obs_out), np.zeros(n, np.float32), np.zeros(n, bool),
-                            np.zeros(n, bool), {}, [])
+                          np.zeros(n, bool), {}, [])
 
     def close(self) -> None:
         pass

@@ -3,8 +3,9 @@
 One row per interval of training wall-clock time (``time/elapsed_seconds``, summed over resumed
 processes): env steps at the interval's end, steps/s over the interval, and the success rate and
 return of the training episodes that ended in it (each episode counts once: the updates' means are
-weighted by their episode counts, success by the episodes that report it), plus held-out evaluation where the run logged it. For a quick
-look at a run on a machine without TensorBoard, and for reports.
+weighted by their episode counts, success by the episodes that report it), plus the latest
+held-out evaluation where the run logged one. For a quick look at a run on a machine without
+TensorBoard, and for reports.
 """
 from __future__ import annotations
 

@@ -323,9 +323,10 @@ class Trainer:
 
     def train(self, handle_signals: bool = True) -> dict:
         """Train to ``run.total_steps``, or until ``run.max_seconds`` have passed (then
-        ``time_limited`` is true; a checkpoint is saved either way). SIGINT/SIGTERM (when ``handle_signals`` and in the main
-        thread): finish the update, save a checkpoint, close the envs, return (see ``interrupted``);
-        a second signal raises KeyboardInterrupt at once (the envs are still closed)."""
+        ``time_limited`` is true; a checkpoint is saved either way). SIGINT/SIGTERM (when
+        ``handle_signals`` and in the main thread): finish the update, save a checkpoint, close the
+        envs, return (see ``interrupted``); a second signal raises KeyboardInterrupt at once (the
+        envs are still closed). A non-finite loss raises TrainingDiverged (nothing saved)."""
         cfg = self.cfg
         start, start_step, elapsed0 = time.time(), self.global_step, self.elapsed
         next_ckpt = next_multiple(self.global_step, cfg.run.checkpoint_every)

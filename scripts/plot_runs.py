@@ -17,7 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ppo_tbptt.logger import read_metrics  # noqa: F401  (also used by the tests)
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run from a checkout without installing the package
+    sys.path.insert(0, str(ROOT))
+
+from ppo_tbptt.logger import read_metrics  # noqa: E402
 
 PANELS = [  # (row, train tag, eval tag, y label)
     (0, "charts/success", "eval/success", "success rate"),
