@@ -254,7 +254,8 @@ def run_benchmark(cfg: Config, device: torch.device, seconds: float, baselines: 
         log(f"    {r['steps_per_second']:,.0f} steps/s", file=sys.stderr, flush=True)
     return {"config": {"env": cfg.env.id, "num_envs": n, "rollout_steps": T, "batch": n * T,
                        "vector": describe_vector(cfg, device), "core": cfg.model.core,
-                       "hidden_size": cfg.model.hidden_size, "sequence_length": cfg.tbptt.sequence_length,
+                       "hidden_size": cfg.model.hidden_size, "encoder_dtype": cfg.model.encoder_dtype,
+                       "sequence_length": cfg.tbptt.sequence_length,
                        "epochs": cfg.ppo.epochs, "minibatches": cfg.ppo.minibatches},
             "device": str(device), "machine": machine_description(device), "seconds": seconds,
             "results": results}
@@ -265,7 +266,8 @@ def format_table(report: dict) -> str:
     res = report["results"]
     base = res.get("env_only", {}).get("steps_per_second")
     lines = [f"{c['env']}: {c['num_envs']} envs x {c['rollout_steps']} steps = {c['batch']:,} per update, "
-             f"{c['core'].upper()} {c['hidden_size']}, sequence length {c['sequence_length']}, "
+             f"{c['core'].upper()} {c['hidden_size']}, encoder {c['encoder_dtype']}, "
+             f"sequence length {c['sequence_length']}, "
              f"{c['epochs']} epochs x {c['minibatches']} minibatches; device {report['device']}",
              f"machine: {report['machine']}", "",
              "| measurement | envs | steps/s | ratio to env-only |", "|---|---:|---:|---:|"]
@@ -310,7 +312,8 @@ def run_sweep(configs: list[Config], device: torch.device, seconds: float, log=p
 def format_sweep(sweep: dict) -> str:
     base = sweep["env_only"]["steps_per_second"]
     first = sweep["layouts"][0]["config"]
-    lines = [f"{first['env']}, {first['core'].upper()} {first['hidden_size']}, {first['epochs']} epochs x "
+    lines = [f"{first['env']}, {first['core'].upper()} {first['hidden_size']}, encoder {first['encoder_dtype']}, "
+             f"{first['epochs']} epochs x "
              f"{first['minibatches']} minibatches; device {sweep['device']}",
              f"machine: {sweep['machine']}",
              f"env-only ceiling: {base:,.0f} steps/s", "",

@@ -91,6 +91,11 @@ class ModelConfig:
     """Width of the fully connected layers before and after the core."""
     encoder: str = "auto"
     """``auto`` (CNN for images, MLP for vectors), ``cnn`` or ``mlp``."""
+    encoder_dtype: str = "float32"
+    """``float32``, or ``bfloat16``: the encoder runs under autocast in bfloat16, in collection and
+    in the update alike, and hands float32 features on; the recurrent core, the heads and the loss
+    stay float32 (so the carried state keeps its precision). Faster where bfloat16 matmuls and
+    convolutions are (CPUs with AVX512-BF16 or AMX, recent GPUs)."""
     reset_hidden_state: bool = True
     """Zero the recurrent state of an env when its episode ends."""
 
@@ -389,6 +394,8 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"model.core: must be 'lstm' or 'gru', got {m.core!r}")
     if m.encoder not in ("auto", "cnn", "mlp"):
         p.append(f"model.encoder: must be 'auto', 'cnn' or 'mlp', got {m.encoder!r}")
+    if m.encoder_dtype not in ("float32", "bfloat16"):
+        p.append(f"model.encoder_dtype: must be 'float32' or 'bfloat16', got {m.encoder_dtype!r}")
     for name in ("hidden_size", "num_layers", "hidden_layer"):
         if getattr(m, name) < 1:
             p.append(f"model.{name}: must be >= 1, got {getattr(m, name)}")

@@ -161,6 +161,7 @@ class RecurrentActorCritic(nn.Module):
             self.encoder = NatureCNN(self.obs_shape, width)
         else:
             self.encoder = MLPEncoder(int(np.prod(self.obs_shape)), width)
+        self.encoder_bf16 = getattr(model_cfg, "encoder_dtype", "float32") == "bfloat16"
         rnn = nn.LSTM if self.core_type == "lstm" else nn.GRU
         self.core = rnn(width, self.hidden_size, self.num_layers, batch_first=True)
         for name, p in self.core.named_parameters():
@@ -191,12 +192,19 @@ class RecurrentActorCritic(nn.Module):
         b, l = obs.shape[:2]
         if valid is None:
             x = obs.reshape(b * l, *self.obs_shape).float() * self.obs_scale  # [B*L, ...]
-            return self.encoder(x).reshape(b, l, -1)  # [B, L, width]
+            return self._encode_flat(x).reshape(b, l, -1)  # [B, L, width]
         idx = valid.reshape(b * l).nonzero().squeeze(1)  # [V] flat real positions (one host sync)
         x = obs.reshape(b * l, *self.obs_shape)[idx].float() * self.obs_scale  # [V, ...]
-        feats = self.encoder(x)  # [V, width]
+        feats = self._encode_flat(x)  # [V, width]
         out = feats.new_zeros(b * l, feats.shape[-1]).index_copy(0, idx, feats)  # [B*L, width]
         return out.reshape(b, l, -1)  # [B, L, width]
+
+    def _encode_flat(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [n, ...]`` float -> float32 features ``[n, width]`` (in bfloat16 inside if configured)."""
+        if not self.encoder_bf16:
+            return self.encoder(x)
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+            return self.encoder(x).float()
 
     def heads(self, core_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``core_out [..., H]`` -> ``logits [..., sum(nvec)]``, ``values [...]``."""

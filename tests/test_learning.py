@@ -7,10 +7,10 @@ from ppo_tbptt import config as C
 from ppo_tbptt.trainer import Trainer
 
 
-def final_success(tmp_path, seq_len: int, seed: int = 1) -> float:
-    cfg = C.load("cue_recall.yaml", [f"tbptt.sequence_length={seq_len}", f"run.seed={seed}"])
+def final_success(tmp_path, seq_len: int, seed: int = 1, *extra: str) -> float:
+    cfg = C.load("cue_recall.yaml", [f"tbptt.sequence_length={seq_len}", f"run.seed={seed}", *extra])
     torch.set_num_threads(2)
-    tr = Trainer(cfg, tmp_path / f"L{seq_len}", torch.device("cpu"), log=False, quiet=True)
+    tr = Trainer(cfg, tmp_path / f"L{seq_len}_{len(extra)}", torch.device("cpu"), log=False, quiet=True)
     history = []
     try:
         while tr.global_step < cfg.run.total_steps:
@@ -29,3 +29,11 @@ def test_cue_recall_needs_gradients_over_the_delay(tmp_path):
     assert full >= 0.9
     assert one <= 0.6
     assert full - one >= 0.3
+
+
+@pytest.mark.slow
+def test_cue_recall_learns_with_a_bfloat16_encoder(tmp_path):
+    """The encoder in bfloat16 still hands the float32 core what it needs to carry the cue."""
+    full = final_success(tmp_path, 16, 1, "model.encoder_dtype=bfloat16")
+    print(f"CueRecall, bfloat16 encoder: L=16 {full:.3f}")
+    assert full >= 0.9

@@ -3,7 +3,8 @@ import pytest
 import torch
 from torch.distributions import Categorical, kl_divergence
 
-from ppo_tbptt.model import ActionDist
+from ppo_tbptt import config as C
+from ppo_tbptt.model import ActionDist, build_model
 
 
 @pytest.mark.parametrize("nvec", [[4], [3, 3], [5, 2, 3]])
@@ -68,3 +69,29 @@ def test_action_dist_rejects_logits_of_the_wrong_width():
         ActionDist(torch.zeros(2, 4), [3, 2])
     with pytest.raises(ValueError, match="action space needs 4"):
         ActionDist(torch.zeros(2, 5), [4])
+
+
+def test_bfloat16_encoder_computes_in_bfloat16_and_hands_on_float32():
+    import gymnasium as gym
+    import numpy as np
+    space = gym.spaces.Box(0, 255, (84, 84, 3), np.uint8)
+    models = {}
+    for dtype in ("float32", "bfloat16"):
+        torch.manual_seed(0)
+        cfg = C.ModelConfig(hidden_size=16, hidden_layer=32, encoder_dtype=dtype)
+        models[dtype] = build_model(space, gym.spaces.Discrete(4), cfg)
+    obs = torch.randint(0, 256, (3, 5, 84, 84, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    f32, bf16 = models["float32"].encode(obs), models["bfloat16"].encode(obs)
+    assert f32.dtype == bf16.dtype == torch.float32
+    assert not torch.equal(f32, bf16)  # the bfloat16 path really ran
+    torch.testing.assert_close(bf16, f32, rtol=0.05, atol=0.05)
+    logits, values, state = models["bfloat16"](obs, models["bfloat16"].initial_state(3))
+    assert logits.dtype == values.dtype == state.h.dtype == torch.float32  # core and heads stay float32
+    (logits.sum() + values.sum()).backward()
+    conv = models["bfloat16"].encoder.conv[0].weight
+    assert conv.dtype == torch.float32 and conv.grad is not None and torch.isfinite(conv.grad).all()
+
+
+def test_encoder_dtype_is_validated():
+    with pytest.raises(C.ConfigError, match="model.encoder_dtype"):
+        C.from_dict({"model": {"encoder_dtype": "float16"}})
