@@ -164,7 +164,7 @@ def collection(cfg: Config, device: torch.device, seconds: float, instant: bool 
     try:
         model = build_model(envs.single_observation_space, envs.single_action_space, cfg.model).to(device)
         model.eval()
-        col = Collector(envs, model, cfg.ppo.rollout_steps, device, cfg.ppo.gamma, cfg.model.reset_hidden_state)
+        col = Collector(envs, model, cfg.ppo.rollout_steps, device, cfg.model.reset_hidden_state)
         col.collect()  # warm-up
         steps, rollouts, wait0, t0 = 0, 0, col.wait_seconds, time.perf_counter()
         while rollouts == 0 or time.perf_counter() - t0 < seconds:

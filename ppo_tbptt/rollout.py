@@ -87,11 +87,10 @@ class Collector:
     """
 
     def __init__(self, envs, model: RecurrentActorCritic, rollout_steps: int, device: torch.device,
-                 gamma: float, reset_hidden_state: bool = True):
+                 reset_hidden_state: bool = True):
         self.envs = envs
         self.model = model
         self.device = device
-        self.gamma = gamma
         self.reset_hidden_state = reset_hidden_state
         self.N = envs.num_envs
         self.T = rollout_steps

@@ -109,7 +109,7 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.ppo.lr.initial,
                                           eps=cfg.ppo.adam_eps)
         self.collector = Collector(self.envs, self.model, cfg.ppo.rollout_steps, device,
-                                   cfg.ppo.gamma, cfg.model.reset_hidden_state)
+                                   cfg.model.reset_hidden_state)
         self.shuffle_gen = torch.Generator().manual_seed(cfg.run.seed)
         self.truncation = make_strategy(cfg)
         self.batch_size = cfg.ppo.rollout_steps * self.envs.num_envs

@@ -31,8 +31,7 @@ def collect_twice(cfg: C.Config, seed: int = 0, device: str = "cpu"):
     torch.manual_seed(seed)
     envs = make_vector_env(cfg.env, seed, device=device.type)
     model = build_model(envs.single_observation_space, envs.single_action_space, cfg.model).to(device)
-    col = Collector(envs, model, cfg.ppo.rollout_steps, device, cfg.ppo.gamma,
-                    cfg.model.reset_hidden_state)
+    col = Collector(envs, model, cfg.ppo.rollout_steps, device, cfg.model.reset_hidden_state)
     col.collect()
     rollout, _ = col.collect()
     adv, ret = compute_gae(rollout.rewards, rollout.values, rollout.terminated, rollout.truncated,
@@ -160,7 +159,7 @@ def test_truncated_steps_bootstrap_from_final_observation():
     cfg = tiny_cue_config("gru")
     torch.manual_seed(0)
     model = build_model(envs.single_observation_space, envs.single_action_space, cfg.model)
-    col = Collector(envs, model, 6, torch.device("cpu"), 0.9)
+    col = Collector(envs, model, 6, torch.device("cpu"))
     r, episodes = col.collect()
     assert r.truncated[3].all() and not r.terminated.any()
     assert (r.truncation_values[3] != 0).all() and (r.truncation_values[[0, 1, 2, 4, 5]] == 0).all()

@@ -87,7 +87,7 @@ def collect_rollouts(cfg, seed=0, rollouts=2, device="cpu"):
     envs = make_vector_env(cfg.env, seed, device=device.type)
     try:
         model = build_model(envs.single_observation_space, envs.single_action_space, cfg.model).to(device)
-        col = Collector(envs, model, cfg.ppo.rollout_steps, device, cfg.ppo.gamma)
+        col = Collector(envs, model, cfg.ppo.rollout_steps, device)
         out = []
         for _ in range(rollouts):
             r, eps = col.collect()
@@ -128,7 +128,7 @@ def test_grouped_collection_stepping_equals_sequence_forward(core, device, exact
     torch.manual_seed(0)
     with make_vector_env(cfg.env, 0, device=device.type) as envs:
         model = build_model(envs.single_observation_space, envs.single_action_space, cfg.model).to(device)
-        col = Collector(envs, model, cfg.ppo.rollout_steps, device, cfg.ppo.gamma)
+        col = Collector(envs, model, cfg.ppo.rollout_steps, device)
         col.collect()
         rollout, _ = col.collect()
     assert len(col.groups) == 3 and rollout.episode_start[1:].any() and not rollout.episode_start[0].all()

@@ -24,7 +24,7 @@ def collect(cfg, seed: int = 0, rollouts: int = 1):
     torch.manual_seed(seed)
     envs = make_vector_env(cfg.env, seed)
     model = build_model(envs.single_observation_space, envs.single_action_space, cfg.model)
-    col = Collector(envs, model, cfg.ppo.rollout_steps, torch.device("cpu"), cfg.ppo.gamma,
+    col = Collector(envs, model, cfg.ppo.rollout_steps, torch.device("cpu"),
                     cfg.model.reset_hidden_state)
     for _ in range(rollouts):
         rollout, _ = col.collect()
