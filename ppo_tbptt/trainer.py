@@ -24,7 +24,7 @@ from .utils import seed_everything
 
 
 class TrainingDiverged(FloatingPointError):
-    """An update produced a non-finite loss: training stops before anything is saved."""
+    """An update produced a non-finite loss or gradient: training stops before anything is saved."""
 
 
 def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:
@@ -95,7 +95,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, run_dir: Path, device: torch.device, log: bool = True,
-                 quiet: bool = False, resume: dict | None = None):
+                 quiet: bool = False, resume: dict | None = None, resume_path: Path | None = None):
         self.cfg = cfg
         self.device = device
         self.run_dir = Path(run_dir)
@@ -104,6 +104,15 @@ class Trainer:
             torch.set_num_threads(cfg.run.torch_threads)
         seed_everything(cfg.run.seed)
         self.envs = make_vector_env(cfg.env, cfg.run.seed, device=device.type)
+        try:
+            self._build(cfg, device, log, resume, resume_path)
+        except BaseException:
+            self.envs.close()  # a bad checkpoint or config must not leave worker processes behind
+            raise
+
+    def _build(self, cfg: Config, device: torch.device, log: bool, resume: dict | None,
+               resume_path: Path | None) -> None:
+        """The rest of ``__init__``, once the envs exist (they are closed if this raises)."""
         self.model = build_model(self.envs.single_observation_space, self.envs.single_action_space,
                                  cfg.model).to(device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.ppo.lr.initial,
@@ -122,7 +131,7 @@ class Trainer:
         self._stop_signal: int | None = None
         self.time_limited = False  # train() stopped at run.max_seconds
         if resume is not None:
-            self.load_state_dict(resume)
+            self.load_state_dict(resume, resume_path or "checkpoint")
         self.writer = MetricsWriter(self.run_dir, resume_step=self.global_step if resume else None) if log else None
         if self.writer is not None:
             self.writer.text("config", "```\n" + dump_yaml(cfg) + "\n```")
@@ -151,7 +160,7 @@ class Trainer:
                                            "and cannot resume training")
         if device is None:
             device = resolve_device(cfg.run.device)
-        trainer = cls(cfg, run_dir, device, resume=state, **kw)
+        trainer = cls(cfg, run_dir, device, resume=state, resume_path=path, **kw)
         trainer.resumed_from = path
         return trainer
 
@@ -201,6 +210,7 @@ class Trainer:
                 finite &= torch.isfinite(out.loss.detach())
                 out.loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.ppo.max_grad_norm)
+                finite &= torch.isfinite(grad_norm)  # a finite loss can still have non-finite gradients
                 self.optimizer.step()
                 if first_kl is None:
                     first_kl = out.metrics["losses/approx_kl"]
@@ -210,7 +220,7 @@ class Trainer:
                 count += 1
         if not bool(finite):
             raise TrainingDiverged(
-                f"non-finite loss in update {self.update + 1} (env steps {self.global_step - self.batch_size:,}"
+                f"non-finite loss or gradient in update {self.update + 1} (env steps {self.global_step - self.batch_size:,}"
                 f"..{self.global_step:,}): training stopped and nothing was saved from it; the weights "
                 "are no longer usable, the run's last checkpoint is intact (try a lower ppo.lr or "
                 "ppo.max_grad_norm, or look for non-finite rewards or observations)")
@@ -263,9 +273,10 @@ class Trainer:
             "truncation": self.truncation.state_dict(),
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`'s output (raises CheckpointError if the weights do not fit)."""
-        ckpt.load_model_weights(self.model, state["model"])
+    def load_state_dict(self, state: dict, path: Path | str = "checkpoint") -> None:
+        """Restore :meth:`state_dict`'s output (raises CheckpointError naming ``path`` if the
+        weights do not fit)."""
+        ckpt.load_model_weights(self.model, state["model"], path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.global_step = int(state["global_step"])
         self.update = int(state["update"])
@@ -326,7 +337,7 @@ class Trainer:
         ``time_limited`` is true; a checkpoint is saved either way). SIGINT/SIGTERM (when
         ``handle_signals`` and in the main thread): finish the update, save a checkpoint, close the
         envs, return (see ``interrupted``); a second signal raises KeyboardInterrupt at once (the
-        envs are still closed). A non-finite loss raises TrainingDiverged (nothing saved)."""
+        envs are still closed). A non-finite loss or gradient raises TrainingDiverged (nothing saved)."""
         cfg = self.cfg
         start, start_step, elapsed0 = time.time(), self.global_step, self.elapsed
         next_ckpt = next_multiple(self.global_step, cfg.run.checkpoint_every)

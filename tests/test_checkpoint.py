@@ -161,24 +161,51 @@ def test_signal_saves_checkpoint_and_exits_cleanly(tmp_path, sig, vector):
     assert metric_rows(run) == metric_rows(tmp_path / "full")
 
 
-def test_non_finite_loss_stops_training_without_saving(tmp_path, monkeypatch, capsys):
-    """A NaN loss (here injected from the second update on) ends training with a one-line error
-    and exit code 1 before the poisoned weights reach a checkpoint or the next rollout."""
+@pytest.mark.parametrize("poison", ["loss", "gradient"])
+def test_non_finite_loss_stops_training_without_saving(tmp_path, monkeypatch, capsys, poison):
+    """A NaN loss, or a finite loss with NaN gradients (injected in the last minibatch of the second
+    update) ends training with a one-line error and exit code 1 before the poisoned weights reach a
+    checkpoint or the next rollout."""
     import ppo_tbptt.trainer as trainer_mod
     real = trainer_mod.ppo_loss_from_outputs
     calls = {"n": 0}
 
-    def poisoned(*args, **kwargs):
-        out = real(*args, **kwargs)
+    def poisoned(model, *args, **kwargs):
+        out = real(model, *args, **kwargs)
         calls["n"] += 1
-        if calls["n"] > 4:  # 2 epochs x 2 minibatches per update in the tiny config
-            out.loss = out.loss * float("nan")
+        if calls["n"] == 8:  # 2 epochs x 2 minibatches per update in the tiny config
+            if poison == "loss":
+                out.loss = out.loss * float("nan")
+            else:  # sqrt(w - w) is 0, its gradient 0/0
+                w = model.value_head.bias
+                out.loss = out.loss + torch.sqrt(w - w).sum()
+                assert torch.isfinite(out.loss)
         return out
 
     monkeypatch.setattr(trainer_mod, "ppo_loss_from_outputs", poisoned)
     over = [a for o in TINY + ["run.checkpoint_every=64", f"run.out_dir={tmp_path}"] for a in ("--set", o)]
     assert train_cli.main(["--config", "cue_recall", *over, "--run-name", "r"]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: non-finite loss in update 2 (env steps 64..128)") and "\n" not in err
+    assert err.startswith("error: non-finite loss or gradient in update 2 (env steps 64..128)") and "\n" not in err
     assert ckpt.latest_checkpoint(tmp_path / "r").name == f"step_{64:012d}.pt"
     assert [r["global_step"] for r in metric_rows(tmp_path / "r")] == [64]
+
+
+def test_trainer_that_cannot_restore_closes_its_envs(tmp_path, monkeypatch):
+    """A checkpoint whose weights do not fit the model: a one-line error naming the checkpoint, and
+    the worker pool that was already started is closed, not left running."""
+    import ppo_tbptt.trainer as trainer_mod
+    run = tmp_path / "run"
+    train_tiny(run, "run.total_steps=64")
+    created = []
+    real = trainer_mod.make_vector_env
+
+    def recording(*args, **kwargs):
+        created.append(real(*args, **kwargs))
+        return created[-1]
+
+    monkeypatch.setattr(trainer_mod, "make_vector_env", recording)
+    with pytest.raises(ckpt.CheckpointError, match=r"checkpoint .*step_000000000064\.pt: .*do not fit"):
+        Trainer.from_run(run, overrides=["model.hidden_size=24", "env.vector=pool", "env.envs_per_worker=2"],
+                         quiet=True)
+    assert len(created) == 1 and created[0]._closed

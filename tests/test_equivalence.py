@@ -25,12 +25,20 @@ def _exact():
         yield
 
 
-def collect_twice(cfg: C.Config, seed: int = 0, device: str = "cpu"):
-    """Two consecutive rollouts, so the second starts mid-episode from a carried state."""
+def collect_twice(cfg: C.Config, seed: int = 0, device: str = "cpu", sharp_heads: bool = False):
+    """Two consecutive rollouts, so the second starts mid-episode from a carried state.
+
+    ``sharp_heads``: policy and value heads initialised with gain 1 instead of 0.01 / 1, so the
+    log-probs and values move with every change upstream (a near-uniform untrained policy would
+    hide differences in the features below the test bounds)."""
     device = torch.device(device)
     torch.manual_seed(seed)
     envs = make_vector_env(cfg.env, seed, device=device.type)
-    model = build_model(envs.single_observation_space, envs.single_action_space, cfg.model).to(device)
+    model = build_model(envs.single_observation_space, envs.single_action_space, cfg.model)
+    if sharp_heads:
+        for head in (model.policy_head, model.value_head):
+            torch.nn.init.orthogonal_(head.weight, 3.0)
+    model = model.to(device)
     col = Collector(envs, model, cfg.ppo.rollout_steps, device, cfg.model.reset_hidden_state)
     col.collect()
     rollout, _ = col.collect()
@@ -66,19 +74,23 @@ def test_stepping_equals_sequence_forward(core, seq_len, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("encoder_dtype", ["float32", "bfloat16"])
 def test_stepping_equals_sequence_forward_memorygym_cnn(device, encoder_dtype):
-    """Also with the CNN in bfloat16: collection and update run the same encoder numerics, so the
-    stored log-probs and values are reproduced as tightly as in float32."""
+    """Also with the CNN in bfloat16: collection (no_grad, eval mode) and the update (gradients on,
+    train mode, real steps only) run the same encoder numerics, so the stored log-probs and values
+    are reproduced as tightly as in float32."""
     cfg = C.from_dict({"env": {"id": "MortarMayhem-Grid-v0", "num_envs": 2},
                        "model": {"core": "gru", "hidden_size": 16, "hidden_layer": 16,
                                  "encoder_dtype": encoder_dtype},
                        "tbptt": {"sequence_length": 5},
                        "ppo": {"rollout_steps": 12, "minibatches": 1}})
-    model, rollout = collect_twice(cfg, device=device)
+    model, rollout = collect_twice(cfg, device=device, sharp_heads=True)
     assert rollout.obs.dtype == torch.uint8
     b = build_sequences(rollout, 5)
-    with torch.no_grad():
-        logits, values, _ = model(b.obs, b.init_state, b.valid)  # the update's path: real steps only
-        logp = model.dist(logits).log_prob(b.actions)
+    model.train()
+    logits, values, _ = model(b.obs, b.init_state, b.valid)  # as in the update
+    assert values.requires_grad
+    logits, values = logits.detach(), values.detach()
+    logp = model.dist(logits).log_prob(b.actions)
+    assert logp.std() > 0.02, "the sharp heads must make the policy far from uniform"
     m = b.mask.bool()
     torch.testing.assert_close(logp[m], b.logprobs[m], atol=TOL, rtol=0)
     torch.testing.assert_close(values[m], b.values[m], atol=TOL, rtol=0)
@@ -87,10 +99,15 @@ def test_stepping_equals_sequence_forward_memorygym_cnn(device, encoder_dtype):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("core,encoder_dtype", [("lstm", "float32"), ("gru", "float32"), ("gru", "bfloat16")])
 def test_first_minibatch_ratio_is_one(core, encoder_dtype, device):
-    model, rollout = collect_twice(tiny_cue_config(core).replace("model", encoder_dtype=encoder_dtype), device=device)
+    model, rollout = collect_twice(tiny_cue_config(core).replace("model", encoder_dtype=encoder_dtype),
+                                   device=device, sharp_heads=True)
     b = build_sequences(rollout, 4)
-    out = ppo_loss(model, b.select(torch.arange(0, b.num_sequences, 2, device=b.mask.device)),
-                   LossCoefs(0.2, 0.01, 0.5))
+    mb = b.select(torch.arange(0, b.num_sequences, 2, device=b.mask.device))
+    model.train()
+    out = ppo_loss(model, mb, LossCoefs(0.2, 0.01, 0.5))
+    _, values, _ = model(mb.obs, mb.init_state, mb.valid)
+    m = mb.mask.bool()
+    torch.testing.assert_close(values.detach()[m], mb.values[m], atol=TOL, rtol=0)
     assert abs(out.metrics["losses/ratio"].item() - 1.0) < 1e-6
     assert abs(out.metrics["losses/approx_kl"].item()) < 1e-7
     assert out.metrics["losses/clipfrac"].item() == 0.0

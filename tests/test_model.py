@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch.distributions import Categorical, kl_divergence
 
+from eval_helpers import DEVICES
 from ppo_tbptt import config as C
 from ppo_tbptt.model import ActionDist, build_model
 
@@ -71,7 +72,8 @@ def test_action_dist_rejects_logits_of_the_wrong_width():
         ActionDist(torch.zeros(2, 5), [4])
 
 
-def test_bfloat16_encoder_computes_in_bfloat16_and_hands_on_float32():
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_encoder_computes_in_bfloat16_and_hands_on_float32(device):
     import gymnasium as gym
     import numpy as np
     space = gym.spaces.Box(0, 255, (84, 84, 3), np.uint8)
@@ -79,16 +81,35 @@ def test_bfloat16_encoder_computes_in_bfloat16_and_hands_on_float32():
     for dtype in ("float32", "bfloat16"):
         torch.manual_seed(0)
         cfg = C.ModelConfig(hidden_size=16, hidden_layer=32, encoder_dtype=dtype)
-        models[dtype] = build_model(space, gym.spaces.Discrete(4), cfg)
-    obs = torch.randint(0, 256, (3, 5, 84, 84, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+        models[dtype] = build_model(space, gym.spaces.Discrete(4), cfg).to(device)
+    obs = torch.randint(0, 256, (3, 5, 84, 84, 3), dtype=torch.uint8,
+                        generator=torch.Generator().manual_seed(1)).to(device)
     f32, bf16 = models["float32"].encode(obs), models["bfloat16"].encode(obs)
     assert f32.dtype == bf16.dtype == torch.float32
-    assert not torch.equal(f32, bf16)  # the bfloat16 path really ran
+    assert not torch.equal(f32, bf16)  # the bfloat16 path really ran (on this device)
     torch.testing.assert_close(bf16, f32, rtol=0.05, atol=0.05)
-    logits, values, state = models["bfloat16"](obs, models["bfloat16"].initial_state(3))
-    assert logits.dtype == values.dtype == state.h.dtype == torch.float32  # core and heads stay float32
+
+    model = models["bfloat16"]
+    seen = {}
+
+    def conv_hook(module, inputs, output):
+        seen["conv"] = output.dtype
+
+    def float32_hook(name):
+        def hook(module, inputs, output):
+            out = output[0] if isinstance(output, tuple) else output
+            seen[name] = (torch.is_autocast_enabled(out.device.type), out.dtype)
+        return hook
+
+    model.encoder.conv[0].register_forward_hook(conv_hook)
+    for name in ("core", "body", "policy_head", "value_head"):
+        getattr(model, name).register_forward_hook(float32_hook(name))
+    logits, values, state = model(obs, model.initial_state(3, device))
+    assert seen.pop("conv") == torch.bfloat16
+    assert seen == {n: (False, torch.float32) for n in ("core", "body", "policy_head", "value_head")}
+    assert logits.dtype == values.dtype == state.h.dtype == torch.float32
     (logits.sum() + values.sum()).backward()
-    conv = models["bfloat16"].encoder.conv[0].weight
+    conv = model.encoder.conv[0].weight
     assert conv.dtype == torch.float32 and conv.grad is not None and torch.isfinite(conv.grad).all()
 
 
