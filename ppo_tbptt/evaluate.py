@@ -59,7 +59,7 @@ def load_policy(path: str | Path, device: torch.device):
     """(model, config, checkpoint dict, checkpoint path) from a run folder or checkpoint file.
 
     Raises CheckpointError (missing/truncated/foreign/mismatched) or ConfigError."""
-    from .envs import make_base_env
+    from .envs import make_env
     from .model import build_model
     file = ckpt.latest_checkpoint(Path(path))
     state = ckpt.load_checkpoint(file)
@@ -68,7 +68,7 @@ def load_policy(path: str | Path, device: torch.device):
     except ConfigError as exc:
         raise ckpt.CheckpointError(f"checkpoint {file}: its config is invalid: "
                                    + "; ".join(exc.problems)) from None
-    env = make_base_env(cfg.env.id, cfg.env.kwargs)
+    env = make_env(cfg.env)
     try:
         model = build_model(env.observation_space, env.action_space, cfg.model)
     finally:

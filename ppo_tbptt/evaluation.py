@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .envs import make_base_env
+from .envs import make_env
 from .envs.vector import episode_stats
 from .envs.wrappers import LevelSeedWrapper
 from .model import RecurrentActorCritic
@@ -121,8 +121,8 @@ class Evaluator:
             raise ValueError(f"Evaluator needs at least one env, got {num_envs}")
         mode = "rgb_array" if render else None
         self.env_id = env_cfg.id
-        self.envs = [LevelSeedWrapper(make_base_env(env_cfg.id, env_cfg.kwargs, mode), no_seed,
-                                      env_cfg.reset_params) for _ in range(num_envs)]
+        self.envs = [LevelSeedWrapper(make_env(env_cfg, mode), no_seed, env_cfg.reset_params)
+                     for _ in range(num_envs)]
         self.render = render
 
     def close(self) -> None:

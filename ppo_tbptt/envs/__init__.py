@@ -10,17 +10,13 @@ import numpy as np
 
 from .cue_recall import CueRecall
 from .vector import EnvConfigError, EnvError, EpisodeStats, SerialVectorEnv, StepResult, VectorEnv
-from .wrappers import EnvStateError, LevelSeedWrapper
+from .memorygym import MEMORY_GYM_IDS, MORTAR_MAYHEM_IDS, MortarMayhemTrueSuccess
+from .wrappers import DownsampleObservation, EnvStateError, LevelSeedWrapper
 
 for _k, _v in (("SDL_VIDEODRIVER", "dummy"), ("SDL_AUDIODRIVER", "dummy"), ("PYGAME_HIDE_SUPPORT_PROMPT", "1")):
     os.environ.setdefault(_k, _v)
 
 CUE_RECALL_ID = "CueRecall-v0"
-MEMORY_GYM_IDS = (
-    "MortarMayhem-v0", "MortarMayhem-Grid-v0", "MortarMayhemB-v0", "MortarMayhemB-Grid-v0",
-    "MysteryPath-v0", "MysteryPath-Grid-v0", "SearingSpotlights-v0",
-    "Endless-MortarMayhem-v0", "Endless-MysteryPath-v0", "Endless-SearingSpotlights-v0",
-)
 
 
 def make_base_env(env_id: str, kwargs: dict | None = None, render_mode: str | None = None) -> gym.Env:
@@ -88,15 +84,31 @@ def seed_sequence(seeds: list[int]) -> SeedSequence:
     return SeedSequence(seeds)
 
 
-def env_fn(env_cfg, next_seed: Callable[[], int], render_mode: str | None = None) -> Callable[[], gym.Env]:
-    """A picklable-enough thunk building one seeded, reset-param-applying env."""
-    def thunk() -> gym.Env:
+def make_env(env_cfg, render_mode: str | None = None) -> gym.Env:
+    """One env as training and evaluation see it, without the level-seed wrapper: the raw env,
+    Mortar Mayhem's success recomputed (:class:`MortarMayhemTrueSuccess`), observations
+    average-pooled by ``env.downsample``. Raises EnvConfigError if it cannot be built."""
+    try:
+        env = make_base_env(env_cfg.id, env_cfg.kwargs, render_mode)
+    except (TypeError, ValueError) as exc:  # the id is unknown or the constructor rejects kwargs
+        raise EnvConfigError(f"cannot build env {env_cfg.id!r} with env.kwargs {env_cfg.kwargs}: "
+                             f"{type(exc).__name__}: {exc}") from exc
+    if env_cfg.id in MORTAR_MAYHEM_IDS:
+        env = MortarMayhemTrueSuccess(env)
+    factor = getattr(env_cfg, "downsample", 1)
+    if factor > 1:
         try:
-            base = make_base_env(env_cfg.id, env_cfg.kwargs, render_mode)
-        except (TypeError, ValueError) as exc:  # the id is unknown or the constructor rejects kwargs
-            raise EnvConfigError(f"cannot build env {env_cfg.id!r} with env.kwargs {env_cfg.kwargs}: "
-                                 f"{type(exc).__name__}: {exc}") from exc
-        return LevelSeedWrapper(base, next_seed, env_cfg.reset_params)
+            env = DownsampleObservation(env, factor)
+        except ValueError as exc:
+            env.close()
+            raise EnvConfigError(f"env.downsample: {exc}") from None
+    return env
+
+
+def env_fn(env_cfg, next_seed: Callable[[], int], render_mode: str | None = None) -> Callable[[], gym.Env]:
+    """A picklable-enough thunk building one seeded, reset-param-applying env (:func:`make_env`)."""
+    def thunk() -> gym.Env:
+        return LevelSeedWrapper(make_env(env_cfg, render_mode), next_seed, env_cfg.reset_params)
     return thunk
 
 
@@ -131,6 +143,6 @@ def make_vector_env(env_cfg, run_seed: int, num_envs: int | None = None, seed_ra
     return SerialVectorEnv(fns, groups=groups)
 
 
-__all__ = ["CueRecall", "EnvConfigError", "EnvError", "EpisodeStats", "SerialVectorEnv", "StepResult", "VectorEnv", "LevelSeedWrapper", "EnvStateError",
+__all__ = ["CueRecall", "DownsampleObservation", "MortarMayhemTrueSuccess", "MEMORY_GYM_IDS", "MORTAR_MAYHEM_IDS", "make_env", "EnvConfigError", "EnvError", "EpisodeStats", "SerialVectorEnv", "StepResult", "VectorEnv", "LevelSeedWrapper", "EnvStateError",
            "SeedStream", "SeedSequence",
            "env_groups", "make_base_env", "make_vector_env", "seed_stream", "seed_sequence", "env_fn", "CUE_RECALL_ID"]
