@@ -65,6 +65,10 @@ class EnvConfig:
     """Half-open range ``[start, end)`` from which each training episode's level seed is drawn."""
     eval_seeds: tuple = (1_000_000, 1_001_000)
     """Held-out half-open range of level seeds for evaluation; must not overlap ``train_seeds``."""
+    downsample: int = 1
+    """Average-pool image observations by this factor in both directions where the env runs
+    (1 = off). 4 turns MemoryGym's 84x84x3 grid frames into 21x21x3 and keeps every tile apart
+    (the grid envs' fast path on a CPU); the factor must divide the image size."""
     vector: str = "serial"
     """How envs are stepped: ``serial`` (in this process), ``pool`` (worker processes writing
     observations into shared memory; the fast path) or ``gym_async`` (gymnasium's AsyncVectorEnv,
@@ -90,7 +94,8 @@ class ModelConfig:
     hidden_layer: int = 512
     """Width of the fully connected layers before and after the core."""
     encoder: str = "auto"
-    """``auto`` (CNN for images, MLP for vectors), ``cnn`` or ``mlp``."""
+    """``auto`` (the Nature CNN for images of at least 36x36 pixels, else an MLP over the flattened
+    observation), ``cnn`` or ``mlp``."""
     encoder_dtype: str = "float32"
     """``float32``, or ``bfloat16``: the encoder runs under autocast in bfloat16, in collection and
     in the update alike, and hands float32 features on; the recurrent core, the heads and the loss
@@ -98,6 +103,10 @@ class ModelConfig:
     convolutions are (CPUs with AVX512-BF16 or AMX, recent GPUs)."""
     reset_hidden_state: bool = True
     """Zero the recurrent state of an env when its episode ends."""
+    memoryless: bool = False
+    """Ablation: zero the recurrent state before every step, in collection and in training, so the
+    policy sees only the current observation (the same network, no memory). A task that needs
+    memory should fail with it; the gap to the recurrent agent shows how much memory is used."""
 
 
 @dataclass(frozen=True)
@@ -378,6 +387,8 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"env.num_envs: must be >= 1, got {e.num_envs}")
     if e.vector not in ("serial", "pool", "gym_async"):
         p.append(f"env.vector: must be 'serial', 'pool' or 'gym_async', got {e.vector!r}")
+    if e.downsample < 1:
+        p.append(f"env.downsample: must be >= 1 (1 = off), got {e.downsample}")
     if e.envs_per_worker < 0:
         p.append(f"env.envs_per_worker: must be >= 0, got {e.envs_per_worker}")
     if e.groups < 0:
@@ -394,6 +405,9 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"model.core: must be 'lstm' or 'gru', got {m.core!r}")
     if m.encoder not in ("auto", "cnn", "mlp"):
         p.append(f"model.encoder: must be 'auto', 'cnn' or 'mlp', got {m.encoder!r}")
+    if m.memoryless and (t.strategy != "fixed" or t.refresh_states):
+        p.append(f"model.memoryless: an ablation for tbptt.strategy 'fixed' without "
+                 f"tbptt.refresh_states (got strategy {t.strategy!r}, refresh_states {t.refresh_states})")
     if m.encoder_dtype not in ("float32", "bfloat16"):
         p.append(f"model.encoder_dtype: must be 'float32' or 'bfloat16', got {m.encoder_dtype!r}")
     for name in ("hidden_size", "num_layers", "hidden_layer"):

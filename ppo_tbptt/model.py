@@ -44,6 +44,10 @@ class RecurrentState:
         return [self.h] if self.c is None else [self.h, self.c]
 
 
+class ModelConfigError(ValueError):
+    """The model cannot be built for these spaces with this config (a user error, not a bug)."""
+
+
 def _ortho(layer: nn.Module, gain: float) -> nn.Module:
     nn.init.orthogonal_(layer.weight, gain)
     nn.init.zeros_(layer.bias)
@@ -136,7 +140,7 @@ def action_nvec(space: gym.Space) -> list[int]:
         return [int(space.n)]
     if isinstance(space, gym.spaces.MultiDiscrete):
         return [int(n) for n in np.asarray(space.nvec).ravel()]
-    raise ValueError(f"unsupported action space {space} (Discrete and MultiDiscrete are)")
+    raise ModelConfigError(f"unsupported action space {space} (Discrete and MultiDiscrete are)")
 
 
 class RecurrentActorCritic(nn.Module):
@@ -150,18 +154,23 @@ class RecurrentActorCritic(nn.Module):
         self.num_layers = model_cfg.num_layers
         self.hidden_size = model_cfg.hidden_size
         enc = model_cfg.encoder
-        if enc == "auto":
-            enc = "cnn" if len(self.obs_shape) == 3 else "mlp"
+        if enc == "auto":  # the Nature CNN's kernels need at least 36x36 pixels
+            enc = "cnn" if len(self.obs_shape) == 3 and min(self.obs_shape[:2]) >= 36 else "mlp"
         high = float(np.max(obs_space.high)) if np.issubdtype(obs_space.dtype, np.integer) else 1.0
         self.obs_scale = 1.0 / high if high > 1 else 1.0
         width = model_cfg.hidden_layer
         if enc == "cnn":
             if len(self.obs_shape) != 3:
-                raise ValueError(f"encoder 'cnn' needs image observations [H, W, C], got {self.obs_shape}")
+                raise ModelConfigError(f"model.encoder 'cnn' needs image observations [H, W, C], got "
+                                       f"{self.obs_shape}")
+            if min(self.obs_shape[:2]) < 36:
+                raise ModelConfigError(f"model.encoder 'cnn' (the Nature CNN) needs images of at least 36x36, got "
+                                 f"{self.obs_shape[0]}x{self.obs_shape[1]} (use encoder 'mlp' for small images)")
             self.encoder = NatureCNN(self.obs_shape, width)
         else:
             self.encoder = MLPEncoder(int(np.prod(self.obs_shape)), width)
         self.encoder_bf16 = getattr(model_cfg, "encoder_dtype", "float32") == "bfloat16"
+        self.memoryless = bool(getattr(model_cfg, "memoryless", False))
         rnn = nn.LSTM if self.core_type == "lstm" else nn.GRU
         self.core = rnn(width, self.hidden_size, self.num_layers, batch_first=True)
         for name, p in self.core.named_parameters():
@@ -219,9 +228,24 @@ class RecurrentActorCritic(nn.Module):
         ``valid [B, L]``: see :meth:`encode` (outputs past a sequence's end are then meaningless).
         """
         x = self.encode(obs, valid)
-        out, s = self.core(x, state.as_torch())  # out [B, L, H]
+        out, s = self.run_core(x, state)  # out [B, L, H]
         logits, values = self.heads(out)
-        return logits, values, RecurrentState.from_torch(s)
+        return logits, values, s
+
+    def run_core(self, x: torch.Tensor, state: RecurrentState) -> tuple[torch.Tensor, RecurrentState]:
+        """The recurrent core over ``x [B, L, F]`` from ``state`` -> ``out [B, L, H]``, final state.
+
+        With ``model.memoryless`` (an ablation) every step starts from the zero state: the core
+        runs on ``[B * L, 1, F]`` and the "final state" is that of the last step alone."""
+        if not self.memoryless:
+            out, s = self.core(x, state.as_torch())
+            return out, RecurrentState.from_torch(s)
+        b, l = x.shape[:2]
+        zero = self.initial_state(b * l, x.device)
+        out, s = self.core(x.reshape(b * l, 1, x.shape[-1]), zero.as_torch())  # [B*L, 1, H]
+        last = RecurrentState.from_torch(s)
+        keep = torch.arange(b, device=x.device) * l + (l - 1)  # each sequence's last step
+        return out.reshape(b, l, -1), last.index(keep)
 
     def dist(self, logits: torch.Tensor) -> ActionDist:
         return ActionDist(logits, self.nvec)

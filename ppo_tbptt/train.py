@@ -117,11 +117,12 @@ def main(argv=None) -> int:
         return 2
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     from .envs import EnvConfigError
+    from .model import ModelConfigError
     from .trainer import Trainer
     print(f"run folder: {run_dir}  (tensorboard --logdir {cfg.run.out_dir})  device: {device}", flush=True)
     try:
         trainer = Trainer(cfg, run_dir, device)
-    except EnvConfigError as exc:
+    except (EnvConfigError, ModelConfigError) as exc:
         shutil.rmtree(run_dir, ignore_errors=True)  # nothing was trained: leave no empty run behind
         print(f"error: {exc}", file=sys.stderr)
         return 2

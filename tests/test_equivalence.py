@@ -6,7 +6,7 @@ import torch
 from ppo_tbptt import config as C
 from ppo_tbptt.envs import CueRecall, SerialVectorEnv, make_vector_env
 from ppo_tbptt.gae import compute_gae
-from ppo_tbptt.model import build_model
+from ppo_tbptt.model import MLPEncoder, build_model
 from ppo_tbptt.ppo import LossCoefs, ppo_loss
 from ppo_tbptt.rollout import Collector
 from ppo_tbptt.sequences import build_sequences
@@ -94,6 +94,67 @@ def test_stepping_equals_sequence_forward_memorygym_cnn(device, encoder_dtype):
     m = b.mask.bool()
     torch.testing.assert_close(logp[m], b.logprobs[m], atol=TOL, rtol=0)
     torch.testing.assert_close(values[m], b.values[m], atol=TOL, rtol=0)
+
+
+def grid_fast_config(memoryless: bool = False, core: str = "gru") -> C.Config:
+    """The grid envs' CPU path: 4x-pooled 21x21x3 frames into the MLP encoder."""
+    return C.from_dict({"env": {"id": "MortarMayhem-Grid-v0", "num_envs": 3, "downsample": 4,
+                                "reset_params": {"command_count": [2], "explosion_delay": [3]}},
+                        "model": {"core": core, "hidden_size": 16, "hidden_layer": 16, "encoder": "auto",
+                                  "memoryless": memoryless},
+                        "tbptt": {"sequence_length": 0},
+                        "ppo": {"rollout_steps": 24, "minibatches": 1}})
+
+
+@pytest.mark.parametrize("memoryless", [False, True])
+@pytest.mark.parametrize("core", ["gru", "lstm"])
+def test_stepping_equals_sequence_forward_grid_fast_path(core, memoryless):
+    """Downsampled frames (stored as 21x21x3 uint8) and, as an ablation, a memoryless core: the
+    update's forward reproduces the collected log-probs and values, and first-minibatch ratio is 1."""
+    model, rollout = collect_twice(grid_fast_config(memoryless, core), sharp_heads=True)
+    assert rollout.obs.shape[2:] == (21, 21, 3) and rollout.obs.dtype == torch.uint8
+    assert isinstance(model.encoder, MLPEncoder)
+    assert rollout.episode_start[1:].any() and not rollout.episode_start[0].all()
+    b = build_sequences(rollout, 0)
+    model.train()
+    logits, values, _ = model(b.obs, b.init_state, b.valid)
+    logp = model.dist(logits.detach()).log_prob(b.actions)
+    assert logp.std() > 0.02
+    m = b.mask.bool()
+    torch.testing.assert_close(logp[m], b.logprobs[m], atol=TOL, rtol=0)
+    torch.testing.assert_close(values.detach()[m], b.values[m], atol=TOL, rtol=0)
+    out = ppo_loss(model, b, LossCoefs(0.2, 0.01, 0.5))
+    assert abs(out.metrics["losses/ratio"].item() - 1.0) < 1e-6
+    assert abs(out.metrics["losses/approx_kl"].item()) < 1e-7
+    # memoryless: the outputs do not depend on the start state; with memory they do
+    noisy = b.init_state.clone()
+    for t in noisy.tensors():
+        t.add_(torch.randn_like(t))
+    with torch.no_grad():
+        other, _, _ = model(b.obs, noisy, b.valid)
+    if memoryless:
+        torch.testing.assert_close(other[m], logits.detach()[m], atol=1e-6, rtol=0)
+    else:
+        assert (other[m] - logits.detach()[m]).abs().max() > 1e-3
+
+
+def test_memoryless_model_sees_only_the_current_observation():
+    """Every step of a memoryless forward equals a one-step forward from the zero state."""
+    cfg = tiny_cue_config("lstm").replace("model", memoryless=True)
+    env = CueRecall(num_cues=3, delay=3)
+    model = build_model(env.observation_space, env.action_space, cfg.model)
+    obs = torch.randint(0, 2, (4, 6, 4), dtype=torch.uint8)
+    state = model.initial_state(4)
+    for t in state.tensors():
+        t.normal_()
+    with torch.no_grad():
+        logits, values, _ = model(obs, state)
+        plain = build_model(env.observation_space, env.action_space, cfg.model.__class__(
+            **{**cfg.model.__dict__, "memoryless": False}))
+        plain.load_state_dict(model.state_dict())
+        step_logits, step_values, _ = plain(obs.reshape(24, 1, 4), plain.initial_state(24))
+    torch.testing.assert_close(logits.reshape(24, -1), step_logits[:, 0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(values.reshape(24), step_values[:, 0], atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

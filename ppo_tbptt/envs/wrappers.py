@@ -90,3 +90,47 @@ class LevelSeedWrapper(gym.Wrapper):
                                     f"{len(actions)} recorded actions; the env is not deterministic")
         self._actions = list(actions)
         return obs
+
+
+class DownsampleObservation(gym.ObservationWrapper):
+    """Average-pool image observations ``[H, W, C]`` by ``factor`` in both directions, rounding to
+    the observation dtype: MemoryGym's grid envs draw 5x5 or 7x7 tiles of 14 or 12 pixels into
+    84x84, so a factor of 4 (21x21x3, 16x fewer numbers) keeps every tile, the agent's heading and
+    the command symbols apart. Runs where the env runs (a pool worker), so the learner receives,
+    stores and encodes the small image."""
+
+    def __init__(self, env: gym.Env, factor: int):
+        super().__init__(env)
+        space = env.observation_space
+        if not isinstance(space, gym.spaces.Box) or len(space.shape) != 3:
+            raise ValueError(f"downsampling needs image observations [H, W, C], got {space}")
+        h, w, c = space.shape
+        if factor < 1 or h % factor or w % factor:
+            raise ValueError(f"factor {factor} must divide the image size {h}x{w}")
+        self.factor = int(factor)
+        self._c = c
+        # Pooling as two products with 0/1 matrices, rows then (column, channel) pairs: on a
+        # CPU several times faster than numpy's strided reductions. Exact for integer images
+        # (sums of at most factor^2 * 255 are exact in float32).
+        f32 = np.float32
+        self._rows = np.kron(np.eye(h // factor, dtype=f32), np.ones((1, factor), f32))  # [h/f, h]
+        cols = np.kron(np.eye(w // factor, dtype=f32), np.ones((factor, 1), f32))  # [w, w/f]
+        self._cols = np.kron(cols, np.eye(c, dtype=f32))  # [w*c, (w/f)*c]
+        self._integer = np.issubdtype(space.dtype, np.integer)
+        low = self._pool(np.broadcast_to(space.low, space.shape).astype(space.dtype))
+        high = self._pool(np.broadcast_to(space.high, space.shape).astype(space.dtype))
+        self.observation_space = gym.spaces.Box(low, high, (h // factor, w // factor, c), space.dtype)
+
+    def _pool(self, obs: np.ndarray) -> np.ndarray:
+        obs = np.asarray(obs)
+        h, w = obs.shape[0] // self.factor, obs.shape[1] // self.factor
+        x = obs.reshape(obs.shape[0], -1).astype(np.float32)  # [H, W*C]
+        total = (self._rows @ x) @ self._cols  # [H/f, (W/f)*C] block sums
+        n = float(self.factor * self.factor)
+        if self._integer:
+            mean = np.floor((total + n / 2) / n)  # the mean rounded half up
+            return mean.astype(obs.dtype).reshape(h, w, self._c)
+        return (total / n).astype(obs.dtype).reshape(h, w, self._c)
+
+    def observation(self, observation):
+        return self._pool(observation)
