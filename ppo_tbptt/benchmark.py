@@ -197,8 +197,12 @@ def end_to_end(cfg: Config, device: torch.device, seconds: float) -> dict:
                 torch.cuda.synchronize(device)
             elapsed = time.perf_counter() - t0
             steps = trainer.global_step - steps0
+            m = trainer.model
+            model = (f"{type(m.encoder).__name__} {cfg.model.hidden_layer} -> {cfg.model.core.upper()} "
+                     f"{cfg.model.hidden_size}" + (", memoryless" if m.memoryless else ""))
             return {"steps_per_second": steps / elapsed, "steps": steps, "seconds": elapsed, "updates": updates,
-                    "collect_seconds_per_update": collect / updates, "update_seconds_per_update": update / updates}
+                    "collect_seconds_per_update": collect / updates, "update_seconds_per_update": update / updates,
+                    "obs_shape": list(trainer.envs.single_observation_space.shape), "model": model}
         finally:
             trainer.close()
 
@@ -329,6 +333,39 @@ def format_sweep(sweep: dict) -> str:
     return "\n".join(lines)
 
 
+COMPARE_ROWS = ("policy_only", "collect", "train")
+
+
+def run_compare(named: list[tuple[str, Config]], device: torch.device, seconds: float, log=print) -> dict:
+    """The policy side, collection and end-to-end training of several configs, one after the
+    other in one process (the same machine state), for a side-by-side table."""
+    runs = []
+    for name, cfg in named:
+        log(f"  config {name}:", file=sys.stderr, flush=True)
+        rep = run_benchmark(cfg, device, seconds, baselines=False, only=set(COMPARE_ROWS), log=log)
+        rep["name"] = name
+        runs.append(rep)
+    return {"device": str(device), "machine": machine_description(device), "seconds": seconds, "configs": runs}
+
+
+def format_compare(report: dict) -> str:
+    lines = [f"device {report['device']}; machine: {report['machine']}", "",
+             "| config | env | obs | model | batch | policy side | collection | end-to-end | "
+             "per update: collect / learn (s) | end-to-end vs first |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    first = None
+    for rep in report["configs"]:
+        c, r = rep["config"], rep["results"]
+        t = r["train"]
+        first = first or t["steps_per_second"]
+        obs = "x".join(map(str, t["obs_shape"]))
+        lines.append(f"| {rep['name']} | {c['env']} | {obs} | {t['model']} | {c['batch']:,} | "
+                     f"{r['policy_only']['steps_per_second']:,.0f} | {r['collect']['steps_per_second']:,.0f} | "
+                     f"{t['steps_per_second']:,.0f} | {t['collect_seconds_per_update']:.2f} / "
+                     f"{t['update_seconds_per_update']:.2f} | {t['steps_per_second'] / first:.2f}x |")
+    return "\n".join(lines)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m ppo_tbptt.benchmark", description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="config name in configs/ or a path")
@@ -340,6 +377,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--only", default="", help="comma-separated subset: " + ", ".join(MEASUREMENTS))
     p.add_argument("--sweep", default="", metavar="NxT,...",
                    help="compare layouts: envs x rollout steps, e.g. 32x512,64x256,128x128")
+    p.add_argument("--compare", action="append", default=[], metavar="CONFIG",
+                   help="also measure this config (repeatable; the same --set overrides apply to it) and "
+                        "print the policy side, collection and end-to-end training of each side by side")
     p.add_argument("--json", default=None, metavar="OUT.json", help="also write the figures as JSON")
     args = p.parse_args(argv)
     if args.seconds <= 0:
@@ -364,6 +404,23 @@ def main(argv=None) -> int:
         print(f"error: --only: unknown {', '.join(sorted(unknown))} (known: {', '.join(MEASUREMENTS)})",
               file=sys.stderr)
         return 2
+    if args.compare and (args.sweep or only):
+        print("error: --compare measures policy_only, collect and train; it does not combine with "
+              "--sweep or --only", file=sys.stderr)
+        return 2
+    if args.compare:
+        try:
+            named = [(name, config_and_device(name, overrides)[0]) for name in [args.config, *args.compare]]
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"benchmark comparison: {', '.join(n for n, _ in named)}, {args.seconds:g} s per measurement",
+              file=sys.stderr, flush=True)
+        report = run_compare(named, device, args.seconds)
+        print(format_compare(report))
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2))
+        return 0
     if args.sweep and only:
         print("error: --only does not apply to --sweep (it measures policy_only, collect and train)",
               file=sys.stderr)
