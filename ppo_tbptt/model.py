@@ -228,16 +228,25 @@ class RecurrentActorCritic(nn.Module):
         ``valid [B, L]``: see :meth:`encode` (outputs past a sequence's end are then meaningless).
         """
         x = self.encode(obs, valid)
-        out, s = self.run_core(x, state)  # out [B, L, H]
+        out, s = self.run_core(x, state, valid)  # out [B, L, H]
         logits, values = self.heads(out)
         return logits, values, s
 
-    def run_core(self, x: torch.Tensor, state: RecurrentState) -> tuple[torch.Tensor, RecurrentState]:
+    def run_core(self, x: torch.Tensor, state: RecurrentState, valid: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, RecurrentState]:
         """The recurrent core over ``x [B, L, F]`` from ``state`` -> ``out [B, L, H]``, final state.
 
+        ``valid [B, L]`` (real steps first, then padding): when some sequences are shorter than
+        L, they run as a packed sequence, so the core computes real steps only (whole-episode
+        sequences are a third padding or more); outputs at padded positions are then zero and the
+        final state is each sequence's state after its last real step.
         With ``model.memoryless`` (an ablation) every step starts from the zero state: the core
         runs on ``[B * L, 1, F]`` and the "final state" is that of the last step alone."""
         if not self.memoryless:
+            if valid is not None and x.shape[1] > 1:
+                lengths = valid.sum(1)
+                if bool((lengths < x.shape[1]).any()):  # one host sync; the padding is worth skipping
+                    return self._run_packed(x, state, lengths)
             out, s = self.core(x, state.as_torch())
             return out, RecurrentState.from_torch(s)
         b, l = x.shape[:2]
@@ -246,6 +255,14 @@ class RecurrentActorCritic(nn.Module):
         last = RecurrentState.from_torch(s)
         keep = torch.arange(b, device=x.device) * l + (l - 1)  # each sequence's last step
         return out.reshape(b, l, -1), last.index(keep)
+
+    def _run_packed(self, x: torch.Tensor, state: RecurrentState, lengths: torch.Tensor
+                    ) -> tuple[torch.Tensor, RecurrentState]:
+        from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, s = self.core(packed, state.as_torch())  # the final state comes back in input order
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])  # [B, L, H]
+        return out, RecurrentState.from_torch(s)
 
     def dist(self, logits: torch.Tensor) -> ActionDist:
         return ActionDist(logits, self.nvec)
