@@ -11,7 +11,7 @@ import torch
 from ppo_tbptt.model import RecurrentState
 from ppo_tbptt.sequences import build_sequences, overlap_windows
 from ppo_tbptt.truncation import (
-    OverlapStrategy, RandomStrategy, TruncationStrategy, estimate_truncation, fit_decay,
+    FixedStrategy, OverlapStrategy, RandomStrategy, estimate_truncation, fit_decay,
     lag_gradients, make_strategy, phi_and_partial_norms, random_truncation_unroll,
     refresh_start_states, scale_gradient, tail_bound,
 )
@@ -333,7 +333,7 @@ def test_refresh_equals_a_fresh_unroll_with_current_weights(core):
 def test_refresh_with_unchanged_weights_is_a_no_op_and_kl_zero():
     cfg = tiny_config("tbptt.sequence_length=4")
     model, rollout = collect(cfg, rollouts=2)
-    batch = TruncationStrategy(cfg).build(rollout)
+    batch = FixedStrategy(cfg).build(rollout)
     stored = batch.init_state.clone()
     kl = refresh_start_states(model, rollout, batch, reset_hidden_state=True)
     torch.testing.assert_close(batch.init_state.h, stored.h, rtol=0, atol=1e-6)
