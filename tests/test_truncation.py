@@ -3,10 +3,12 @@ start-state refresh, and each strategy inside one trainer update."""
 from __future__ import annotations
 
 import math
+import types
 
 import numpy as np
 import pytest
 import torch
+from torch.distributions import Categorical
 
 from ppo_tbptt.model import RecurrentState
 from ppo_tbptt.sequences import build_sequences, overlap_windows
@@ -299,6 +301,9 @@ def test_refresh_equals_a_fresh_unroll_with_current_weights(core):
     with torch.no_grad():  # the update moved the weights
         for p in model.core.parameters():
             p.add_(0.3 * torch.randn_like(p))
+        # a policy far from uniform, so a changed state changes it (gain 0.01 gives KLs ~1e-7,
+        # at the level of float32 rounding)
+        torch.nn.init.orthogonal_(model.policy_head.weight, 3.0)
     strat = make_strategy(cfg)
     batch = strat.build(rollout)
     stored = batch.init_state.clone()
@@ -326,8 +331,16 @@ def test_refresh_equals_a_fresh_unroll_with_current_weights(core):
         torch.testing.assert_close(batch.init_state.c, expect_c[t, :, n].transpose(0, 1), rtol=0, atol=1e-6)
     # the states really were stale (otherwise the test shows nothing), and the KL says so
     mid = ~rollout.episode_start.reshape(-1)[first] & (t > 0)
-    assert mid.any() and (stored.h[:, mid] - batch.init_state.h[:, mid]).abs().max() > 1e-3
-    assert strat.metrics()["tbptt/staleness_kl"] > 0
+    assert mid.any() and (~mid).any()
+    assert (stored.h[:, mid] - batch.init_state.h[:, mid]).abs().max() > 1e-3
+    torch.testing.assert_close(stored.h[:, ~mid], batch.init_state.h[:, ~mid], rtol=0, atol=1e-6)
+    # KL(new || old) at the first step, averaged over the sequences that can be stale only
+    with torch.no_grad():
+        new = model(batch.obs[:, :1], batch.init_state)[0][:, 0]  # [S, A]
+        old = model(batch.obs[:, :1], stored)[0][:, 0]
+    kl = torch.distributions.kl_divergence(Categorical(logits=new), Categorical(logits=old))  # [S]
+    assert kl[mid].mean() > 1e-3
+    assert strat.metrics()["tbptt/staleness_kl"] == pytest.approx(float(kl[mid].mean()), rel=1e-4)
 
 
 def test_refresh_with_unchanged_weights_is_a_no_op_and_kl_zero():
@@ -339,3 +352,14 @@ def test_refresh_with_unchanged_weights_is_a_no_op_and_kl_zero():
     torch.testing.assert_close(batch.init_state.h, stored.h, rtol=0, atol=1e-6)
     torch.testing.assert_close(batch.init_state.c, stored.c, rtol=0, atol=1e-6)
     assert abs(kl) < 1e-8
+
+
+def test_staleness_counts_episode_starts_only_when_states_carry_over():
+    """Without hidden-state resets an episode's first state is the previous episode's last one, so
+    it can be stale too; sequences at t = 0 never can (the rollout holds nothing before them)."""
+    from ppo_tbptt.truncation.refresh import can_be_stale
+    es = torch.tensor([[True, False], [False, True], [True, False]])  # [T, N]
+    rollout = types.SimpleNamespace(episode_start=es)
+    t, n = torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([0, 1, 0, 1, 0, 1])
+    assert can_be_stale(rollout, t, n, True).tolist() == [False, False, True, False, False, True]
+    assert can_be_stale(rollout, t, n, False).tolist() == [False, False, True, True, True, True]

@@ -58,7 +58,9 @@ class TruncationStrategy:
         """With ``tbptt.refresh_states``, recompute start states before every epoch after the first
         (in the first the weights are still those that collected the rollout)."""
         if self.tb.refresh_states and epoch > 0:
-            self._staleness.append(refresh_start_states(model, rollout, batch, self.reset_hidden_state))
+            kl = refresh_start_states(model, rollout, batch, self.reset_hidden_state)
+            if kl is not None:
+                self._staleness.append(kl)
 
     def forward(self, model: RecurrentActorCritic, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """The training forward: ``logits [S, L, A]``, ``values [S, L]``."""

@@ -46,10 +46,22 @@ def staleness_kl(model: RecurrentActorCritic, obs: torch.Tensor, stored: Recurre
     return float(kl.mean())
 
 
+def can_be_stale(rollout: Rollout, t: torch.Tensor, n: torch.Tensor, reset_hidden_state: bool) -> torch.Tensor:
+    """Which start states ``(t [S], n [S])`` a refresh can change: not those at t = 0 (the carried-in
+    state is kept: the rollout holds nothing before it), nor, when states are reset, those at an
+    episode start (zero before and after). Returns ``[S]`` bool."""
+    out = t > 0
+    if reset_hidden_state:
+        out = out & ~rollout.episode_start[t, n]
+    return out
+
+
 def refresh_start_states(model: RecurrentActorCritic, rollout: Rollout, batch: SequenceBatch,
-                         reset_hidden_state: bool) -> float:
+                         reset_hidden_state: bool) -> float | None:
     """Rewrite ``batch.init_state`` with states recomputed by the current weights; return the
-    staleness KL between the policy at the sequences' first steps from the old and new states."""
+    staleness KL between the policy at the sequences' first steps from the old and new states,
+    averaged over the sequences whose start state can be stale (:func:`can_be_stale`; None if
+    there are none). The others would only dilute it with exact zeros."""
     states = unroll_states(model, rollout, reset_hidden_state)
     N = rollout.num_envs
     first = batch.index[:, 0]  # [S] flat time-major index t * N + n of each sequence's first step
@@ -57,6 +69,9 @@ def refresh_start_states(model: RecurrentActorCritic, rollout: Rollout, batch: S
     h = states.h[t, :, n].transpose(0, 1).contiguous()  # [S, K, H] -> [K, S, H]
     c = None if states.c is None else states.c[t, :, n].transpose(0, 1).contiguous()
     refreshed = RecurrentState(h, c)
-    kl = staleness_kl(model, batch.obs[:, :1], batch.init_state, refreshed)
+    stale = torch.nonzero(can_be_stale(rollout, t, n, reset_hidden_state)).squeeze(1)  # [S']
+    kl = None
+    if stale.numel() > 0:
+        kl = staleness_kl(model, batch.obs[stale, :1], batch.init_state.index(stale), refreshed.index(stale))
     batch.init_state = refreshed
     return kl
