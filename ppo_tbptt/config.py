@@ -61,6 +61,12 @@ class EnvConfig:
     """MemoryGym reset parameters, re-applied on every reset (MemoryGym's are not sticky)."""
     kwargs: dict = field(default_factory=dict)
     """Constructor keyword arguments (e.g. ``num_cues``/``delay`` for CueRecall)."""
+    time_limit_as_truncation: bool = False
+    """MemoryGym reports an episode that reaches its time limit (Mystery Path's and Searing
+    Spotlights' ``max_steps``) as ``terminated``, so by default GAE treats it like any other end:
+    no value after it. True passes such an end (at exactly the limit, without success) on as
+    ``truncated``, so GAE bootstraps it from V(final observation), as for a time limit the agent
+    cannot see. Only for ids with a time limit (Mortar Mayhem has none)."""
     train_seeds: tuple = (0, 100_000)
     """Half-open range ``[start, end)`` from which each training episode's level seed is drawn."""
     eval_seeds: tuple = (1_000_000, 1_001_000)
@@ -391,6 +397,11 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"env.downsample: must be >= 1 (1 = off), got {e.downsample}")
     if e.envs_per_worker < 0:
         p.append(f"env.envs_per_worker: must be >= 0, got {e.envs_per_worker}")
+    if e.time_limit_as_truncation:
+        from .envs.time_limit import TIME_LIMIT_IDS
+        if e.id not in TIME_LIMIT_IDS:
+            p.append(f"env.time_limit_as_truncation: {e.id} has no time limit that ends episodes "
+                     f"(those that do: {', '.join(TIME_LIMIT_IDS)})")
     if e.groups < 0:
         p.append(f"env.groups: must be >= 0 (0 = automatic), got {e.groups}")
     elif e.groups > e.num_envs >= 1:
