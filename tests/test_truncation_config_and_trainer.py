@@ -50,7 +50,7 @@ ADAPTIVE = ["tbptt.strategy=adaptive", "tbptt.adapt_window=12", "tbptt.adapt_bur
      {"tbptt/K": 6.0}),
     (["tbptt.strategy=random", "tbptt.sequence_length=0", "tbptt.mean_length=3"], {"tbptt/K": 3.0}),
     (ADAPTIVE, {}),
-    (["tbptt.strategy=fixed", "tbptt.refresh_states=true"], {}),
+    (["tbptt.strategy=fixed", "tbptt.sequence_length=4", "tbptt.refresh_states=true"], {}),
 ])
 def test_each_strategy_runs_one_update_and_logs_its_instruments(tmp_path, overrides, expected):
     cfg = tiny_config(*overrides)

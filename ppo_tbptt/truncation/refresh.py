@@ -38,12 +38,13 @@ def staleness_kl(model: RecurrentActorCritic, obs: torch.Tensor, stored: Recurre
                  refreshed: RecurrentState) -> float:
     """Mean over sequences of KL(pi(. | refreshed) || pi(. | stored)) at the first step.
 
-    ``obs [S, 1, ...]``, states ``[K, S, H]``.
+    ``obs [S, 1, ...]``, states ``[K, S, H]``. Computed in float64 and clipped at 0 per sequence:
+    near a uniform policy the KLs are ~1e-8, where float32 rounding alone can make them negative.
     """
-    new_logits = model(obs, refreshed)[0][:, 0]  # [S, A]
-    old_logits = model(obs, stored)[0][:, 0]
+    new_logits = model(obs, refreshed)[0][:, 0].double()  # [S, A]
+    old_logits = model(obs, stored)[0][:, 0].double()
     kl = model.dist(new_logits).kl(model.dist(old_logits))  # [S]
-    return float(kl.mean())
+    return float(kl.clamp_min(0.0).mean())
 
 
 def can_be_stale(rollout: Rollout, t: torch.Tensor, n: torch.Tensor, reset_hidden_state: bool) -> torch.Tensor:
