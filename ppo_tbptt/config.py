@@ -124,12 +124,13 @@ class TBPTTConfig:
     strategy: str = "fixed"
     """Truncation strategy: ``fixed`` (chunks of ``sequence_length``), ``overlap`` (TBPTT(k1, k2)
     with k1 = ``stride``, k2 = ``sequence_length``), ``random`` (randomized truncation with mean
-    length ``mean_length`` inside chunks of ``sequence_length``) or ``adaptive`` (chunks of a length
-    K re-estimated every ``adapt_every`` updates)."""
+    length ``mean_length`` inside chunks of ``sequence_length``) or ``adaptive`` (every loss term
+    keeps K steps of history, K re-estimated every ``adapt_every`` updates)."""
     stride: int = 0
-    """``overlap`` only: k1, the steps between window starts (1 <= stride <= sequence_length); each
+    """``overlap``: k1, the steps between window starts (1 <= stride <= sequence_length); each
     window's last ``stride`` steps enter the loss, the ``sequence_length - stride`` before them are
-    its prefix. 0 means ``sequence_length`` (no overlap)."""
+    its prefix. 0 means ``sequence_length`` (no overlap). ``adaptive``: the loss steps per window
+    (each window holds K - 1 more steps before them); 0 means K."""
     burn_in: bool = False
     """``overlap`` only: run each window's prefix without gradient (R2D2-style burn-in) instead of
     backpropagating through it."""
@@ -142,8 +143,8 @@ class TBPTTConfig:
     adapt_every: int = 10
     """``adaptive`` only: re-estimate K every this many updates (the first update always estimates)."""
     target_bias: float = 0.1
-    """``adaptive`` only: K is the smallest length whose estimated relative gradient bias
-    delta_hat(K) is below this, in (0, 1)."""
+    """``adaptive`` only: K is the smallest history whose bound on the relative bias of the trained
+    gradient (``tbptt/delta_hat``) is below this, in (0, 1)."""
     k_min: int = 2
     """``adaptive`` only: smallest K allowed."""
     k_max: int = 64
@@ -483,7 +484,7 @@ def _chunk_length(t: TBPTTConfig) -> tuple[int, str]:
     if t.strategy == "overlap":
         return (t.stride if t.stride > 0 else t.sequence_length), "tbptt.stride"
     if t.strategy == "adaptive":
-        return t.k_max, "tbptt.k_max"
+        return (t.stride, "tbptt.stride") if t.stride > 0 else (t.k_max, "tbptt.k_max")
     return t.sequence_length, "tbptt.sequence_length"
 
 

@@ -1,5 +1,33 @@
 """``adaptive``: a truncation length K chosen from the measured decay of the gradient w.r.t. past
-states (Aicher, Foti & Fox 2019): the estimator (pure functions), the gradient probe, the strategy."""
+states (Aicher, Foti & Fox 2019), trained so that the bias bound it reports holds.
+
+The estimate (pure functions below): with the current weights, put a loss at the last step of B
+windows sampled from the rollout and measure phi_k, the mean norm of its gradient w.r.t. the state
+k steps back; fit their geometric decay beta on lags k >= tau. ``tail(h)`` bounds the gradient
+mass that a loss term loses when its gradient reaches back only h steps; a lower bound on the full
+gradient's norm is ``max_K (||mean over windows of sum_{k<K} G_k|| - tail(K))``, the norm of the
+*mean* gradient as the authors take it (a mean of per-window norms is larger and made the bound too
+optimistic). ``tail(h) / lower bound`` is the relative bias of one loss term with h steps of history.
+
+What is trained: that bound assumes every loss term backpropagates K steps. Chunks of K do not do
+that: position j of a chunk reaches back j + 1 steps, so averaged over a chunk the bias is far above
+delta(K) (measured on CueRecall: reported 0.06-0.10 against a target of 0.1, actual 0.17-0.81).
+Here K is the *history* every loss term keeps: training uses TBPTT(k1, K + k1 - 1) windows (the
+overlap strategy's, prefix with gradient), loss blocks of k1 = ``tbptt.stride`` steps (0: k1 = K),
+each preceded by the K - 1 steps before it, so the loss at block position j backpropagates
+K + j steps (the authors' buffer scheme in the other direction: every loss term, rather than every
+state, sees K steps). Windows never reach past their episode-fragment start; a term whose window
+starts there has all the history the rollout holds and no bias against BPTT over whole fragments
+(``sequence_length: 0``), the best a rollout allows (nothing before t = 0 is stored). The bound on
+the trained gradient, logged as ``tbptt/delta_hat``, is the mean over the batch's loss terms of
+``tail(history) / lower bound`` (0 for the terms with their whole fragment): by the triangle
+inequality it bounds the relative bias of the mean of their gradients. K is the smallest value in
+[k_min, k_max] whose trained bound on the rollout is below ``target_bias``.
+
+The price: each window holds K + k1 - 1 steps for k1 loss steps, so the recurrent core and the
+encoder run (K + k1 - 1) / k1 times as many steps as fixed chunks (about 2x with k1 = K); a
+larger ``tbptt.stride`` lowers that factor, 1 is the costliest (every term exactly K steps).
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -12,7 +40,7 @@ import torch
 from ..config import Config
 from ..model import RecurrentActorCritic
 from ..rollout import Rollout
-from ..sequences import SequenceBatch, build_sequences, gather_sequences
+from ..sequences import SequenceBatch, gather_sequences, overlap_windows
 from .base import StepFn, TruncationStrategy, core_step
 
 
@@ -62,9 +90,10 @@ def lag_gradients(step: StepFn, x: torch.Tensor, state: list, loss_fn: Callable[
 
 def phi_and_partial_norms(G: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """``G [B, W, D]`` -> ``phi [W]`` (mean over windows of ||G[:, k]||) and ``partial [W]``
-    (``partial[K - 1]`` = mean over windows of ||sum_{k < K} G[:, k]||)."""
+    (``partial[K - 1]`` = ||mean over windows of sum_{k < K} G[:, k]||: the norm of the mean
+    truncated gradient, which the lower bound on the full gradient's norm needs)."""
     phi = G.norm(dim=-1).mean(0)  # [W]
-    partial = G.cumsum(dim=1).norm(dim=-1).mean(0)  # [W]
+    partial = G.mean(0).cumsum(dim=0).norm(dim=-1)  # [B, W, D] -> [W, D] -> [W]
     return phi.detach().cpu().double().numpy(), partial.detach().cpu().double().numpy()
 
 
@@ -110,16 +139,17 @@ def grad_norm_lower_bound(partial: np.ndarray, tails: np.ndarray) -> float:
 class AdaptiveEstimate:
     K: int
     beta: float
-    delta_hat: float        # delta_hat at the chosen K
+    delta_hat: float        # the bound at K: per term (estimate_truncation), or on the trained gradient
     lower_bound: float
     phi: np.ndarray         # [W]
-    delta: np.ndarray       # [k_max] delta_hat(K) for K = 1..k_max
+    delta: np.ndarray       # [k_max] per-term delta_hat(K) = tail(K) / lower_bound for K = 1..k_max
 
 
 def estimate_truncation(phi: np.ndarray, partial: np.ndarray, tau: int, target: float,
                         k_min: int, k_max: int) -> AdaptiveEstimate:
-    """Fit beta, bound delta_hat(K) = tail(K) / lower bound, pick the smallest K in [k_min, k_max]
-    with delta_hat(K) < target (k_max if none does)."""
+    """Fit beta, bound the per-term delta_hat(K) = tail(K) / lower bound (the relative bias of a
+    loss term whose gradient reaches back K steps), pick the smallest K in [k_min, k_max] with
+    delta_hat(K) < target (k_max if none does)."""
     phi = np.asarray(phi, dtype=np.float64)
     partial = np.asarray(partial, dtype=np.float64)
     W = len(phi)
@@ -138,8 +168,44 @@ def estimate_truncation(phi: np.ndarray, partial: np.ndarray, tau: int, target: 
                             phi=phi, delta=delta)
 
 
+def tail_table(phi: np.ndarray, beta: float, tau: int, max_history: int) -> np.ndarray:
+    """``tails [max_history + 1]`` with ``tails[h] = tail_bound(phi, beta, tau, h)`` for h >= 1."""
+    out = np.full(max_history + 1, math.inf)
+    for h in range(1, max_history + 1):
+        out[h] = tail_bound(phi, beta, tau, h)
+    return out
+
+
+def trained_bias_bound(episode_start: torch.Tensor, t0: torch.Tensor, n: torch.Tensor,
+                       length: torch.Tensor, loss_from: torch.Tensor, tails: np.ndarray,
+                       lower_bound: float) -> float:
+    """The relative-bias bound of the gradient trained on windows ``[t0, t0 + length)`` of env
+    ``n`` whose positions ``>= loss_from`` enter the loss (all ``[S]``; ``episode_start [T, N]``;
+    ``tails`` from :func:`tail_table`, long enough for the longest window).
+
+    The loss at window position j backpropagates j + 1 steps and loses at most ``tails[j + 1]``;
+    a window that starts at its fragment's start (t = 0 or an episode start) loses nothing
+    against BPTT over the whole fragment. Returns the mean over loss terms divided by
+    ``lower_bound`` (inf if that is not positive while some term loses something)."""
+    L = int(length.max())
+    dev = t0.device
+    ar = torch.arange(L, device=dev)
+    in_loss = (ar[None] >= loss_from[:, None]) & (ar[None] < length[:, None])  # [S, L]
+    whole = (t0 == 0) | episode_start[t0, n]  # [S] the window holds its fragment's start
+    counted = in_loss & ~whole[:, None]  # [S, L] loss terms with a truncated history
+    tail = torch.as_tensor(np.asarray(tails[1:L + 1]), dtype=torch.float64, device=dev)  # [L] by position
+    per_position = counted.sum(0).to(torch.float64)  # [L]
+    lost = float((per_position * torch.where(per_position > 0, tail, torch.zeros_like(tail))).sum())
+    mean_lost = lost / max(int(in_loss.sum()), 1)
+    if mean_lost == 0.0:
+        return 0.0
+    return mean_lost / lower_bound if lower_bound > 0 else math.inf
+
+
 class AdaptiveStrategy(TruncationStrategy):
-    """Fixed chunks of a length K re-estimated every ``tbptt.adapt_every`` updates."""
+    """Every loss term keeps at least K steps of history, K re-estimated every
+    ``tbptt.adapt_every`` updates: TBPTT(k1, K + k1 - 1) windows with k1 = ``tbptt.stride``
+    (0: k1 = K), the prefix carrying gradient. The module docstring says why and what it costs."""
 
     name = "adaptive"
 
@@ -150,16 +216,49 @@ class AdaptiveStrategy(TruncationStrategy):
         self.updates = 0
         self.estimate: AdaptiveEstimate | None = None
         self.generator = torch.Generator().manual_seed(cfg.run.seed + 104729)
+        self._trained_delta = math.nan
+        self._padding = self._prefix = 0.0
+
+    def block(self, K: int) -> int:
+        """k1, the loss steps per window, for history K."""
+        return self.tb.stride if self.tb.stride > 0 else K
+
+    def window_length(self, K: int) -> int:
+        return K + self.block(K) - 1
+
+    def windows(self, episode_start: torch.Tensor, K: int):
+        """``(t0, n, length, loss_from)`` of the windows that give every loss term K steps."""
+        return overlap_windows(episode_start, self.block(K), self.window_length(K))
+
+    def trained_bound(self, episode_start: torch.Tensor, K: int, windows=None) -> float:
+        """The bound on the gradient trained with history K on a rollout with these episode starts."""
+        est = self.estimate
+        if est is None:
+            return math.nan
+        t0, n, length, loss_from = self.windows(episode_start, K) if windows is None else windows
+        tails = tail_table(est.phi, est.beta, self.tb.adapt_tau, self.window_length(K))
+        return trained_bias_bound(episode_start, t0, n, length, loss_from, tails, est.lower_bound)
+
+    def choose_K(self, episode_start: torch.Tensor) -> int:
+        """The smallest K in [k_min, k_max] whose trained bound is below ``target_bias``, else k_max."""
+        for K in range(self.tb.k_min, self.tb.k_max + 1):
+            if self.trained_bound(episode_start, K) < self.tb.target_bias:
+                return K
+        return self.tb.k_max
 
     def before_update(self, model: RecurrentActorCritic, rollout: Rollout) -> None:
         super().before_update(model, rollout)
         if self.updates % self.tb.adapt_every == 0:
             self.estimate = self.measure(model, rollout)
-            self.K = self.estimate.K
+            self.K = self.choose_K(rollout.episode_start)
+            self.estimate = dataclasses.replace(
+                self.estimate, K=self.K, delta_hat=self.trained_bound(rollout.episode_start, self.K))
         self.updates += 1
 
     def measure(self, model: RecurrentActorCritic, rollout: Rollout) -> AdaptiveEstimate:
-        """Sample windows from the rollout, probe phi_k with the current weights, choose K."""
+        """Sample windows from the rollout, probe phi_k with the current weights, fit the decay.
+        (The returned estimate's K and delta_hat are the per-term ones; :meth:`before_update`
+        replaces them with the trained ones.)"""
         tb = self.tb
         T, N = rollout.num_steps, rollout.num_envs
         W, burn = tb.adapt_window, tb.adapt_burn_in
@@ -196,15 +295,25 @@ class AdaptiveStrategy(TruncationStrategy):
         return estimate_truncation(phi, partial, tb.adapt_tau, tb.target_bias, tb.k_min, tb.k_max)
 
     def build(self, rollout: Rollout) -> SequenceBatch:
-        batch = build_sequences(rollout, self.K)
+        windows = self.windows(rollout.episode_start, self.K)
+        t0, n, length, loss_from = windows
+        k2 = self.window_length(self.K)
+        self._trained_delta = self.trained_bound(rollout.episode_start, self.K, windows)
+        self._padding = 1.0 - float(length.sum()) / (len(length) * k2)
+        self._prefix = float(loss_from.sum()) / (len(length) * k2)
         self._reach = float(self.K)
-        return batch
+        return gather_sequences(rollout, t0, n, length, k2, loss_from)
 
     def metrics(self) -> dict:
+        """``tbptt/K`` (the history every loss term keeps), ``tbptt/window`` (steps per window),
+        ``tbptt/delta_hat`` (the bias bound of this update's trained gradient), ``tbptt/beta``."""
         out = super().metrics()
+        out["tbptt/window"] = float(self.window_length(self.K))
+        out["tbptt/padding_fraction"] = self._padding
+        out["tbptt/prefix_fraction"] = self._prefix
         if self.estimate is not None:
             out["tbptt/beta"] = self.estimate.beta
-            out["tbptt/delta_hat"] = self.estimate.delta_hat
+            out["tbptt/delta_hat"] = self._trained_delta
         return out
 
     def curves(self) -> dict:
