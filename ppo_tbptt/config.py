@@ -135,8 +135,12 @@ class TBPTTConfig:
     """``overlap`` only: run each window's prefix without gradient (R2D2-style burn-in) instead of
     backpropagating through it."""
     mean_length: float = 8.0
-    """``random`` only: mean truncation length 1/c; every recurrent edge is cut with probability c and
-    surviving gradients are scaled by 1/(1 - c). Must be > 1."""
+    """``random`` only: mean length of the pieces between random cuts; each boundary between two
+    segments (``segment_length``) is cut with probability c = segment_length / mean_length and a
+    kept one scales the gradient by 1/(1 - c). Must be > ``segment_length``."""
+    segment_length: int = 1
+    """``random`` only: cuts fall on boundaries every this many steps of a chunk; a segment runs
+    as one recurrent call (1: every edge may be cut, and the pieces run step by step)."""
     refresh_states: bool = False
     """Before every epoch after the first, recompute each sequence's start state with the current
     weights (no gradient) by re-running the core over the rollout; logs ``tbptt/staleness_kl``."""
@@ -500,9 +504,12 @@ def _validate_tbptt(t: TBPTTConfig, o: PPOConfig) -> list[str]:
         elif t.stride > t.sequence_length:
             p.append(f"tbptt.stride: k1 = {t.stride} must be <= k2 = tbptt.sequence_length = "
                      f"{t.sequence_length} (a window's loss steps cannot exceed the window)")
-    if t.strategy == "random" and not t.mean_length > 1.0:
-        p.append(f"tbptt.mean_length: must be > 1 (cut probability c = 1/mean_length < 1), "
-                 f"got {t.mean_length}")
+    if t.strategy == "random":
+        if t.segment_length < 1:
+            p.append(f"tbptt.segment_length: must be >= 1, got {t.segment_length}")
+        elif not t.mean_length > t.segment_length:
+            p.append(f"tbptt.mean_length: must be > {t.segment_length} = tbptt.segment_length (cut "
+                     f"probability c = segment_length / mean_length < 1), got {t.mean_length}")
     if t.strategy == "adaptive":
         if t.adapt_every < 1:
             p.append(f"tbptt.adapt_every: must be >= 1, got {t.adapt_every}")

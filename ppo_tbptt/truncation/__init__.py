@@ -13,7 +13,8 @@ One strategy per module (the README's "Truncation strategies" section describes 
 - ``fixed.py``: TBPTT(L, L), chunks of ``sequence_length``, one recurrent call.
 - ``overlap.py``: TBPTT(k1, k2), windows of k2 steps every k1 steps; the prefix carries gradient
   or is a no-gradient burn-in.
-- ``randomized.py``: randomized truncation, unbiased for BPTT over the whole chunk.
+- ``randomized.py``: randomized truncation, unbiased for BPTT over the whole chunk, run as short
+  pieces from their stored start states.
 - ``adaptive.py``: a truncation length K chosen from the measured decay of the gradient w.r.t.
   past states (Aicher, Foti & Fox 2019).
 - ``refresh.py``: recomputing stale start states with the current weights (any strategy).
@@ -26,7 +27,7 @@ from .adaptive import (AdaptiveEstimate, AdaptiveStrategy, estimate_truncation, 
 from .base import StepFn, TruncationStrategy, core_step
 from .fixed import FixedStrategy
 from .overlap import OverlapStrategy
-from .randomized import RandomStrategy, random_truncation_unroll, scale_gradient
+from .randomized import RandomStrategy, core_run, random_pieces, scale_gradient, segment_unroll
 from .refresh import refresh_start_states, staleness_kl, unroll_states
 
 _STRATEGIES = {cls.name: cls for cls in (FixedStrategy, OverlapStrategy, RandomStrategy, AdaptiveStrategy)}
@@ -43,8 +44,8 @@ def make_strategy(cfg: Config) -> TruncationStrategy:
 
 __all__ = [
     "AdaptiveEstimate", "AdaptiveStrategy", "FixedStrategy", "OverlapStrategy", "RandomStrategy",
-    "StepFn", "TruncationStrategy", "core_step", "estimate_truncation", "fit_decay",
+    "StepFn", "TruncationStrategy", "core_run", "core_step", "estimate_truncation", "fit_decay",
     "grad_norm_lower_bound", "lag_gradients", "make_strategy", "phi_and_partial_norms",
-    "random_truncation_unroll", "refresh_start_states", "scale_gradient", "staleness_kl",
+    "random_pieces", "refresh_start_states", "scale_gradient", "segment_unroll", "staleness_kl",
     "tail_bound", "unroll_states",
 ]
