@@ -61,6 +61,12 @@ class EnvConfig:
     """MemoryGym reset parameters, re-applied on every reset (MemoryGym's are not sticky)."""
     kwargs: dict = field(default_factory=dict)
     """Constructor keyword arguments (e.g. ``num_cues``/``delay`` for CueRecall)."""
+    time_limit_as_truncation: bool = False
+    """MemoryGym reports an episode that reaches its time limit (Mystery Path's and Searing
+    Spotlights' ``max_steps``) as ``terminated``, so by default GAE treats it like any other end:
+    no value after it. True passes such an end (at exactly the limit, without success) on as
+    ``truncated``, so GAE bootstraps it from V(final observation), as for a time limit the agent
+    cannot see. Only for ids with a time limit (Mortar Mayhem has none)."""
     train_seeds: tuple = (0, 100_000)
     """Half-open range ``[start, end)`` from which each training episode's level seed is drawn."""
     eval_seeds: tuple = (1_000_000, 1_001_000)
@@ -118,26 +124,31 @@ class TBPTTConfig:
     strategy: str = "fixed"
     """Truncation strategy: ``fixed`` (chunks of ``sequence_length``), ``overlap`` (TBPTT(k1, k2)
     with k1 = ``stride``, k2 = ``sequence_length``), ``random`` (randomized truncation with mean
-    length ``mean_length`` inside chunks of ``sequence_length``) or ``adaptive`` (chunks of a length
-    K re-estimated every ``adapt_every`` updates)."""
+    length ``mean_length`` inside chunks of ``sequence_length``) or ``adaptive`` (every loss term
+    keeps K steps of history, K re-estimated every ``adapt_every`` updates)."""
     stride: int = 0
-    """``overlap`` only: k1, the steps between window starts (1 <= stride <= sequence_length); each
+    """``overlap``: k1, the steps between window starts (1 <= stride <= sequence_length); each
     window's last ``stride`` steps enter the loss, the ``sequence_length - stride`` before them are
-    its prefix. 0 means ``sequence_length`` (no overlap)."""
+    its prefix. 0 means ``sequence_length`` (no overlap). ``adaptive``: the loss steps per window
+    (each window holds K - 1 more steps before them); 0 means K."""
     burn_in: bool = False
     """``overlap`` only: run each window's prefix without gradient (R2D2-style burn-in) instead of
     backpropagating through it."""
     mean_length: float = 8.0
-    """``random`` only: mean truncation length 1/c; every recurrent edge is cut with probability c and
-    surviving gradients are scaled by 1/(1 - c). Must be > 1."""
+    """``random`` only: mean length of the pieces between random cuts; each boundary between two
+    segments (``segment_length``) is cut with probability c = segment_length / mean_length and a
+    kept one scales the gradient by 1/(1 - c). Must be > ``segment_length``."""
+    segment_length: int = 1
+    """``random`` only: cuts fall on boundaries every this many steps of a chunk; a segment runs
+    as one recurrent call (1: every edge may be cut, and the pieces run step by step)."""
     refresh_states: bool = False
     """Before every epoch after the first, recompute each sequence's start state with the current
     weights (no gradient) by re-running the core over the rollout; logs ``tbptt/staleness_kl``."""
     adapt_every: int = 10
     """``adaptive`` only: re-estimate K every this many updates (the first update always estimates)."""
     target_bias: float = 0.1
-    """``adaptive`` only: K is the smallest length whose estimated relative gradient bias
-    delta_hat(K) is below this, in (0, 1)."""
+    """``adaptive`` only: K is the smallest history whose bound on the relative bias of the trained
+    gradient (``tbptt/delta_hat``) is below this, in (0, 1)."""
     k_min: int = 2
     """``adaptive`` only: smallest K allowed."""
     k_max: int = 64
@@ -391,6 +402,11 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"env.downsample: must be >= 1 (1 = off), got {e.downsample}")
     if e.envs_per_worker < 0:
         p.append(f"env.envs_per_worker: must be >= 0, got {e.envs_per_worker}")
+    if e.time_limit_as_truncation:
+        from .envs.time_limit import TIME_LIMIT_IDS
+        if e.id not in TIME_LIMIT_IDS:
+            p.append(f"env.time_limit_as_truncation: {e.id} has no time limit that ends episodes "
+                     f"(those that do: {', '.join(TIME_LIMIT_IDS)})")
     if e.groups < 0:
         p.append(f"env.groups: must be >= 0 (0 = automatic), got {e.groups}")
     elif e.groups > e.num_envs >= 1:
@@ -472,7 +488,7 @@ def _chunk_length(t: TBPTTConfig) -> tuple[int, str]:
     if t.strategy == "overlap":
         return (t.stride if t.stride > 0 else t.sequence_length), "tbptt.stride"
     if t.strategy == "adaptive":
-        return t.k_max, "tbptt.k_max"
+        return (t.stride, "tbptt.stride") if t.stride > 0 else (t.k_max, "tbptt.k_max")
     return t.sequence_length, "tbptt.sequence_length"
 
 
@@ -488,9 +504,12 @@ def _validate_tbptt(t: TBPTTConfig, o: PPOConfig) -> list[str]:
         elif t.stride > t.sequence_length:
             p.append(f"tbptt.stride: k1 = {t.stride} must be <= k2 = tbptt.sequence_length = "
                      f"{t.sequence_length} (a window's loss steps cannot exceed the window)")
-    if t.strategy == "random" and not t.mean_length > 1.0:
-        p.append(f"tbptt.mean_length: must be > 1 (cut probability c = 1/mean_length < 1), "
-                 f"got {t.mean_length}")
+    if t.strategy == "random":
+        if t.segment_length < 1:
+            p.append(f"tbptt.segment_length: must be >= 1, got {t.segment_length}")
+        elif not t.mean_length > t.segment_length:
+            p.append(f"tbptt.mean_length: must be > {t.segment_length} = tbptt.segment_length (cut "
+                     f"probability c = segment_length / mean_length < 1), got {t.mean_length}")
     if t.strategy == "adaptive":
         if t.adapt_every < 1:
             p.append(f"tbptt.adapt_every: must be >= 1, got {t.adapt_every}")

@@ -2,21 +2,25 @@
 start-state refresh, and each strategy inside one trainer update."""
 from __future__ import annotations
 
+import dataclasses
 import math
+import types
 
 import numpy as np
 import pytest
 import torch
+from torch.distributions import Categorical
 
 from ppo_tbptt.model import RecurrentState
-from ppo_tbptt.sequences import build_sequences, overlap_windows
+from ppo_tbptt.ppo import LossCoefs, ppo_loss_from_outputs
+from ppo_tbptt.sequences import build_sequences, chunk_starts, overlap_windows
 from ppo_tbptt.truncation import (
-    OverlapStrategy, RandomStrategy, TruncationStrategy, estimate_truncation, fit_decay,
-    lag_gradients, make_strategy, phi_and_partial_norms, random_truncation_unroll,
-    refresh_start_states, scale_gradient, tail_bound,
+    FixedStrategy, OverlapStrategy, RandomStrategy, estimate_truncation, fit_decay,
+    lag_gradients, make_strategy, phi_and_partial_norms, random_pieces, refresh_start_states,
+    scale_gradient, segment_unroll, tail_bound,
 )
 
-from trunc_helpers import collect, tiny_config
+from trunc_helpers import collect, stationary_rollout, tiny_config
 
 torch.set_num_threads(1)  # small shared CPUs
 
@@ -133,58 +137,133 @@ class LinearRNN:
         self.A = radius * A / torch.linalg.eigvals(A).abs().max()  # spectral radius 0.95: long memory
         self.U = 0.5 * torch.randn(H, F, generator=g)
         self.v = torch.randn(H, generator=g)
-        self.x = torch.randn(1, L, F, generator=g)
+        self.x = torch.randn(L, 1, F, generator=g)  # [L, 1, F] time-major, one sequence
         self.y = torch.randn(L, generator=g)
         self.H, self.L = H, L
 
-    def grad(self, B: int, cut_prob: float = 0.0, generator=None, fixed_chunk: int = 0) -> torch.Tensor:
+    def grad(self, B: int = 1, cut_prob: float = 0.0, segment: int = 1, generator=None,
+             fixed_chunk: int = 0) -> torch.Tensor:
+        """d loss / d A: for ``B`` copies of the sequence (``B`` independent draws of the cuts,
+        averaged), cut into random pieces that start from the exact (stored) states, or into
+        fixed chunks of ``fixed_chunk``."""
         A = self.A.clone().requires_grad_(True)
 
-        def step(x_t, state):
-            h = state[0][0] @ A.T + x_t[:, 0] @ self.U.T  # [B, H]
-            return h.unsqueeze(1), [h.unsqueeze(0)]  # out [B, 1, H], state [1, B, H]
+        def run(xs, state):  # xs [P, s, F], state [1, P, H]
+            h, outs = state[0][0], []
+            for j in range(xs.shape[1]):
+                h = h @ A.T + xs[:, j] @ self.U.T  # [P, H]
+                outs.append(h)
+            return torch.stack(outs, dim=1), [h.unsqueeze(0)]
 
-        x = self.x.expand(B, self.L, -1)  # the same sequence B times: B independent draws
-        state = [torch.zeros(1, B, self.H)]
-        if fixed_chunk:
-            outs = []
+        with torch.no_grad():  # the states fed into every step: what a rollout stores
+            stored, h = torch.zeros(self.L, self.H), torch.zeros(self.H)
             for t in range(self.L):
-                if t % fixed_chunk == 0:
-                    state = [s.detach() for s in state]
-                out, state = step(x[:, t:t + 1], state)
-                outs.append(out)
-            out = torch.cat(outs, dim=1)
+                stored[t] = h
+                h = A @ h + self.U @ self.x[t, 0]
+        es = torch.zeros(self.L, B, dtype=torch.bool)  # [T, N]: B copies of one episode
+        es[0] = True
+        if fixed_chunk:
+            t0, n, length = chunk_starts(es, fixed_chunk)
         else:
-            out = random_truncation_unroll(step, x, state, cut_prob, generator)  # [B, L, H]
-        loss = ((out @ self.v - self.y) ** 2).sum(1).mean()
+            t0, n, length = random_pieces(es, 0, segment, cut_prob, generator)
+        P, Lmax = len(t0), int(length.max())
+        t = t0[:, None] + torch.minimum(torch.arange(Lmax)[None], (length - 1)[:, None])  # [P, Lmax]
+        out = segment_unroll(run, self.x[t, 0], [stored[t0].unsqueeze(0)], length, segment,
+                             1.0 / (1.0 - cut_prob))  # [P, Lmax, H]
+        real = torch.arange(Lmax)[None] < length[:, None]
+        loss = (((out @ self.v - self.y[t]) ** 2) * real).sum() / B
         return torch.autograd.grad(loss, A)[0]
 
 
-def test_random_truncation_is_unbiased_and_fixed_truncation_is_not():
+@pytest.mark.parametrize("segment", [1, 3])
+def test_random_truncation_is_unbiased_and_fixed_truncation_is_not(segment):
     rnn = LinearRNN()
-    full = rnn.grad(B=1, cut_prob=0.0)
+    full = rnn.grad()  # no cut: BPTT over the whole sequence
     rel = lambda g: float((g - full).norm() / full.norm())  # noqa: E731
-    mean_length = 4.0
+    mean_length = 6.0
+    q = segment / mean_length
     gen = torch.Generator().manual_seed(1)
-    single = torch.stack([rnn.grad(B=1, cut_prob=1 / mean_length, generator=gen) for _ in range(20)])
+    single = [rnn.grad(cut_prob=q, segment=segment, generator=gen) for _ in range(20)]
     assert np.mean([rel(g) for g in single]) > 0.1  # individual estimates really are random
-    averaged = rnn.grad(B=20_000, cut_prob=1 / mean_length, generator=gen)  # mean of 20k estimates
-    fixed = rnn.grad(B=1, fixed_chunk=int(mean_length))
-    # measured: averaged ~0.005, fixed ~0.7; the tolerance is 5% of the full gradient's norm
+    averaged = rnn.grad(B=20_000, cut_prob=q, segment=segment, generator=gen)  # mean of 20k estimates
+    fixed = rnn.grad(fixed_chunk=int(mean_length))
+    # measured: averaged 0.002 (segment 1) and 0.005 (segment 3), single draws 0.55, fixed 0.62;
+    # the tolerance is 5% of the full gradient's norm
     assert rel(averaged) < 0.05
     assert rel(fixed) > 0.3
 
 
-def test_random_strategy_forward_matches_one_recurrent_call():
-    cfg = tiny_config("tbptt.strategy=random", "tbptt.sequence_length=0", "tbptt.mean_length=3")
+def repeat_envs(rollout, copies: int):
+    """The rollout with its one env repeated ``copies`` times (the strategy draws cuts per env)."""
+    out = {}
+    for f in dataclasses.fields(rollout):
+        v = getattr(rollout, f.name)
+        if v is not None:
+            dim = 2 if f.name.startswith("state_") else (0 if f.name == "bootstrap_value" else 1)  # N
+            v = v.repeat(*[copies if d == dim else 1 for d in range(v.dim())])
+        out[f.name] = v
+    return type(rollout)(**out)
+
+
+@pytest.mark.parametrize("segment", [1, 2])
+def test_random_strategy_trains_an_unbiased_gradient_of_the_whole_chunk(segment):
+    """The strategy's own build and forward on a GRU: the mean over 4,000 draws of the cuts (one
+    env repeated, every copy cut independently, one backward) is BPTT over the whole fragment,
+    while fixed chunks of the mean length are far off."""
+    model, one, cfg = stationary_rollout("gru", T=24, N=1, recurrent_gain=2.0)
+    cfg = cfg.replace("tbptt", strategy="random", sequence_length=0, mean_length=4.0, segment_length=segment)
+    full = build_sequences(one, 0)
+    g_full = upstream_gradient(model, full, *model(full.obs, full.init_state, full.valid)[:2])
+    rel = lambda g: float((g - g_full).norm() / g_full.norm())  # noqa: E731
+    strat = make_strategy(cfg)
+    single = [strat.build(one) for _ in range(5)]
+    assert np.mean([rel(upstream_gradient(model, b, *strat.forward(model, b))) for b in single]) > 0.1
+    many = strat.build(repeat_envs(one, 4000))
+    averaged = upstream_gradient(model, many, *strat.forward(model, many))
+    chunks = build_sequences(one, 4)
+    fixed = upstream_gradient(model, chunks, *model(chunks.obs, chunks.init_state, chunks.valid)[:2])
+    # measured: averaged 0.004 (segment 1) and 0.007 (segment 2), single draws 0.27-0.32, fixed 0.36
+    assert rel(averaged) < 0.03
+    assert rel(fixed) > 0.25
+
+
+def test_random_pieces_cut_only_at_segment_boundaries_and_cover_each_step_once():
+    T, N, L, s = 40, 6, 12, 3
+    es = random_episode_starts(T, N, 0.08, seed=3)
+    chunks = chunk_starts(es, L)
+    t0, n, length = random_pieces(es, L, s, 0.5, torch.Generator().manual_seed(0))
+    count = torch.zeros(T, N, dtype=torch.long)
+    chunk_of = {}  # (n, t) -> start of its chunk
+    for a, e, ln in zip(*[c.tolist() for c in chunks]):
+        for t in range(a, a + ln):
+            chunk_of[(e, t)] = a
+    for a, e, ln in zip(t0.tolist(), n.tolist(), length.tolist()):
+        count[a:a + ln, e] += 1
+        assert (a - chunk_of[(e, a)]) % s == 0  # a cut lies on a segment boundary of its chunk
+        assert all(chunk_of[(e, t)] == chunk_of[(e, a)] for t in range(a, a + ln))  # inside one chunk
+    assert torch.equal(count, torch.ones(T, N, dtype=torch.long))
+    assert len(t0) > len(chunks[0])  # some boundaries were cut
+    none = random_pieces(es, L, s, 0.0)  # no cuts: the chunks themselves
+    assert all(torch.equal(a, b) for a, b in zip(none, chunks))
+
+
+@pytest.mark.parametrize("segment", [1, 2])
+def test_random_strategy_forward_matches_one_recurrent_call_and_the_collection(segment):
+    cfg = tiny_config("tbptt.strategy=random", "tbptt.sequence_length=0", "tbptt.mean_length=3",
+                      f"tbptt.segment_length={segment}")
     model, rollout = collect(cfg, rollouts=2)
     strat = make_strategy(cfg)
     assert isinstance(strat, RandomStrategy)
     batch = strat.build(rollout)
+    assert batch.num_sequences > len(chunk_starts(rollout.episode_start, 0)[0])  # fragments were cut
     logits, values = strat.forward(model, batch)
     ref_logits, ref_values, _ = model(batch.obs, batch.init_state)
-    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-5)
-    torch.testing.assert_close(values, ref_values, rtol=0, atol=1e-5)
+    m = batch.valid
+    torch.testing.assert_close(logits[m], ref_logits[m], rtol=0, atol=1e-5)
+    torch.testing.assert_close(values[m], ref_values[m], rtol=0, atol=1e-5)
+    # pieces start from stored states: the forward reproduces what the collector computed
+    torch.testing.assert_close(model.dist(logits).log_prob(batch.actions)[m], batch.logprobs[m], rtol=0, atol=1e-5)
+    torch.testing.assert_close(values[m], batch.values[m], rtol=0, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -282,10 +361,78 @@ def test_adaptive_strategy_measures_on_a_rollout_and_trains_with_K():
     assert np.all(est.phi[6:] == 0) and np.all(est.phi[:6] > 0)
     assert 2 <= strat.K <= 12
     batch = strat.build(rollout)
-    assert batch.length == strat.K
+    assert batch.length == 2 * strat.K - 1  # loss blocks of K after K - 1 steps of history
     m = strat.metrics()
-    assert m["tbptt/K"] == strat.K and "tbptt/beta" in m and "tbptt/delta_hat" in m
+    assert m["tbptt/K"] == strat.K and m["tbptt/window"] == 2 * strat.K - 1
+    assert "tbptt/beta" in m and m["tbptt/delta_hat"] == pytest.approx(strat.estimate.delta_hat)
     assert all(p.grad is None for p in model.parameters())  # the probe leaves no gradients behind
+
+
+@pytest.mark.parametrize("stride", [0, 1, 3])
+def test_adaptive_windows_give_every_loss_term_K_steps_or_its_whole_fragment(stride):
+    cfg = tiny_config("tbptt.strategy=adaptive", f"tbptt.stride={stride}", "tbptt.k_max=12",
+                      "tbptt.adapt_window=12", "tbptt.adapt_burn_in=2", "tbptt.adapt_tau=4")
+    _, rollout = collect(cfg, rollouts=2)
+    strat = make_strategy(cfg)
+    for K in (2, 3, 5):
+        strat.K = K
+        batch = strat.build(rollout)
+        T, N = rollout.num_steps, rollout.num_envs
+        hits = torch.zeros(T * N).index_add_(0, batch.index.reshape(-1), batch.mask.reshape(-1))
+        assert torch.equal(hits, torch.ones(T * N))  # every transition in the loss exactly once
+        first = batch.index[:, 0]
+        whole = (first // N == 0) | rollout.episode_start.reshape(-1)[first]  # window holds its fragment start
+        pos = torch.arange(batch.length).expand_as(batch.mask)
+        in_loss = batch.mask > 0
+        assert torch.all((pos[in_loss] + 1 >= K) | whole[:, None].expand_as(in_loss)[in_loss])
+        assert batch.length == K + (stride or K) - 1
+
+
+def test_lower_bound_uses_the_norm_of_the_mean_gradient():
+    """Two windows whose state gradients point opposite ways: their mean is 0, so the full
+    gradient may be 0 and no lower bound above 0 is justified (a mean of norms would give 2)."""
+    G = torch.zeros(2, 3, 4)  # [B, W, D]
+    G[0, :, 0], G[1, :, 0] = 1.0, -1.0
+    phi, partial = phi_and_partial_norms(G)
+    np.testing.assert_allclose(phi, [1.0, 1.0, 1.0])
+    np.testing.assert_allclose(partial, [0.0, 0.0, 0.0])
+    G[1, :, 0] = 1.0  # aligned: partial sums grow
+    np.testing.assert_allclose(phi_and_partial_norms(G)[1], [1.0, 2.0, 3.0])
+
+
+def upstream_gradient(model, batch, logits, values) -> torch.Tensor:
+    """d loss / d (encoder and core parameters), flattened: the part of the gradient that a
+    truncation can cut (the heads' is the same for all). The loss is the probe's: PPO at ratio 1
+    without entropy, advantage normalisation or value clipping."""
+    coefs = LossCoefs(clip=1e9, ent_coef=0.0, vf_coef=0.5, norm_advantages=False, clip_value_loss=False)
+    out = ppo_loss_from_outputs(model, batch, logits, values, coefs)
+    params = list(model.encoder.parameters()) + list(model.core.parameters())
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(out.loss, params)])
+
+
+@pytest.mark.parametrize("core", ["lstm", "gru"])
+def test_adaptive_trained_gradient_keeps_the_bias_it_reports(core):
+    """The bias of the gradient the strategy trains, against BPTT over whole fragments, measured:
+    on stationary inputs it stays under target_bias where the logged bound says it does, while
+    plain chunks of the same K (what the strategy trained before) exceed it."""
+    model, rollout, cfg = stationary_rollout(core, recurrent_gain=1.5)
+    cfg = cfg.replace("tbptt", strategy="adaptive", target_bias=0.1, k_min=1, k_max=40, adapt_window=40,
+                      adapt_burn_in=8, adapt_tau=20, adapt_samples=64)
+    strat = make_strategy(cfg)
+    strat.before_update(model, rollout)
+    batch = strat.build(rollout)
+    bound = strat.metrics()["tbptt/delta_hat"]
+    assert 2 <= strat.K < 40 and bound < 0.1  # a real choice, and the bound says "under target"
+
+    full = build_sequences(rollout, 0)
+    g_full = upstream_gradient(model, full, *model(full.obs, full.init_state, full.valid)[:2])
+    g_trained = upstream_gradient(model, batch, *strat.forward(model, batch))
+    chunks = build_sequences(rollout, strat.K)
+    g_chunks = upstream_gradient(model, chunks, *model(chunks.obs, chunks.init_state, chunks.valid)[:2])
+    rel = lambda g: float((g - g_full).norm() / g_full.norm())  # noqa: E731
+    # measured: lstm bound 0.049, bias 0.035, chunks 0.24; gru bound 0.069, bias 0.050, chunks 0.26
+    assert rel(g_trained) < 0.1
+    assert rel(g_chunks) > 0.1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -299,6 +446,9 @@ def test_refresh_equals_a_fresh_unroll_with_current_weights(core):
     with torch.no_grad():  # the update moved the weights
         for p in model.core.parameters():
             p.add_(0.3 * torch.randn_like(p))
+        # a policy far from uniform, so a changed state changes it (gain 0.01 gives KLs ~1e-7,
+        # at the level of float32 rounding)
+        torch.nn.init.orthogonal_(model.policy_head.weight, 3.0)
     strat = make_strategy(cfg)
     batch = strat.build(rollout)
     stored = batch.init_state.clone()
@@ -326,16 +476,35 @@ def test_refresh_equals_a_fresh_unroll_with_current_weights(core):
         torch.testing.assert_close(batch.init_state.c, expect_c[t, :, n].transpose(0, 1), rtol=0, atol=1e-6)
     # the states really were stale (otherwise the test shows nothing), and the KL says so
     mid = ~rollout.episode_start.reshape(-1)[first] & (t > 0)
-    assert mid.any() and (stored.h[:, mid] - batch.init_state.h[:, mid]).abs().max() > 1e-3
-    assert strat.metrics()["tbptt/staleness_kl"] > 0
+    assert mid.any() and (~mid).any()
+    assert (stored.h[:, mid] - batch.init_state.h[:, mid]).abs().max() > 1e-3
+    torch.testing.assert_close(stored.h[:, ~mid], batch.init_state.h[:, ~mid], rtol=0, atol=1e-6)
+    # KL(new || old) at the first step, averaged over the sequences that can be stale only
+    with torch.no_grad():
+        new = model(batch.obs[:, :1], batch.init_state)[0][:, 0]  # [S, A]
+        old = model(batch.obs[:, :1], stored)[0][:, 0]
+    kl = torch.distributions.kl_divergence(Categorical(logits=new), Categorical(logits=old))  # [S]
+    assert kl[mid].mean() > 1e-3
+    assert strat.metrics()["tbptt/staleness_kl"] == pytest.approx(float(kl[mid].mean()), rel=1e-4)
 
 
 def test_refresh_with_unchanged_weights_is_a_no_op_and_kl_zero():
     cfg = tiny_config("tbptt.sequence_length=4")
     model, rollout = collect(cfg, rollouts=2)
-    batch = TruncationStrategy(cfg).build(rollout)
+    batch = FixedStrategy(cfg).build(rollout)
     stored = batch.init_state.clone()
     kl = refresh_start_states(model, rollout, batch, reset_hidden_state=True)
     torch.testing.assert_close(batch.init_state.h, stored.h, rtol=0, atol=1e-6)
     torch.testing.assert_close(batch.init_state.c, stored.c, rtol=0, atol=1e-6)
     assert abs(kl) < 1e-8
+
+
+def test_staleness_counts_episode_starts_only_when_states_carry_over():
+    """Without hidden-state resets an episode's first state is the previous episode's last one, so
+    it can be stale too; sequences at t = 0 never can (the rollout holds nothing before them)."""
+    from ppo_tbptt.truncation.refresh import can_be_stale
+    es = torch.tensor([[True, False], [False, True], [True, False]])  # [T, N]
+    rollout = types.SimpleNamespace(episode_start=es)
+    t, n = torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([0, 1, 0, 1, 0, 1])
+    assert can_be_stale(rollout, t, n, True).tolist() == [False, False, True, False, False, True]
+    assert can_be_stale(rollout, t, n, False).tolist() == [False, False, True, True, True, True]

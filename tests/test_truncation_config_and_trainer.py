@@ -19,6 +19,9 @@ torch.set_num_threads(1)  # small shared CPUs
     (["tbptt.strategy=overlap", "tbptt.sequence_length=0"], "overlap needs a window length"),
     (["tbptt.stride=-1"], "tbptt.stride: must be >= 0"),
     (["tbptt.strategy=random", "tbptt.mean_length=1"], "tbptt.mean_length: must be > 1"),
+    (["tbptt.strategy=random", "tbptt.segment_length=4", "tbptt.mean_length=4"],
+     "tbptt.mean_length: must be > 4 = tbptt.segment_length"),
+    (["tbptt.strategy=random", "tbptt.segment_length=0"], "tbptt.segment_length: must be >= 1"),
     (["tbptt.strategy=adaptive", "tbptt.k_min=8", "tbptt.k_max=4"], "tbptt.k_max: must be >= tbptt.k_min = 8"),
     (["tbptt.strategy=adaptive", "tbptt.target_bias=1.5"], "tbptt.target_bias: must be in (0, 1)"),
     (["tbptt.strategy=adaptive", "tbptt.adapt_tau=40", "tbptt.adapt_window=20"], "tbptt.adapt_tau"),
@@ -50,7 +53,7 @@ ADAPTIVE = ["tbptt.strategy=adaptive", "tbptt.adapt_window=12", "tbptt.adapt_bur
      {"tbptt/K": 6.0}),
     (["tbptt.strategy=random", "tbptt.sequence_length=0", "tbptt.mean_length=3"], {"tbptt/K": 3.0}),
     (ADAPTIVE, {}),
-    (["tbptt.strategy=fixed", "tbptt.refresh_states=true"], {}),
+    (["tbptt.strategy=fixed", "tbptt.sequence_length=4", "tbptt.refresh_states=true"], {}),
 ])
 def test_each_strategy_runs_one_update_and_logs_its_instruments(tmp_path, overrides, expected):
     cfg = tiny_config(*overrides)

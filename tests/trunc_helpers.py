@@ -35,3 +35,52 @@ def collect(cfg, seed: int = 0, rollouts: int = 1):
     rollout.returns.copy_(ret)
     envs.close()
     return model, rollout
+
+
+def stationary_rollout(core: str, T: int = 96, N: int = 8, F: int = 6, H: int = 8, seed: int = 0,
+                       p_start: float = 0.0, recurrent_gain: float = 1.0):
+    """A tiny model and a rollout of i.i.d. Gaussian observations (no env), collected by the
+    model itself: the stored states are exact, and every step's input is alike (the adaptive
+    bound's setting). Rewards near 1 make the returns exceed the values everywhere, so the value
+    loss pulls every window's gradient the same way. ``recurrent_gain`` scales the recurrent
+    weights (slower decay). Returns ``(model, rollout, cfg)``; ``cfg`` has matching env, model
+    and rollout sizes for the strategies."""
+    import gymnasium as gym
+    import numpy as np
+
+    from ppo_tbptt import config as C
+    from ppo_tbptt.rollout import Rollout
+
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    cfg = C.from_dict({"env": {"id": "CueRecall-v0", "num_envs": N},
+                       "model": {"core": core, "hidden_size": H, "hidden_layer": H, "encoder": "mlp"},
+                       "ppo": {"rollout_steps": T, "minibatches": 1, "gamma": 0.9, "gae_lambda": 0.95}})
+    model = build_model(gym.spaces.Box(-5, 5, (F,), np.float32), gym.spaces.Discrete(3), cfg.model)
+    with torch.no_grad():
+        for name, p in model.core.named_parameters():
+            if "weight_hh" in name:
+                p.mul_(recurrent_gain)
+    r = Rollout.allocate(T, N, (F,), np.float32, 1, 1, H, core == "lstm", torch.device("cpu"))
+    r.obs.copy_(torch.randn(T, N, F, generator=g))
+    starts = torch.rand(T, N, generator=g) < p_start
+    starts[0] = False
+    r.episode_start.copy_(starts)
+    state = model.initial_state(N)
+    with torch.no_grad():
+        for t in range(T):
+            if t > 0:
+                state = state.masked(~starts[t])
+            r.state_h[t] = state.h
+            if r.state_c is not None:
+                r.state_c[t] = state.c
+            a, lp, v, state = model.act(r.obs[t], state)
+            r.actions[t], r.logprobs[t], r.values[t] = a, lp, v
+        r.bootstrap_value.copy_(model.value(torch.randn(N, F, generator=g), state))
+    r.terminated[:-1] = starts[1:]
+    r.rewards.copy_(1.0 + 0.3 * torch.randn(T, N, generator=g))
+    adv, ret = compute_gae(r.rewards, r.values, r.terminated, r.truncated, r.bootstrap_value,
+                           cfg.ppo.gamma, cfg.ppo.gae_lambda, r.truncation_values)
+    r.advantages.copy_(adv)
+    r.returns.copy_(ret)
+    return model, r, cfg

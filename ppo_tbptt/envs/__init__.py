@@ -11,6 +11,7 @@ import numpy as np
 from .cue_recall import CueRecall
 from .vector import EnvConfigError, EnvError, EpisodeStats, SerialVectorEnv, StepResult, VectorEnv
 from .memorygym import MEMORY_GYM_IDS, MORTAR_MAYHEM_IDS, MortarMayhemTrueSuccess
+from .time_limit import TimeLimitAsTruncation
 from .wrappers import DownsampleObservation, EnvStateError, LevelSeedWrapper
 
 for _k, _v in (("SDL_VIDEODRIVER", "dummy"), ("SDL_AUDIODRIVER", "dummy"), ("PYGAME_HIDE_SUPPORT_PROMPT", "1")):
@@ -95,6 +96,8 @@ def make_env(env_cfg, render_mode: str | None = None) -> gym.Env:
                              f"{type(exc).__name__}: {exc}") from exc
     if env_cfg.id in MORTAR_MAYHEM_IDS:
         env = MortarMayhemTrueSuccess(env)
+    if getattr(env_cfg, "time_limit_as_truncation", False):
+        env = TimeLimitAsTruncation(env)
     factor = getattr(env_cfg, "downsample", 1)
     if factor > 1:
         try:
