@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .envs.spaces import FlatBox, ObsPart
+
 
 @dataclasses.dataclass
 class RecurrentState:
@@ -83,6 +85,60 @@ class MLPEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.flatten(1))
+
+
+class MultiPartEncoder(nn.Module):
+    """A flattened Tuple / Dict / Discrete observation (a :class:`~ppo_tbptt.envs.spaces.FlatBox`'s
+    vector, as float) -> ``[B, out]``.
+
+    Each image part of at least 36x36 pixels goes through its own Nature CNN (unless ``encoder`` is
+    ``mlp``); every other part, Box values scaled as a plain Box observation is and Discrete /
+    MultiDiscrete values one-hot encoded, joins one vector for one MLP. With more than one of
+    these encoders, their features are concatenated and mapped to ``out`` by a linear layer."""
+
+    def __init__(self, parts: Sequence[ObsPart], out: int, encoder: str = "auto"):
+        super().__init__()
+        images = [p for p in parts if p.is_image and min(p.shape[:2]) >= 36 and encoder != "mlp"]
+        if encoder == "cnn" and not images:
+            raise ModelConfigError(f"model.encoder 'cnn' needs an image part of at least 36x36 "
+                                   f"[H, W, C], got parts {', '.join(f'{p.name} {p.shape}' for p in parts)}")
+        self._images = [(p.offset, p.size, p.shape, p.scale) for p in images]
+        self.cnns = nn.ModuleList(NatureCNN(p.shape, out) for p in images)
+        rest = [p for p in parts if p not in images]
+        box = [p for p in rest if p.kind == "box"]
+        disc = [p for p in rest if p.kind == "discrete"]
+        box_cols = [torch.arange(p.offset, p.offset + p.size) for p in box]
+        box_scale = [torch.full((p.size,), p.scale) for p in box]
+        # one-hot: column c of the flat vector, repeated once per value it can take, compared
+        # with those values
+        disc_cols = [torch.full((n,), p.offset + i) for p in disc for i, n in enumerate(p.nvec)]
+        disc_vals = [torch.arange(s, s + n, dtype=torch.float32) for p in disc for s, n in zip(p.start, p.nvec)]
+
+        def cat(xs, dtype):
+            return torch.cat(xs).to(dtype) if xs else torch.zeros(0, dtype=dtype)
+
+        self.register_buffer("box_cols", cat(box_cols, torch.int64), persistent=False)
+        self.register_buffer("box_scale", cat(box_scale, torch.float32), persistent=False)
+        self.register_buffer("disc_cols", cat(disc_cols, torch.int64), persistent=False)
+        self.register_buffer("disc_vals", cat(disc_vals, torch.float32), persistent=False)
+        width = len(self.box_cols) + len(self.disc_cols)
+        self.mlp = MLPEncoder(width, out) if width else None
+        n = len(self.cnns) + (self.mlp is not None)
+        self.fuse = nn.Sequential(_ortho(nn.Linear(n * out, out), math.sqrt(2)), nn.ReLU()) if n > 1 else None
+
+    def vector_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, n]`` -> the MLP's input ``[B, box elements + sum of nvec]``: scaled Box values,
+        then the one-hot encodings."""
+        onehot = (x[:, self.disc_cols] == self.disc_vals).to(x.dtype)  # [B, sum(nvec)]
+        return torch.cat([x[:, self.box_cols] * self.box_scale, onehot], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = [cnn(x[:, off:off + size].reshape(-1, *shape) * scale)  # [B, H, W, C] each
+                 for cnn, (off, size, shape, scale) in zip(self.cnns, self._images)]
+        if self.mlp is not None:
+            feats.append(self.mlp(self.vector_input(x)))
+        z = torch.cat(feats, dim=1) if len(feats) > 1 else feats[0]  # [B, n * out] or [B, out]
+        return z if self.fuse is None else self.fuse(z)
 
 
 class ActionDist:
@@ -159,7 +215,10 @@ class RecurrentActorCritic(nn.Module):
         high = float(np.max(obs_space.high)) if np.issubdtype(obs_space.dtype, np.integer) else 1.0
         self.obs_scale = 1.0 / high if high > 1 else 1.0
         width = model_cfg.hidden_layer
-        if enc == "cnn":
+        if isinstance(obs_space, FlatBox):  # Tuple / Dict / Discrete observations: parts scaled inside
+            self.encoder = MultiPartEncoder(obs_space.parts, width, model_cfg.encoder)
+            self.obs_scale = 1.0
+        elif enc == "cnn":
             if len(self.obs_shape) != 3:
                 raise ModelConfigError(f"model.encoder 'cnn' needs image observations [H, W, C], got "
                                        f"{self.obs_shape}")

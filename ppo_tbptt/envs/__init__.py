@@ -11,6 +11,7 @@ import numpy as np
 from .cue_recall import CueRecall
 from .vector import EnvConfigError, EnvError, EpisodeStats, SerialVectorEnv, StepResult, VectorEnv
 from .memorygym import MEMORY_GYM_IDS, MORTAR_MAYHEM_IDS, MortarMayhemTrueSuccess
+from .spaces import FlatBox, FlattenObservation, UnsupportedSpaceError, action_layout, flatten_observations
 from .wrappers import DownsampleObservation, EnvStateError, LevelSeedWrapper
 
 for _k, _v in (("SDL_VIDEODRIVER", "dummy"), ("SDL_AUDIODRIVER", "dummy"), ("PYGAME_HIDE_SUPPORT_PROMPT", "1")):
@@ -87,7 +88,9 @@ def seed_sequence(seeds: list[int]) -> SeedSequence:
 def make_env(env_cfg, render_mode: str | None = None) -> gym.Env:
     """One env as training and evaluation see it, without the level-seed wrapper: the raw env,
     Mortar Mayhem's success recomputed (:class:`MortarMayhemTrueSuccess`), observations
-    average-pooled by ``env.downsample``. Raises EnvConfigError if it cannot be built."""
+    average-pooled by ``env.downsample``, observations other than a Box flattened into one
+    (:mod:`ppo_tbptt.envs.spaces`). Raises EnvConfigError if it cannot be built or its spaces are
+    not supported."""
     try:
         env = make_base_env(env_cfg.id, env_cfg.kwargs, render_mode)
     except (TypeError, ValueError) as exc:  # the id is unknown or the constructor rejects kwargs
@@ -102,6 +105,12 @@ def make_env(env_cfg, render_mode: str | None = None) -> gym.Env:
         except ValueError as exc:
             env.close()
             raise EnvConfigError(f"env.downsample: {exc}") from None
+    try:  # Tuple / Dict / Discrete observations become one flat Box; unsupported spaces stop here
+        action_layout(env.action_space)
+        env = flatten_observations(env)
+    except UnsupportedSpaceError as exc:
+        env.close()
+        raise EnvConfigError(f"env {env_cfg.id!r}: {exc}") from None  # (the pool reports this class by name)
     return env
 
 
@@ -144,5 +153,5 @@ def make_vector_env(env_cfg, run_seed: int, num_envs: int | None = None, seed_ra
 
 
 __all__ = ["CueRecall", "DownsampleObservation", "MortarMayhemTrueSuccess", "MEMORY_GYM_IDS", "MORTAR_MAYHEM_IDS", "make_env", "EnvConfigError", "EnvError", "EpisodeStats", "SerialVectorEnv", "StepResult", "VectorEnv", "LevelSeedWrapper", "EnvStateError",
-           "SeedStream", "SeedSequence",
+           "SeedStream", "SeedSequence", "FlatBox", "FlattenObservation", "UnsupportedSpaceError",
            "env_groups", "make_base_env", "make_vector_env", "seed_stream", "seed_sequence", "env_fn", "CUE_RECALL_ID"]
