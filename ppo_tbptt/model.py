@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .envs.spaces import FlatBox, ObsPart
+from .envs.spaces import FlatBox, ObsPart, action_layout
 
 
 @dataclasses.dataclass
@@ -191,21 +191,67 @@ class ActionDist:
         return total
 
 
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+class GaussianDist:
+    """A diagonal Gaussian for Box actions: ``mean [..., D]`` from the policy head and a
+    state-independent ``log_std [D]`` parameter (CleanRL's ``ppo_continuous_action.py``).
+    Log-probs and entropies are summed over D; samples are ``torch.distributions.Normal``'s draws
+    (the same ``torch.normal`` call, so the same samples for the same RNG state)."""
+
+    def __init__(self, mean: torch.Tensor, log_std: torch.Tensor):
+        if mean.shape[-1] != log_std.shape[-1]:
+            raise ValueError(f"mean has {mean.shape[-1]} entries in the last dimension, log_std "
+                             f"{log_std.shape[-1]}")
+        self.mean = mean
+        self.log_std = log_std.expand_as(mean)
+        self.std = self.log_std.exp()
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.normal(self.mean, self.std, generator=generator)  # [..., D]
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def log_prob(self, actions: torch.Tensor) -> torch.Tensor:
+        """``actions [..., D]`` (unclipped samples) -> ``[...]`` summed over dimensions."""
+        return (-((actions - self.mean) ** 2) / (2 * self.std ** 2) - self.log_std - _HALF_LOG_2PI).sum(-1)
+
+    def entropy(self) -> torch.Tensor:
+        return (0.5 + _HALF_LOG_2PI + self.log_std).sum(-1)
+
+    def kl(self, other: "GaussianDist") -> torch.Tensor:
+        """KL(self || other), summed over dimensions: the closed form
+        ``0.5 * (r + ((mu_p - mu_q) / std_q)^2 - 1 - log r)`` with the variance ratio
+        ``r = exp(d)``, ``d = 2 (log_std_p - log_std_q)``, written as ``expm1(d) - d`` so that
+        small mean differences survive (torch's ``r + t - 1`` rounds a ``t`` below 6e-8 away:
+        with the shared log std, the staleness of refreshed states would read exactly 0)."""
+        d = 2 * (self.log_std - other.log_std)
+        t1 = ((self.mean - other.mean) / other.std) ** 2
+        return (0.5 * (t1 + torch.expm1(d) - d)).sum(-1)
+
+
 def action_nvec(space: gym.Space) -> list[int]:
     if isinstance(space, gym.spaces.Discrete):
         return [int(space.n)]
     if isinstance(space, gym.spaces.MultiDiscrete):
         return [int(n) for n in np.asarray(space.nvec).ravel()]
-    raise ModelConfigError(f"unsupported action space {space} (Discrete and MultiDiscrete are)")
+    raise ModelConfigError(f"unsupported action space {space} (Discrete, MultiDiscrete and Box are)")
 
 
 class RecurrentActorCritic(nn.Module):
-    """Actions are always stored as ``[..., D]`` int64 (D = 1 for Discrete)."""
+    """Actions are stored as ``[..., D]``: int64 for Discrete (D = 1) and MultiDiscrete, float32
+    for Box (D elements, the Gaussian's unclipped sample; ``nvec`` is None then)."""
 
     def __init__(self, obs_space: gym.spaces.Box, action_space: gym.Space, model_cfg):
         super().__init__()
         self.obs_shape = tuple(obs_space.shape)
-        self.nvec = action_nvec(action_space)
+        self.action_dims = action_layout(action_space).dims  # raises for an unsupported space
+        self.continuous = isinstance(action_space, gym.spaces.Box)
+        self.nvec = None if self.continuous else action_nvec(action_space)
+        self.action_dtype = torch.float32 if self.continuous else torch.int64
         self.core_type = model_cfg.core
         self.num_layers = model_cfg.num_layers
         self.hidden_size = model_cfg.hidden_size
@@ -239,8 +285,10 @@ class RecurrentActorCritic(nn.Module):
                 nn.init.zeros_(p)
         g = math.sqrt(2)
         self.body = nn.Sequential(_ortho(nn.Linear(self.hidden_size, width), g), nn.ReLU())
-        self.policy_head = _ortho(nn.Linear(width, sum(self.nvec)), 0.01)
+        self.policy_head = _ortho(nn.Linear(width, self.action_dims if self.continuous else sum(self.nvec)), 0.01)
         self.value_head = _ortho(nn.Linear(width, 1), 1.0)
+        if self.continuous:  # state-independent log std of the Gaussian policy, starting at std 1
+            self.log_std = nn.Parameter(torch.zeros(self.action_dims))
 
     # ---- state -------------------------------------------------------------------------------
     def initial_state(self, batch: int, device: torch.device | str | None = None) -> RecurrentState:
@@ -275,7 +323,8 @@ class RecurrentActorCritic(nn.Module):
             return self.encoder(x).float()
 
     def heads(self, core_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``core_out [..., H]`` -> ``logits [..., sum(nvec)]``, ``values [...]``."""
+        """``core_out [..., H]`` -> ``logits [..., sum(nvec)]`` (Box: the Gaussian's mean ``[..., D]``),
+        ``values [...]``."""
         z = self.body(core_out)
         return self.policy_head(z), self.value_head(z).squeeze(-1)
 
@@ -306,7 +355,9 @@ class RecurrentActorCritic(nn.Module):
         keep = torch.arange(b, device=x.device) * l + (l - 1)  # each sequence's last step
         return out.reshape(b, l, -1), last.index(keep)
 
-    def dist(self, logits: torch.Tensor) -> ActionDist:
+    def dist(self, logits: torch.Tensor) -> ActionDist | GaussianDist:
+        if self.continuous:
+            return GaussianDist(logits, self.log_std)
         return ActionDist(logits, self.nvec)
 
     @torch.no_grad()
