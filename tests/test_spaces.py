@@ -416,3 +416,39 @@ def test_evaluation_with_box_actions_and_dict_observations(deterministic):
     r2 = evaluate_policy(model, cfg.env, range(100, 106), deterministic=deterministic, sample_seed=3)
     assert len(r1.episodes) == 6 and all(3 <= e.length <= 7 for e in r1.episodes)
     assert [e.ret for e in r1.episodes] == [e.ret for e in r2.episodes]  # private sampler: repeatable
+
+
+# ---- the shipped continuous-action memory task ----------------------------------------------------
+def test_pendulum_no_velocity_is_pendulum_seen_through_the_angle():
+    """Pendulum-v1's dynamics and rewards, observing (cos, sin) only; replayable from plain data."""
+    cfg = C.load("pendulum_no_velocity", ["env.num_envs=2"])
+    ours = LevelSeedWrapper(make_env(cfg.env), seed_stream((0, 1000), 1, 0))
+    ref = gym.make("Pendulum-v1")
+    assert ours.observation_space.shape == (2,) and ours.action_space == ref.action_space
+    obs, _ = ours.reset()
+    full, _ = ref.reset(seed=ours.current_seed)
+    assert np.array_equal(obs, full[:2])
+    rng = np.random.default_rng(0)
+    actions = [env_actions(rng.normal(0, 2, (1, 1)).astype(np.float32), ours.action_space)[0]
+               for _ in range(60)]  # clipped to [-2, 2]
+    for t, a in enumerate(actions):
+        obs, r, te, tr, _ = ours.step(a)
+        f, rr, _, _, _ = ref.step(a)
+        assert np.array_equal(obs, f[:2]) and r == rr and not te and not tr
+        if t == 29:
+            state = json.loads(json.dumps(ours.get_state()))  # after 30 float actions
+    again = LevelSeedWrapper(make_env(cfg.env), seed_stream((0, 1000), 1, 5))
+    again.set_state(state)
+    for a in actions[30:]:
+        last = again.step(a)[0]
+    assert np.array_equal(last, obs)
+    ref.close()
+
+
+def test_pendulum_no_velocity_config_trains(tmp_path):
+    cfg = C.load("pendulum_no_velocity", ["env.num_envs=2", "ppo.rollout_steps=16", "ppo.epochs=1",
+                                          "ppo.minibatches=2", "run.total_steps=64", "run.torch_threads=1"])
+    tr = train_space(tmp_path, cfg)
+    assert tr.global_step == 64 and tr.model.continuous
+    rows = metric_rows(tmp_path)
+    assert len(rows) == 2 and all(np.isfinite(r["losses/policy"]) for r in rows)

@@ -8,6 +8,7 @@ from typing import Callable
 import gymnasium as gym
 import numpy as np
 
+from .classic import PENDULUM_NO_VELOCITY_ID, PendulumNoVelocity
 from .cue_recall import CueRecall
 from .vector import EnvConfigError, EnvError, EpisodeStats, SerialVectorEnv, StepResult, VectorEnv
 from .memorygym import MEMORY_GYM_IDS, MORTAR_MAYHEM_IDS, MortarMayhemTrueSuccess
@@ -30,7 +31,8 @@ def make_base_env(env_id: str, kwargs: dict | None = None, render_mode: str | No
         return gym.make(env_id, disable_env_checker=True, render_mode=render_mode, **kwargs)
     except gym.error.Error as exc:
         raise ValueError(f"unknown env id {env_id!r} ({exc}); known: {CUE_RECALL_ID}, "
-                         + ", ".join(MEMORY_GYM_IDS)) from None
+                         f"{PENDULUM_NO_VELOCITY_ID}, " + ", ".join(MEMORY_GYM_IDS)
+                         + ", any registered gymnasium id, or module:EnvId") from None
 
 
 class SeedStream:
@@ -152,6 +154,6 @@ def make_vector_env(env_cfg, run_seed: int, num_envs: int | None = None, seed_ra
     return SerialVectorEnv(fns, groups=groups)
 
 
-__all__ = ["CueRecall", "DownsampleObservation", "MortarMayhemTrueSuccess", "MEMORY_GYM_IDS", "MORTAR_MAYHEM_IDS", "make_env", "EnvConfigError", "EnvError", "EpisodeStats", "SerialVectorEnv", "StepResult", "VectorEnv", "LevelSeedWrapper", "EnvStateError",
+__all__ = ["CueRecall", "PendulumNoVelocity", "PENDULUM_NO_VELOCITY_ID", "DownsampleObservation", "MortarMayhemTrueSuccess", "MEMORY_GYM_IDS", "MORTAR_MAYHEM_IDS", "make_env", "EnvConfigError", "EnvError", "EpisodeStats", "SerialVectorEnv", "StepResult", "VectorEnv", "LevelSeedWrapper", "EnvStateError",
            "SeedStream", "SeedSequence", "FlatBox", "FlattenObservation", "UnsupportedSpaceError",
            "env_groups", "make_base_env", "make_vector_env", "seed_stream", "seed_sequence", "env_fn", "CUE_RECALL_ID"]
