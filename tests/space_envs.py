@@ -5,7 +5,7 @@ At the first step the observation shows a cue (one of 3); the episode lasts 3 to
 at reset); at its last step the action is rewarded for naming the cue. The actions move a position
 that later observations show, so an episode depends on every action taken (a replay that fed the
 env other actions would diverge). Every action is checked against the action space: an env
-receiving an unclipped Box action raises.
+receiving an unclipped Box action, or one of another dtype than its space's, raises.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ ACT = {
     "box": S.Box(np.array([-1.0, 0.0], np.float32), np.array([1.0, 2.0], np.float32)),  # per-dim bounds
     "box1": S.Box(-2.0, 2.0, (1,), np.float32),
     "box2d": S.Box(-1.0, 1.0, (2, 2), np.float64),
+    "box0": S.Box(-1.0, 1.0, (), np.float32),  # a scalar torque
     "multibinary": S.MultiBinary(2),  # unsupported
 }
 
@@ -62,6 +63,8 @@ class Spaces(gym.Env):
     def step(self, action):
         if not self.action_space.contains(np.asarray(action, self.action_space.dtype)):
             raise ValueError(f"action {action!r} outside {self.action_space}")
+        if self.act_kind.startswith("box") and np.asarray(action).dtype != self.action_space.dtype:
+            raise TypeError(f"action {action!r} is not of the space's dtype {self.action_space.dtype}")
         self.t += 1
         x = self._first(action)
         self.pos = np.clip(self.pos + np.float32(0.25) * np.float32(x - 1.0), -1, 1).astype(np.float32)

@@ -264,7 +264,7 @@ def collect_twice(cfg: C.Config, seed: int = 0, keep_state: bool = False):
 
 
 PAIRS = [("box", "box"), ("dict", "box"), ("tuple", "multidiscrete"), ("discrete", "box1"),
-         ("multidiscrete", "discrete"), ("nested", "box2d"), ("dict", "discrete")]
+         ("multidiscrete", "discrete"), ("nested", "box2d"), ("dict", "discrete"), ("box", "box0")]
 
 
 @pytest.mark.parametrize("obs,act", PAIRS)
@@ -306,7 +306,8 @@ def collect_rollouts(cfg: C.Config, seed: int = 0):
         envs.close()
 
 
-@pytest.mark.parametrize("obs,act", [("dict", "box"), ("tuple", "box2d"), ("discrete", "multidiscrete")])
+@pytest.mark.parametrize("obs,act", [("dict", "box"), ("tuple", "box2d"), ("discrete", "multidiscrete"),
+                                     ("nested", "box0")])
 def test_pool_rollouts_equal_serial_rollouts(obs, act):
     """Flattened observations and float actions through the pool's shared memory."""
     extra = ["env.num_envs=4", "env.groups=2"]
@@ -328,7 +329,7 @@ def test_pool_stepping_equals_sequence_forward():
     torch.testing.assert_close(values[m], b.values[m], atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("act", ["box", "box1", "box2d"])
+@pytest.mark.parametrize("act", ["box", "box1", "box2d", "box0"])
 def test_box_action_env_state_replays_to_the_same_future(act):
     """LevelSeedWrapper records float actions as plain data; replaying them rebuilds the episode."""
     env_cfg = space_config("dict", act).env
@@ -362,7 +363,8 @@ def train_space(run_dir, cfg: C.Config) -> Trainer:
 
 
 @pytest.mark.parametrize("obs,act,vector", [("dict", "box", "serial"), ("tuple", "box1", "pool"),
-                                             ("nested", "box2d", "serial"), ("multidiscrete", "discrete", "serial")])
+                                             ("nested", "box2d", "serial"), ("multidiscrete", "discrete", "serial"),
+                                             ("box", "box0", "pool")])
 def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, obs, act, vector):
     """Mid-episode float actions, flattened observations and the Gaussian's log std travel in the
     checkpoint: the resumed run logs exactly what the uninterrupted one logs (on a CPU)."""
