@@ -14,7 +14,7 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 import space_envs  # noqa: F401  (registers Spaces-v0 in this process)
-from eval_helpers import metric_rows
+from eval_helpers import DEVICES, exact_cuda, metric_rows
 from ppo_tbptt import config as C
 from ppo_tbptt import train as train_cli
 from ppo_tbptt.envs import EnvConfigError, LevelSeedWrapper, make_env, make_vector_env, seed_stream
@@ -242,15 +242,17 @@ def test_buffer_keeps_the_unclipped_sample_and_the_env_gets_the_clipped_one():
 
 
 # ---- invariants on every new space --------------------------------------------------------------
-def collect_twice(cfg: C.Config, seed: int = 0, keep_state: bool = False):
+def collect_twice(cfg: C.Config, seed: int = 0, keep_state: bool = False, device: str = "cpu"):
     """Two rollouts (the second starts mid-episode), heads sharpened as in test_equivalence.py."""
+    device = torch.device(device)
     torch.manual_seed(seed)
-    envs = make_vector_env(cfg.env, seed)
+    envs = make_vector_env(cfg.env, seed, device=device.type)
     try:
         model = build_model(envs.single_observation_space, envs.single_action_space, cfg.model)
         for head in (model.policy_head, model.value_head):
             torch.nn.init.orthogonal_(head.weight, 3.0)
-        col = Collector(envs, model, cfg.ppo.rollout_steps, torch.device("cpu"), cfg.model.reset_hidden_state)
+        model = model.to(device)
+        col = Collector(envs, model, cfg.ppo.rollout_steps, device, cfg.model.reset_hidden_state)
         col.collect()
         rollout, _ = col.collect()
         state = envs.get_state() if keep_state else None
@@ -267,10 +269,21 @@ PAIRS = [("box", "box"), ("dict", "box"), ("tuple", "multidiscrete"), ("discrete
          ("multidiscrete", "discrete"), ("nested", "box2d"), ("dict", "discrete"), ("box", "box0")]
 
 
-@pytest.mark.parametrize("obs,act", PAIRS)
+@pytest.fixture
+def exact():
+    with exact_cuda():
+        yield
+
+
+CUDA = [pytest.param(obs, act, "cuda", marks=DEVICES[1].marks) for obs, act in (("dict", "box"), ("tuple", "box2d"))]
+
+
+@pytest.mark.parametrize("obs,act,device", [(obs, act, "cpu") for obs, act in PAIRS] + CUDA)
 @pytest.mark.parametrize("core", ["gru", "lstm"])
-def test_stepping_equals_sequence_forward_and_first_ratio_is_one(obs, act, core):
-    model, rollout = collect_twice(space_config(obs, act, f"model.core={core}"))
+def test_stepping_equals_sequence_forward_and_first_ratio_is_one(obs, act, device, core, exact):
+    """On CUDA too (gpu marker): observations through the pinned staging buffer, actions sampled
+    on the device and clipped on the host."""
+    model, rollout = collect_twice(space_config(obs, act, f"model.core={core}"), device=device)
     assert not rollout.episode_start[0].all() and rollout.episode_start[1:].any()
     b = build_sequences(rollout, 4)
     model.train()
@@ -280,7 +293,7 @@ def test_stepping_equals_sequence_forward_and_first_ratio_is_one(obs, act, core)
     m = b.mask.bool()
     torch.testing.assert_close(logp[m], b.logprobs[m], atol=TOL, rtol=0)
     torch.testing.assert_close(values.detach()[m], b.values[m], atol=TOL, rtol=0)
-    mb = b.select(torch.arange(0, b.num_sequences, 2))
+    mb = b.select(torch.arange(0, b.num_sequences, 2, device=b.mask.device))
     out = ppo_loss(model, mb, LossCoefs(0.2, 0.01, 0.5))
     assert abs(out.metrics["losses/ratio"].item() - 1.0) < 1e-6
     assert abs(out.metrics["losses/approx_kl"].item()) < 1e-7
@@ -317,6 +330,15 @@ def test_pool_rollouts_equal_serial_rollouts(obs, act):
         assert es == ep and es
         for k, v in rs.items():
             assert v.dtype == rp[k].dtype and torch.equal(v, rp[k]), k
+
+
+def test_gym_async_rollouts_equal_serial_rollouts():
+    """gymnasium's AsyncVectorEnv (the benchmark's baseline) takes the flattened space too."""
+    serial = collect_rollouts(space_config("dict", "box", "env.vector=serial"))
+    gym_async = collect_rollouts(space_config("dict", "box", "env.vector=gym_async"))
+    for (rs, es), (ra, ea) in zip(serial, gym_async):
+        assert [(i, r, n) for i, _, r, n in es] == [(i, r, n) for i, _, r, n in ea] and es
+        assert all(torch.equal(v, ra[k]) for k, v in rs.items())
 
 
 def test_pool_stepping_equals_sequence_forward():
