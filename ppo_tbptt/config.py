@@ -54,7 +54,9 @@ class Schedule:
 @dataclass(frozen=True)
 class EnvConfig:
     id: str = "MortarMayhem-Grid-v0"
-    """Environment id: a MemoryGym id (e.g. ``MortarMayhem-Grid-v0``) or ``CueRecall-v0``."""
+    """Environment id: a MemoryGym id (e.g. ``MortarMayhem-Grid-v0``), ``CueRecall-v0``,
+    ``PendulumNoVelocity-v0``, any registered gymnasium id, or ``module:EnvId`` (imports
+    ``module``, which registers the id); see the README's supported spaces."""
     num_envs: int = 16
     """Number of parallel environments N."""
     reset_params: dict = field(default_factory=dict)

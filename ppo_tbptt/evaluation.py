@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .envs import make_env
-from .envs.vector import episode_stats
+from .envs.vector import env_actions, episode_stats
 from .envs.wrappers import LevelSeedWrapper
 from .model import RecurrentActorCritic
 
@@ -184,15 +184,16 @@ class Evaluator:
                 logits = logits[:, 0]
                 if deterministic:
                     actions = model.dist(logits).mode()
+                elif model.continuous:
+                    actions = model.dist(logits).sample(gen)  # [k, D]
                 else:
                     parts = torch.split(logits, model.nvec, dim=-1)
                     actions = torch.stack([torch.multinomial(torch.softmax(p, -1), 1, generator=gen)[:, 0]
                                            for p in parts], dim=-1)  # [k, D]
-                acts = actions.cpu().numpy()
+                acts = env_actions(actions.cpu().numpy(), envs[0].action_space)  # Box: clipped
                 ended = torch.zeros(k, dtype=torch.bool)
                 for j in np.flatnonzero(active):
-                    a = acts[j, 0] if acts.shape[1] == 1 else acts[j]
-                    o, r, te, tr, info = envs[j].step(a)
+                    o, r, te, tr, info = envs[j].step(acts[j])
                     ret[j] += r
                     length[j] += 1
                     i = current[j]

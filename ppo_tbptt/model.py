@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .envs.spaces import FlatBox, ObsPart, action_layout
+
 
 @dataclasses.dataclass
 class RecurrentState:
@@ -85,6 +87,60 @@ class MLPEncoder(nn.Module):
         return self.net(x.flatten(1))
 
 
+class MultiPartEncoder(nn.Module):
+    """A flattened Tuple / Dict / Discrete observation (a :class:`~ppo_tbptt.envs.spaces.FlatBox`'s
+    vector, as float) -> ``[B, out]``.
+
+    Each image part of at least 36x36 pixels goes through its own Nature CNN (unless ``encoder`` is
+    ``mlp``); every other part, Box values scaled as a plain Box observation is and Discrete /
+    MultiDiscrete values one-hot encoded, joins one vector for one MLP. With more than one of
+    these encoders, their features are concatenated and mapped to ``out`` by a linear layer."""
+
+    def __init__(self, parts: Sequence[ObsPart], out: int, encoder: str = "auto"):
+        super().__init__()
+        images = [p for p in parts if p.is_image and min(p.shape[:2]) >= 36 and encoder != "mlp"]
+        if encoder == "cnn" and not images:
+            raise ModelConfigError(f"model.encoder 'cnn' needs an image part of at least 36x36 "
+                                   f"[H, W, C], got parts {', '.join(f'{p.name} {p.shape}' for p in parts)}")
+        self._images = [(p.offset, p.size, p.shape, p.scale) for p in images]
+        self.cnns = nn.ModuleList(NatureCNN(p.shape, out) for p in images)
+        rest = [p for p in parts if p not in images]
+        box = [p for p in rest if p.kind == "box"]
+        disc = [p for p in rest if p.kind == "discrete"]
+        box_cols = [torch.arange(p.offset, p.offset + p.size) for p in box]
+        box_scale = [torch.full((p.size,), p.scale) for p in box]
+        # one-hot: column c of the flat vector, repeated once per value it can take, compared
+        # with those values
+        disc_cols = [torch.full((n,), p.offset + i) for p in disc for i, n in enumerate(p.nvec)]
+        disc_vals = [torch.arange(s, s + n, dtype=torch.float32) for p in disc for s, n in zip(p.start, p.nvec)]
+
+        def cat(xs, dtype):
+            return torch.cat(xs).to(dtype) if xs else torch.zeros(0, dtype=dtype)
+
+        self.register_buffer("box_cols", cat(box_cols, torch.int64), persistent=False)
+        self.register_buffer("box_scale", cat(box_scale, torch.float32), persistent=False)
+        self.register_buffer("disc_cols", cat(disc_cols, torch.int64), persistent=False)
+        self.register_buffer("disc_vals", cat(disc_vals, torch.float32), persistent=False)
+        width = len(self.box_cols) + len(self.disc_cols)
+        self.mlp = MLPEncoder(width, out) if width else None
+        n = len(self.cnns) + (self.mlp is not None)
+        self.fuse = nn.Sequential(_ortho(nn.Linear(n * out, out), math.sqrt(2)), nn.ReLU()) if n > 1 else None
+
+    def vector_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, n]`` -> the MLP's input ``[B, box elements + sum of nvec]``: scaled Box values,
+        then the one-hot encodings."""
+        onehot = (x[:, self.disc_cols] == self.disc_vals).to(x.dtype)  # [B, sum(nvec)]
+        return torch.cat([x[:, self.box_cols] * self.box_scale, onehot], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = [cnn(x[:, off:off + size].reshape(-1, *shape) * scale)  # [B, H, W, C] each
+                 for cnn, (off, size, shape, scale) in zip(self.cnns, self._images)]
+        if self.mlp is not None:
+            feats.append(self.mlp(self.vector_input(x)))
+        z = torch.cat(feats, dim=1) if len(feats) > 1 else feats[0]  # [B, n * out] or [B, out]
+        return z if self.fuse is None else self.fuse(z)
+
+
 class ActionDist:
     """A product of categoricals (Discrete: one, MultiDiscrete: one per dimension).
 
@@ -135,21 +191,67 @@ class ActionDist:
         return total
 
 
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+class GaussianDist:
+    """A diagonal Gaussian for Box actions: ``mean [..., D]`` from the policy head and a
+    state-independent ``log_std [D]`` parameter (CleanRL's ``ppo_continuous_action.py``).
+    Log-probs and entropies are summed over D; samples are ``torch.distributions.Normal``'s draws
+    (the same ``torch.normal`` call, so the same samples for the same RNG state)."""
+
+    def __init__(self, mean: torch.Tensor, log_std: torch.Tensor):
+        if mean.shape[-1] != log_std.shape[-1]:
+            raise ValueError(f"mean has {mean.shape[-1]} entries in the last dimension, log_std "
+                             f"{log_std.shape[-1]}")
+        self.mean = mean
+        self.log_std = log_std.expand_as(mean)
+        self.std = self.log_std.exp()
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.normal(self.mean, self.std, generator=generator)  # [..., D]
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def log_prob(self, actions: torch.Tensor) -> torch.Tensor:
+        """``actions [..., D]`` (unclipped samples) -> ``[...]`` summed over dimensions."""
+        return (-((actions - self.mean) ** 2) / (2 * self.std ** 2) - self.log_std - _HALF_LOG_2PI).sum(-1)
+
+    def entropy(self) -> torch.Tensor:
+        return (0.5 + _HALF_LOG_2PI + self.log_std).sum(-1)
+
+    def kl(self, other: "GaussianDist") -> torch.Tensor:
+        """KL(self || other), summed over dimensions: the closed form
+        ``0.5 * (r + ((mu_p - mu_q) / std_q)^2 - 1 - log r)`` with the variance ratio
+        ``r = exp(d)``, ``d = 2 (log_std_p - log_std_q)``, written as ``expm1(d) - d`` so that
+        small mean differences survive (torch's ``r + t - 1`` rounds a ``t`` below 6e-8 away:
+        with the shared log std, the staleness of refreshed states would read exactly 0)."""
+        d = 2 * (self.log_std - other.log_std)
+        t1 = ((self.mean - other.mean) / other.std) ** 2
+        return (0.5 * (t1 + torch.expm1(d) - d)).sum(-1)
+
+
 def action_nvec(space: gym.Space) -> list[int]:
     if isinstance(space, gym.spaces.Discrete):
         return [int(space.n)]
     if isinstance(space, gym.spaces.MultiDiscrete):
         return [int(n) for n in np.asarray(space.nvec).ravel()]
-    raise ModelConfigError(f"unsupported action space {space} (Discrete and MultiDiscrete are)")
+    raise ModelConfigError(f"unsupported action space {space} (Discrete, MultiDiscrete and Box are)")
 
 
 class RecurrentActorCritic(nn.Module):
-    """Actions are always stored as ``[..., D]`` int64 (D = 1 for Discrete)."""
+    """Actions are stored as ``[..., D]``: int64 for Discrete (D = 1) and MultiDiscrete, float32
+    for Box (D elements, the Gaussian's unclipped sample; ``nvec`` is None then)."""
 
     def __init__(self, obs_space: gym.spaces.Box, action_space: gym.Space, model_cfg):
         super().__init__()
         self.obs_shape = tuple(obs_space.shape)
-        self.nvec = action_nvec(action_space)
+        self.action_dims = action_layout(action_space).dims  # raises for an unsupported space
+        self.continuous = isinstance(action_space, gym.spaces.Box)
+        self.nvec = None if self.continuous else action_nvec(action_space)
+        self.action_dtype = torch.float32 if self.continuous else torch.int64
         self.core_type = model_cfg.core
         self.num_layers = model_cfg.num_layers
         self.hidden_size = model_cfg.hidden_size
@@ -159,7 +261,10 @@ class RecurrentActorCritic(nn.Module):
         high = float(np.max(obs_space.high)) if np.issubdtype(obs_space.dtype, np.integer) else 1.0
         self.obs_scale = 1.0 / high if high > 1 else 1.0
         width = model_cfg.hidden_layer
-        if enc == "cnn":
+        if isinstance(obs_space, FlatBox):  # Tuple / Dict / Discrete observations: parts scaled inside
+            self.encoder = MultiPartEncoder(obs_space.parts, width, model_cfg.encoder)
+            self.obs_scale = 1.0
+        elif enc == "cnn":
             if len(self.obs_shape) != 3:
                 raise ModelConfigError(f"model.encoder 'cnn' needs image observations [H, W, C], got "
                                        f"{self.obs_shape}")
@@ -180,8 +285,10 @@ class RecurrentActorCritic(nn.Module):
                 nn.init.zeros_(p)
         g = math.sqrt(2)
         self.body = nn.Sequential(_ortho(nn.Linear(self.hidden_size, width), g), nn.ReLU())
-        self.policy_head = _ortho(nn.Linear(width, sum(self.nvec)), 0.01)
+        self.policy_head = _ortho(nn.Linear(width, self.action_dims if self.continuous else sum(self.nvec)), 0.01)
         self.value_head = _ortho(nn.Linear(width, 1), 1.0)
+        if self.continuous:  # state-independent log std of the Gaussian policy, starting at std 1
+            self.log_std = nn.Parameter(torch.zeros(self.action_dims))
 
     # ---- state -------------------------------------------------------------------------------
     def initial_state(self, batch: int, device: torch.device | str | None = None) -> RecurrentState:
@@ -216,7 +323,8 @@ class RecurrentActorCritic(nn.Module):
             return self.encoder(x).float()
 
     def heads(self, core_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``core_out [..., H]`` -> ``logits [..., sum(nvec)]``, ``values [...]``."""
+        """``core_out [..., H]`` -> ``logits [..., sum(nvec)]`` (Box: the Gaussian's mean ``[..., D]``),
+        ``values [...]``."""
         z = self.body(core_out)
         return self.policy_head(z), self.value_head(z).squeeze(-1)
 
@@ -264,7 +372,9 @@ class RecurrentActorCritic(nn.Module):
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])  # [B, L, H]
         return out, RecurrentState.from_torch(s)
 
-    def dist(self, logits: torch.Tensor) -> ActionDist:
+    def dist(self, logits: torch.Tensor) -> ActionDist | GaussianDist:
+        if self.continuous:
+            return GaussianDist(logits, self.log_std)
         return ActionDist(logits, self.nvec)
 
     @torch.no_grad()

@@ -23,7 +23,7 @@ class Rollout:
     """
 
     obs: torch.Tensor                 # [T, N, ...] uint8 (env dtype)
-    actions: torch.Tensor             # [T, N, D] int64
+    actions: torch.Tensor             # [T, N, D] int64 (Box actions: float32, unclipped)
     logprobs: torch.Tensor            # [T, N]
     values: torch.Tensor              # [T, N]
     rewards: torch.Tensor             # [T, N]
@@ -53,12 +53,12 @@ class Rollout:
 
     @staticmethod
     def allocate(T: int, N: int, obs_shape, obs_dtype, D: int, K: int, H: int, lstm: bool,
-                 device: torch.device) -> "Rollout":
+                 device: torch.device, action_dtype: torch.dtype = torch.int64) -> "Rollout":
         f = dict(device=device, dtype=torch.float32)
         obs_dtype = torch.from_numpy(np.zeros(0, obs_dtype)).dtype
         return Rollout(
             obs=torch.zeros((T, N, *obs_shape), dtype=obs_dtype, device=device),
-            actions=torch.zeros((T, N, D), dtype=torch.int64, device=device),
+            actions=torch.zeros((T, N, D), dtype=action_dtype, device=device),
             logprobs=torch.zeros((T, N), **f), values=torch.zeros((T, N), **f),
             rewards=torch.zeros((T, N), **f),
             terminated=torch.zeros((T, N), dtype=torch.bool, device=device),
@@ -96,9 +96,9 @@ class Collector:
         self.T = rollout_steps
         self.groups = list(getattr(envs, "groups", [slice(0, self.N)]))
         space = envs.single_observation_space
-        self.buffer = Rollout.allocate(self.T, self.N, space.shape, space.dtype, len(model.nvec),
+        self.buffer = Rollout.allocate(self.T, self.N, space.shape, space.dtype, model.action_dims,
                                        model.num_layers, model.hidden_size, model.core_type == "lstm",
-                                       device)
+                                       device, model.action_dtype)
         self.obs = torch.zeros_like(self.buffer.obs[0])  # [N, ...] the observation each env shows now
         # The envs deliver observations into host memory: straight into self.obs on a CPU, into a
         # pinned staging copy on CUDA (then an asynchronous transfer; see _host_obs / _upload).
@@ -180,7 +180,7 @@ class Collector:
         buf.logprobs[t, sl] = logprobs
         buf.values[t, sl] = values
         self._next_state[g] = next_state
-        self.envs.step_async(env_actions(actions.cpu().numpy()), g)
+        self.envs.step_async(env_actions(actions.cpu().numpy(), self.envs.single_action_space), g)
 
     def _receive(self, t: int, g: int, sl: slice, episodes: list) -> None:
         """Take group g's results of step t: rewards, dones, next obs; reset ended envs' states."""

@@ -61,11 +61,13 @@ def plot(runs: list[Path], labels: list[str], out: Path, window: int = 5, title:
     except ImportError:
         raise RuntimeError("plotting needs matplotlib: pip install 'ppo_tbptt[plot]'") from None
     data = [read_metrics(r) for r in runs]
-    fig, axes = plt.subplots(2, 2, figsize=(9, 6), sharey="row")
+    # a row no run has data for (success, for a task without a success flag) is left out
+    panels = [p for p in PANELS if any(len(series(rows, tag)[2]) for rows in data for tag in p[1:3])] or PANELS
+    fig, axes = plt.subplots(len(panels), 2, figsize=(9, 3 * len(panels)), sharey="row", squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (rows, label) in enumerate(zip(data, labels)):
         color = colors[i % len(colors)]
-        for row, train_tag, eval_tag, ylabel in PANELS:
+        for row, (_, train_tag, eval_tag, ylabel) in enumerate(panels):
             steps, secs, vals = series(rows, train_tag)
             esteps, esecs, evals = series(rows, eval_tag)
             for col, (x, ex) in enumerate(((steps, esteps), (secs, esecs))):
@@ -76,16 +78,16 @@ def plot(runs: list[Path], labels: list[str], out: Path, window: int = 5, title:
                     ax.plot(ex, evals, color=color, ls="none", marker="o", ms=4, label=f"{label} (eval)")
                 ax.set_ylabel(ylabel if col == 0 else "")
                 ax.grid(alpha=0.3)
-    for row in range(2):
+    for row in range(len(panels)):
         axes[row, 0].set_xlabel("env steps")
         axes[row, 1].set_xlabel("wall-clock seconds")
     handles, names = axes[0, 0].get_legend_handles_labels()
     if not handles:
-        handles, names = axes[1, 0].get_legend_handles_labels()
+        handles, names = axes[-1, 0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=min(len(names), 4), fontsize=8, frameon=False)
     if title:
         fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.tight_layout(rect=(0, 0.14 / len(panels), 1, 1))  # room for the legend: 0.4 inch
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=80)

@@ -48,6 +48,23 @@ def test_plot_runs_writes_png(tmp_path, capsys):
     assert np.allclose(mod.smooth(np.array([0.0, 2.0, 4.0, 6.0]), 2), [0.0, 1.0, 3.0, 5.0])
 
 
+def test_plot_runs_leaves_out_a_row_no_run_has(tmp_path):
+    """A task without a success flag (e.g. PendulumNoVelocity) gets the return row only."""
+    pytest.importorskip("matplotlib")
+    Image = pytest.importorskip("PIL.Image")
+    mod = _load_script()
+    run = tmp_path / "r"
+    run.mkdir()
+    rows = [{"global_step": 1024 * i, "time/elapsed_seconds": float(i), "charts/episodic_return": -100.0 * i}
+            for i in range(1, 6)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    both = _fake_run(tmp_path / "both", 0.05, with_eval=True)
+    assert mod.main([str(run), "--out", str(tmp_path / "one.png")]) == 0
+    assert mod.main([str(both), "--out", str(tmp_path / "two.png")]) == 0
+    with Image.open(tmp_path / "one.png") as one, Image.open(tmp_path / "two.png") as two:
+        assert one.size[0] == two.size[0] and one.size[1] < 0.6 * two.size[1]
+
+
 def test_plot_runs_bad_input_exit_2(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     mod = _load_script()

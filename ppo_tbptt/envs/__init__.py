@@ -8,9 +8,11 @@ from typing import Callable
 import gymnasium as gym
 import numpy as np
 
+from .classic import PENDULUM_NO_VELOCITY_ID, PendulumNoVelocity
 from .cue_recall import CueRecall
 from .vector import EnvConfigError, EnvError, EpisodeStats, SerialVectorEnv, StepResult, VectorEnv
 from .memorygym import MEMORY_GYM_IDS, MORTAR_MAYHEM_IDS, MortarMayhemTrueSuccess
+from .spaces import FlatBox, FlattenObservation, UnsupportedSpaceError, action_layout, flatten_observations
 from .time_limit import TimeLimitAsTruncation
 from .wrappers import DownsampleObservation, EnvStateError, LevelSeedWrapper
 
@@ -30,7 +32,8 @@ def make_base_env(env_id: str, kwargs: dict | None = None, render_mode: str | No
         return gym.make(env_id, disable_env_checker=True, render_mode=render_mode, **kwargs)
     except gym.error.Error as exc:
         raise ValueError(f"unknown env id {env_id!r} ({exc}); known: {CUE_RECALL_ID}, "
-                         + ", ".join(MEMORY_GYM_IDS)) from None
+                         f"{PENDULUM_NO_VELOCITY_ID}, " + ", ".join(MEMORY_GYM_IDS)
+                         + ", any registered gymnasium id, or module:EnvId") from None
 
 
 class SeedStream:
@@ -88,7 +91,9 @@ def seed_sequence(seeds: list[int]) -> SeedSequence:
 def make_env(env_cfg, render_mode: str | None = None) -> gym.Env:
     """One env as training and evaluation see it, without the level-seed wrapper: the raw env,
     Mortar Mayhem's success recomputed (:class:`MortarMayhemTrueSuccess`), observations
-    average-pooled by ``env.downsample``. Raises EnvConfigError if it cannot be built."""
+    average-pooled by ``env.downsample``, observations other than a Box flattened into one
+    (:mod:`ppo_tbptt.envs.spaces`). Raises EnvConfigError if it cannot be built or its spaces are
+    not supported."""
     try:
         env = make_base_env(env_cfg.id, env_cfg.kwargs, render_mode)
     except (TypeError, ValueError) as exc:  # the id is unknown or the constructor rejects kwargs
@@ -105,6 +110,12 @@ def make_env(env_cfg, render_mode: str | None = None) -> gym.Env:
         except ValueError as exc:
             env.close()
             raise EnvConfigError(f"env.downsample: {exc}") from None
+    try:  # Tuple / Dict / Discrete observations become one flat Box; unsupported spaces stop here
+        action_layout(env.action_space)
+        env = flatten_observations(env)
+    except UnsupportedSpaceError as exc:
+        env.close()
+        raise EnvConfigError(f"env {env_cfg.id!r}: {exc}") from None  # (the pool reports this class by name)
     return env
 
 
@@ -146,6 +157,6 @@ def make_vector_env(env_cfg, run_seed: int, num_envs: int | None = None, seed_ra
     return SerialVectorEnv(fns, groups=groups)
 
 
-__all__ = ["CueRecall", "DownsampleObservation", "MortarMayhemTrueSuccess", "MEMORY_GYM_IDS", "MORTAR_MAYHEM_IDS", "make_env", "EnvConfigError", "EnvError", "EpisodeStats", "SerialVectorEnv", "StepResult", "VectorEnv", "LevelSeedWrapper", "EnvStateError",
-           "SeedStream", "SeedSequence",
+__all__ = ["CueRecall", "PendulumNoVelocity", "PENDULUM_NO_VELOCITY_ID", "DownsampleObservation", "MortarMayhemTrueSuccess", "MEMORY_GYM_IDS", "MORTAR_MAYHEM_IDS", "make_env", "EnvConfigError", "EnvError", "EpisodeStats", "SerialVectorEnv", "StepResult", "VectorEnv", "LevelSeedWrapper", "EnvStateError",
+           "SeedStream", "SeedSequence", "FlatBox", "FlattenObservation", "UnsupportedSpaceError",
            "env_groups", "make_base_env", "make_vector_env", "seed_stream", "seed_sequence", "env_fn", "CUE_RECALL_ID"]

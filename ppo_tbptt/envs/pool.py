@@ -32,6 +32,7 @@ from multiprocessing import shared_memory
 import gymnasium as gym
 import numpy as np
 
+from .spaces import ActionLayout, action_layout
 from .vector import EnvConfigError, EnvRunner, PendingSteps, StepResult, VectorEnv, deliver_obs, env_states, split_evenly
 
 # One-byte message tags. Learner -> worker: STEP, or CMD + pickled (name, *args).
@@ -72,10 +73,10 @@ def worker_layout(num_envs: int, envs_per_worker: int = 0, groups: int = 1,
     return group_slices, layout, members
 
 
-def _layout(num_envs: int, obs_space: gym.Space, action_dims: int) -> tuple[dict, int]:
+def _layout(num_envs: int, obs_space: gym.Space, actions: ActionLayout) -> tuple[dict, int]:
     """Byte offsets of the shared arrays -> ({name: (offset, shape, dtype)}, total bytes)."""
     fields = [("obs", (num_envs, *obs_space.shape), np.dtype(obs_space.dtype)),
-              ("actions", (num_envs, action_dims), np.dtype(np.int64)),
+              ("actions", (num_envs, actions.dims), actions.dtype),
               ("reward", (num_envs,), np.dtype(np.float32)),
               ("terminated", (num_envs,), np.dtype(bool)),
               ("truncated", (num_envs,), np.dtype(bool)),
@@ -91,10 +92,6 @@ def _layout(num_envs: int, obs_space: gym.Space, action_dims: int) -> tuple[dict
 def _views(buf, layout: dict) -> dict:
     return {name: np.ndarray(shape, np.dtype(dtype), buffer=buf, offset=off)
             for name, (off, shape, dtype) in layout.items()}
-
-
-def _action_dims(space: gym.Space) -> int:
-    return 1 if isinstance(space, gym.spaces.Discrete) else int(np.prod(np.asarray(space.nvec).shape))
 
 
 def _worker_main(index: int, lo: int, hi: int, env_cfg, run_seed: int, seed_range, conn) -> None:
@@ -122,13 +119,13 @@ def _worker_main(index: int, lo: int, hi: int, env_cfg, run_seed: int, seed_rang
         arrays = _views(shm.buf, layout)
         runner = EnvRunner(envs, lo, arrays["obs"][lo:hi], arrays["reward"][lo:hi],
                            arrays["terminated"][lo:hi], arrays["truncated"][lo:hi], arrays["seeds"][lo:hi])
-        actions = arrays["actions"][lo:hi]
-        discrete = isinstance(envs[0].action_space, gym.spaces.Discrete)
+        # [n, D] in shared memory, viewed as what the envs take: [n] (Discrete), [n, *shape]
+        actions = arrays["actions"][lo:hi].reshape(hi - lo, *action_layout(envs[0].action_space).shape)
         conn.send_bytes(OK)
         while True:
             msg = conn.recv_bytes()
             if msg == STEP:
-                final_obs, episodes = runner.step(actions[:, 0] if discrete else actions)
+                final_obs, episodes = runner.step(actions)
                 conn.send_bytes(DATA + pickle.dumps((final_obs, episodes)) if final_obs or episodes else OK)
                 continue
             cmd, *args = pickle.loads(msg[1:])
@@ -224,7 +221,7 @@ class WorkerPoolVectorEnv(VectorEnv):
             spaces = [self._recv(w) for w in range(len(self.workers))]
             self.single_observation_space, self.single_action_space = spaces[0]
             layout, size = _layout(self.num_envs, self.single_observation_space,
-                                   _action_dims(self.single_action_space))
+                                   action_layout(self.single_action_space))
             self._shm = shared_memory.SharedMemory(create=True, size=size)
             self._finalizer.detach()
             self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._conns, self._shm)
@@ -290,7 +287,8 @@ class WorkerPoolVectorEnv(VectorEnv):
         return self._arrays["obs"].copy()
 
     def step_async(self, actions: np.ndarray, group: int = 0) -> None:
-        """Write the group's actions ``[n_g]`` or ``[n_g, D]`` to shared memory and wake its workers."""
+        """Write the group's actions (as the envs take them: ``[n_g]``, ``[n_g, D]`` or a Box's
+        ``[n_g, *shape]``) to shared memory and wake its workers."""
         self._check_open()
         self._pending.start(group)
         sl = self.groups[group]

@@ -232,9 +232,16 @@ class PendingSteps:
         self.groups.discard(group)
 
 
-def env_actions(actions: np.ndarray) -> np.ndarray:
-    """``[n, D]`` policy actions -> what the envs take: ``[n]`` for Discrete (D = 1), else ``[n, D]``."""
-    return actions[:, 0] if actions.ndim == 2 and actions.shape[1] == 1 else actions
+def env_actions(actions: np.ndarray, space: gym.Space) -> np.ndarray:
+    """``[n, D]`` policy actions -> what the envs of ``space`` take: ``[n]`` for Discrete, ``[n, D]``
+    for MultiDiscrete, ``[n, *shape]`` in the Box's dtype and clipped to its bounds for Box (the
+    rollout buffer keeps the unclipped sample: its log-prob is the one PPO needs)."""
+    if isinstance(space, gym.spaces.Discrete):
+        return actions[:, 0]
+    if isinstance(space, gym.spaces.Box):
+        a = actions.reshape(actions.shape[0], *space.shape).astype(space.dtype, copy=False)
+        return np.clip(a, space.low, space.high)
+    return actions
 
 
 class SerialVectorEnv(VectorEnv):

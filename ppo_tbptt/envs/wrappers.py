@@ -83,7 +83,8 @@ class LevelSeedWrapper(gym.Wrapper):
         obs, _ = self.env.reset(seed=self.current_seed, options=self._options)
         space = self.env.action_space
         for i, a in enumerate(actions):
-            act = np.asarray(a, dtype=space.dtype) if isinstance(a, list) else a
+            # lists (and a 0-d Box's float) back to the arrays of the space's dtype the env took
+            act = np.asarray(a, dtype=space.dtype) if isinstance(a, list) or isinstance(space, gym.spaces.Box) else a
             obs, _, terminated, truncated, _ = self.env.step(act)
             if terminated or truncated:  # a recorded episode is still running
                 raise EnvStateError(f"replay of level seed {seed} ended after {i + 1} of "
