@@ -137,20 +137,24 @@ def env_groups(env_cfg, device: str | None = None) -> int:
 
 
 def make_vector_env(env_cfg, run_seed: int, num_envs: int | None = None, seed_range=None,
-                    device: str | None = None):
+                    device: str | None = None, first_env: int = 0, workers: int | None = None):
     """The training vector env: ``env_cfg.num_envs`` envs, level seeds from ``env_cfg.train_seeds``.
 
     ``env_cfg.vector``: ``serial`` (this process), ``pool`` (worker processes, shared memory) or
     ``gym_async`` (gymnasium's AsyncVectorEnv, the baseline the benchmark compares with). Env ``i``
     draws its level seeds from the same generator whichever is used. ``device`` (the policy's)
-    resolves ``env.groups: 0`` (see :func:`env_groups`)."""
+    resolves ``env.groups: 0`` (see :func:`env_groups`). ``first_env``: the global index of this
+    vector env's first env, when it holds one slice of a larger set (one rank of a distributed
+    run): its env ``i`` draws the level seeds of global env ``first_env + i``. ``workers``: the
+    pool's process count for ``env.envs_per_worker: 0`` (default: the usable CPU cores)."""
     n = env_cfg.num_envs if num_envs is None else num_envs
     rng = env_cfg.train_seeds if seed_range is None else seed_range
     groups = env_groups(env_cfg, device)
     if env_cfg.vector == "pool":
         from .pool import WorkerPoolVectorEnv
-        return WorkerPoolVectorEnv(env_cfg, run_seed, n, rng, env_cfg.envs_per_worker, groups)
-    fns = [env_fn(env_cfg, seed_stream(rng, run_seed, i)) for i in range(n)]
+        return WorkerPoolVectorEnv(env_cfg, run_seed, n, rng, env_cfg.envs_per_worker, groups,
+                                   first_env=first_env, workers=workers)
+    fns = [env_fn(env_cfg, seed_stream(rng, run_seed, first_env + i)) for i in range(n)]
     if env_cfg.vector == "gym_async":
         from .gym_async import GymAsyncVectorEnv
         return GymAsyncVectorEnv(fns)

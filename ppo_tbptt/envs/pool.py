@@ -94,8 +94,10 @@ def _views(buf, layout: dict) -> dict:
             for name, (off, shape, dtype) in layout.items()}
 
 
-def _worker_main(index: int, lo: int, hi: int, env_cfg, run_seed: int, seed_range, conn) -> None:
-    """A worker process: build envs lo..hi-1, attach the shared arrays, serve commands until closed."""
+def _worker_main(index: int, lo: int, hi: int, env_cfg, run_seed: int, seed_range, conn,
+                 first_env: int = 0) -> None:
+    """A worker process: build envs lo..hi-1, attach the shared arrays, serve commands until closed.
+    Env ``i`` draws the level seeds of global env ``first_env + i``."""
     # Ctrl-C and a service manager's stop signal the whole process group: the learner handles
     # them (finish the update, save, close the pool); a worker outlives them until it is closed.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -106,7 +108,7 @@ def _worker_main(index: int, lo: int, hi: int, env_cfg, run_seed: int, seed_rang
     runner = shm = arrays = None
     try:
         for i in range(lo, hi):
-            envs.append(env_fn(env_cfg, seed_stream(seed_range, run_seed, i))())
+            envs.append(env_fn(env_cfg, seed_stream(seed_range, run_seed, first_env + i))())
         conn.send_bytes(DATA + pickle.dumps((envs[0].observation_space, envs[0].action_space)))
         msg = conn.recv_bytes()
         if msg[:1] != CMD:
@@ -192,14 +194,18 @@ class WorkerPoolVectorEnv(VectorEnv):
     ``groups`` splits the envs as :class:`SerialVectorEnv` does; ``envs_per_worker`` 0 spreads each
     group over its share of the usable CPU cores (see :func:`worker_layout`). ``start_method``:
     ``forkserver`` (default on Linux: children start from a clean process, not a copy of a learner
-    that holds CUDA and thread pools) or ``spawn``.
+    that holds CUDA and thread pools) or ``spawn``. ``first_env``: the global index of env 0 (its
+    level seeds; see :func:`ppo_tbptt.envs.make_vector_env`); ``workers``: the process count for
+    ``envs_per_worker`` 0 (default: the usable CPU cores).
     """
 
     def __init__(self, env_cfg, run_seed: int, num_envs: int, seed_range, envs_per_worker: int = 0,
-                 groups: int = 1, start_method: str | None = None):
+                 groups: int = 1, start_method: str | None = None, first_env: int = 0,
+                 workers: int | None = None):
         self.env_id = env_cfg.id
         self.num_envs = int(num_envs)
-        self.groups, self.workers, self._group_workers = worker_layout(self.num_envs, envs_per_worker, groups)
+        self.groups, self.workers, self._group_workers = worker_layout(self.num_envs, envs_per_worker, groups,
+                                                                       workers)
         if start_method is None:
             start_method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
         ctx = mp.get_context(start_method)
@@ -213,7 +219,8 @@ class WorkerPoolVectorEnv(VectorEnv):
             for w, sl in enumerate(self.workers):
                 parent, child = ctx.Pipe()
                 p = ctx.Process(target=_worker_main, name=f"ppo_tbptt-env-{w}", daemon=True,
-                                args=(w, sl.start, sl.stop, env_cfg, run_seed, tuple(seed_range), child))
+                                args=(w, sl.start, sl.stop, env_cfg, run_seed, tuple(seed_range), child,
+                                      first_env))
                 p.start()
                 child.close()  # only the worker holds its end now, so its death closes the pipe
                 self._procs.append(p)
