@@ -3,6 +3,10 @@
 
 Exit codes: 0 done; 2 bad input (config, missing/truncated/mismatched checkpoint); 128 + signal
 number when SIGINT/SIGTERM stopped training after saving a checkpoint.
+
+Under ``torchrun --nproc_per_node=G -m ppo_tbptt.train ...`` every process is one rank of a
+data-parallel run (:mod:`ppo_tbptt.distributed`); with one process this is a plain run. A rank that
+loses the others (one died or stopped answering) exits with code 1 and a one-line error.
 """
 from __future__ import annotations
 
@@ -59,7 +63,7 @@ def make_run_dir(out_dir: str, run_name: str | None, default_prefix: str, seed: 
     return path
 
 
-def resume(args, overrides: list[str]) -> int:
+def resume(args, overrides: list[str], dist=None) -> int:
     from .checkpoint import CheckpointError
     from .trainer import Trainer
     from .envs.wrappers import EnvStateError
@@ -70,16 +74,21 @@ def resume(args, overrides: list[str]) -> int:
               file=sys.stderr)
         return 2
     try:
-        trainer = Trainer.from_run(run_dir, None, overrides)
+        trainer = Trainer.from_run(run_dir, None, overrides, dist=dist)
     except ConfigError as exc:
         print(f"error: {'; '.join(exc.problems)}", file=sys.stderr)
         return 2
     except (CheckpointError, EnvStateError, ValueError) as exc:  # EnvConfigError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"resuming {run_dir} from {trainer.resumed_from} at step {trainer.global_step:,}  "
-          f"device: {trainer.device}", flush=True)
+    if trainer.dist.is_main:
+        print(f"resuming {run_dir} from {trainer.resumed_from} at step {trainer.global_step:,}  "
+              f"device: {trainer.device}{_ranks(trainer.dist)}", flush=True)
     return run(trainer)
+
+
+def _ranks(dist) -> str:
+    return f"  ranks: {dist.world_size} ({dist.backend})" if dist.enabled else ""
 
 
 def run(trainer) -> int:
@@ -99,31 +108,58 @@ def run(trainer) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from .distributed import Distributed, RankLost
+    try:  # one rank of a torchrun group, or a plain single process
+        dist = Distributed.from_environment()
+    except (RuntimeError, ValueError, KeyError) as exc:
+        print(f"error: cannot join the torchrun process group: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return train_main(args, dist)
+    except RankLost as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        dist.close()
+
+
+def train_main(args, dist) -> int:
+    """:func:`main` once this process knows its rank (``dist``)."""
     overrides = list(args.overrides)
     if args.device:
         overrides.append(f"run.device={args.device}")
     if args.resume:
-        return resume(args, overrides)
+        return resume(args, overrides, dist)
     try:
         cfg, device = config_and_device(args.config, overrides)
+        dist.check_config(cfg)  # env.num_envs is the total over the ranks
+        device = dist.device(device)
     except ValueError as exc:  # ConfigError, or cuda asked for where there is none
         print(f"error: {exc}", file=sys.stderr)
         return 2
     prefix = cfg.run.name or resolve_path(args.config).stem
+
+    def new_run_dir() -> str:  # (rank 0 alone: the others write nothing)
+        path = make_run_dir(cfg.run.out_dir, args.run_name, prefix, cfg.run.seed)
+        (path / "config.yaml").write_text(dump_yaml(cfg))
+        return str(path)
+
     try:
-        run_dir = make_run_dir(cfg.run.out_dir, args.run_name, prefix, cfg.run.seed)
+        run_dir = Path(dist.from_main(new_run_dir, (FileExistsError,)))
     except FileExistsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     from .envs import EnvConfigError
     from .model import ModelConfigError
     from .trainer import Trainer
-    print(f"run folder: {run_dir}  (tensorboard --logdir {cfg.run.out_dir})  device: {device}", flush=True)
+    if dist.is_main:
+        print(f"run folder: {run_dir}  (tensorboard --logdir {cfg.run.out_dir})  device: {device}{_ranks(dist)}",
+              flush=True)
     try:
-        trainer = Trainer(cfg, run_dir, device)
+        trainer = Trainer(cfg, run_dir, device, dist=dist)
     except (EnvConfigError, ModelConfigError) as exc:
-        shutil.rmtree(run_dir, ignore_errors=True)  # nothing was trained: leave no empty run behind
+        if dist.is_main:
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing was trained: leave no empty run behind
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return run(trainer)

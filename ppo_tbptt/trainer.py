@@ -12,6 +12,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, dump_yaml, from_dict
+from .distributed import SINGLE, Distributed
 from .envs import make_vector_env
 from .gae import compute_gae
 from .logger import MetricsWriter, console, progress_line
@@ -92,18 +93,26 @@ class Trainer:
 
     ``resume``: a checkpoint dict (from :func:`checkpoint.load_checkpoint`) to continue from; then
     every bit of state that influences later updates is restored (see :meth:`state_dict`).
+    ``dist``: this process's rank in a data-parallel run (:mod:`ppo_tbptt.distributed`); it steps
+    its share of ``env.num_envs``, and only rank 0 logs, evaluates and writes checkpoints.
     """
 
     def __init__(self, cfg: Config, run_dir: Path, device: torch.device, log: bool = True,
-                 quiet: bool = False, resume: dict | None = None, resume_path: Path | None = None):
+                 quiet: bool = False, resume: dict | None = None, resume_path: Path | None = None,
+                 dist: Distributed | None = None):
         self.cfg = cfg
+        self.dist = SINGLE if dist is None else dist
+        self.dist.check_config(cfg)
+        device = self.dist.device(device)
         self.device = device
         self.run_dir = Path(run_dir)
-        self.quiet = quiet
+        self.quiet = quiet or not self.dist.is_main
         if cfg.run.torch_threads > 0:
             torch.set_num_threads(cfg.run.torch_threads)
         seed_everything(cfg.run.seed)
-        self.envs = make_vector_env(cfg.env, cfg.run.seed, device=device.type)
+        env_kw = self.dist.env_kwargs(cfg.env)  # {} with one process
+        self.first_env = env_kw.get("first_env", 0)
+        self.envs = make_vector_env(cfg.env, cfg.run.seed, device=device.type, **env_kw)
         try:
             self._build(cfg, device, log, resume, resume_path)
         except BaseException:
@@ -115,13 +124,16 @@ class Trainer:
         """The rest of ``__init__``, once the envs exist (they are closed if this raises)."""
         self.model = build_model(self.envs.single_observation_space, self.envs.single_action_space,
                                  cfg.model).to(device)
+        self.dist.broadcast_model(self.model)  # every rank starts from rank 0's weights
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.ppo.lr.initial,
                                           eps=cfg.ppo.adam_eps)
         self.collector = Collector(self.envs, self.model, cfg.ppo.rollout_steps, device,
                                    cfg.model.reset_hidden_state)
         self.shuffle_gen = torch.Generator().manual_seed(cfg.run.seed)
         self.truncation = make_strategy(cfg)
-        self.batch_size = cfg.ppo.rollout_steps * self.envs.num_envs
+        self.dist.seed_rank(cfg.run.seed, [self.shuffle_gen] + [g for g in vars(self.truncation).values()
+                                                                if isinstance(g, torch.Generator)])
+        self.batch_size = cfg.ppo.rollout_steps * self.envs.num_envs * self.dist.world_size  # all ranks' steps
         self.total_updates = -(-cfg.run.total_steps // self.batch_size)
         self.global_step = 0
         self.update = 0
@@ -129,9 +141,11 @@ class Trainer:
         self.best_eval: float | None = None
         self.evaluator = None
         self._stop_signal: int | None = None
+        self._signal_seen: int | None = None  # a data-parallel rank's signal, until the ranks agree
         self.time_limited = False  # train() stopped at run.max_seconds
         if resume is not None:
             self.load_state_dict(resume, resume_path or "checkpoint")
+        log = log and self.dist.is_main
         self.writer = MetricsWriter(self.run_dir, resume_step=self.global_step if resume else None) if log else None
         if self.writer is not None:
             self.writer.text("config", "```\n" + dump_yaml(cfg) + "\n```")
@@ -145,8 +159,7 @@ class Trainer:
         resolves ``run.device``. Raises CheckpointError or ConfigError with a one-line reason."""
         from .config import apply_overrides
         from .utils import resolve_device
-        path = ckpt.latest_checkpoint(run_dir)
-        state = ckpt.load_checkpoint(path)
+        path, state = (kw.get("dist") or SINGLE).load_latest(run_dir)  # (read by rank 0 alone)
         raw, problems = apply_overrides(state["config"], overrides)
         if problems:
             raise ConfigError(problems)
@@ -184,6 +197,7 @@ class Trainer:
         wait0 = self.collector.wait_seconds
         self.model.eval()
         rollout, episodes = self.collector.collect()
+        episodes = self.dist.gather_episodes(episodes, self.first_env)  # all ranks' on rank 0
         self.global_step += self.batch_size
         t1 = time.perf_counter()
 
@@ -193,6 +207,7 @@ class Trainer:
         rollout.advantages.copy_(adv)
         rollout.returns.copy_(ret)
         self.truncation.before_update(self.model, rollout)
+        self.dist.sync_truncation(self.truncation)
         batch = self.truncation.build(rollout)
 
         self.model.train()
@@ -204,20 +219,25 @@ class Trainer:
             self.truncation.before_epoch(self.model, rollout, batch, epoch)
             for mb_idx in minibatch_indices(batch.num_sequences, cfg.ppo.minibatches, self.shuffle_gen):
                 mb = batch.select(mb_idx.to(self.device))
+                mb, mb_coefs = self.dist.normalise_advantages(mb, coefs)  # over all ranks' minibatches
                 logits, values = self.truncation.forward(self.model, mb)
-                out = ppo_loss_from_outputs(self.model, mb, logits, values, coefs)
+                out = ppo_loss_from_outputs(self.model, mb, logits, values, mb_coefs)
                 self.optimizer.zero_grad(set_to_none=True)
                 finite &= torch.isfinite(out.loss.detach())
                 out.loss.backward()
+                # the gradient of the loss over all ranks' minibatches, then clipped alike on every rank
+                share = self.dist.average_gradients(self.model.parameters(), mb.mask)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.ppo.max_grad_norm)
                 finite &= torch.isfinite(grad_norm)  # a finite loss can still have non-finite gradients
                 self.optimizer.step()
+                out.metrics = self.dist.weigh(out.metrics, share)
                 if first_kl is None:
                     first_kl = out.metrics["losses/approx_kl"]
                 out.metrics["losses/grad_norm"] = grad_norm.detach()
                 for k, v in out.metrics.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
+        sums, first_kl, finite = self.dist.reduce_update(sums, first_kl, finite)
         if not bool(finite):
             raise TrainingDiverged(
                 f"non-finite loss or gradient in update {self.update + 1} (env steps {self.global_step - self.batch_size:,}"
@@ -240,6 +260,7 @@ class Trainer:
             "time/collect_seconds": t1 - t0, "time/update_seconds": t2 - t1,
             "time/env_wait_seconds": self.collector.wait_seconds - wait0,
         })
+        scalars.update(self.dist.rollout_scalars(rollout, batch))  # over all ranks ({} with one)
         scalars.update(self.truncation.metrics())
         if self.writer is not None:
             for tag, curve in self.truncation.curves().items():
@@ -249,8 +270,10 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------------
     def save_checkpoint(self, state: dict | None = None) -> Path:
         path = self.run_dir / "checkpoints" / f"step_{self.global_step:012d}.pt"
-        ckpt.atomic_save(self.state_dict() if state is None else state, path)
-        ckpt.prune(path.parent, self.cfg.run.keep_checkpoints)
+        state = self.state_dict() if state is None else state
+        if self.dist.is_main:
+            ckpt.atomic_save(state, path)
+            ckpt.prune(path.parent, self.cfg.run.keep_checkpoints)
         return path
 
     def state_dict(self) -> dict:
@@ -258,8 +281,10 @@ class Trainer:
         model, optimizer, counters, global RNG states, the minibatch shuffle generator, and the
         collector's carry-over (env states replayable from level seed + actions, last obs,
         recurrent state, episode starts) and the truncation strategy's state (random cut sampler;
-        adaptive K, its estimate and window sampler). Schedules are functions of ``global_step``."""
-        return {
+        adaptive K, its estimate and window sampler). Schedules are functions of ``global_step``.
+        In a data-parallel run every rank calls this together; rank 0 gets the whole run's state
+        (every rank's RNG, shuffle, collector and truncation parts), the others None."""
+        return self.dist.gather_state({
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "config": self.cfg.to_dict(),
@@ -271,11 +296,12 @@ class Trainer:
             "shuffle_generator": self.shuffle_gen.get_state(),
             "collector": self.collector.get_state(),
             "truncation": self.truncation.state_dict(),
-        }
+        }, self.model)
 
     def load_state_dict(self, state: dict, path: Path | str = "checkpoint") -> None:
         """Restore :meth:`state_dict`'s output (raises CheckpointError naming ``path`` if the
-        weights do not fit)."""
+        weights do not fit, or if it was written by a run of another number of ranks)."""
+        state = self.dist.rank_state(state, path)  # this rank's own envs, RNG streams, ...
         ckpt.load_model_weights(self.model, state["model"], path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.global_step = int(state["global_step"])
@@ -318,14 +344,18 @@ class Trainer:
     # ---- signals --------------------------------------------------------------------------------
     def request_stop(self, signum: int = signal.SIGINT) -> None:
         """Finish the current update, save a checkpoint, close the envs and return from train()."""
-        self._stop_signal = int(signum)
+        if self.dist.enabled:  # the ranks agree on it at the end of the update (see train())
+            self._signal_seen = int(signum)
+        else:
+            self._stop_signal = int(signum)
 
     def _on_signal(self, signum, frame) -> None:
-        if self._stop_signal is not None:
+        if self._stop_signal is not None or self._signal_seen is not None:
             raise KeyboardInterrupt(f"second signal ({signal.Signals(signum).name}): stopping now")
         self.request_stop(signum)
-        console(f"\n{signal.Signals(signum).name} received: finishing this update, then saving a "
-                "checkpoint (send it again to stop at once)")
+        if self.dist.is_main:
+            console(f"\n{signal.Signals(signum).name} received: finishing this update, then saving a "
+                    "checkpoint (send it again to stop at once)")
 
     @property
     def interrupted(self) -> int | None:
@@ -354,14 +384,16 @@ class Trainer:
             while self.global_step < cfg.run.total_steps and self._stop_signal is None:
                 scalars = self.train_update()
                 if next_eval is not None and self.global_step >= next_eval:
-                    scalars.update(self.evaluate())
+                    if self.dist.is_main:  # (the other ranks wait for its score)
+                        scalars.update(self.evaluate())
                     next_eval = next_multiple(self.global_step, cfg.run.eval_every)
-                    score = self.eval_score(scalars)
+                    score = self.dist.broadcast_object(self.eval_score(scalars) if self.dist.is_main else None)
                     if self.best_eval is None or score > self.best_eval:
                         self.best_eval = score
                         scalars["eval/best"] = score
                         state = self.state_dict()
-                        ckpt.atomic_save(state, self.run_dir / "checkpoints" / "best.pt")
+                        if self.dist.is_main:
+                            ckpt.atomic_save(state, self.run_dir / "checkpoints" / "best.pt")
                 elapsed = time.time() - start
                 self.elapsed = elapsed0 + elapsed
                 sps = (self.global_step - start_step) / max(elapsed, 1e-9)
@@ -375,7 +407,10 @@ class Trainer:
                 if next_ckpt is not None and self.global_step >= next_ckpt:
                     path = self.save_checkpoint()
                     next_ckpt = next_multiple(self.global_step, cfg.run.checkpoint_every)
-                if limit > 0 and time.monotonic() - clock0 >= limit and self.global_step < cfg.run.total_steps:
+                over = limit > 0 and time.monotonic() - clock0 >= limit
+                if self.dist.enabled:  # every rank stops after the same update (signals, clocks differ)
+                    self._stop_signal, over = self.dist.agree(self._signal_seen, over)
+                if over and self.global_step < cfg.run.total_steps:
                     self.time_limited = True
                     break
             if path is None or path.stem != f"step_{self.global_step:012d}":
