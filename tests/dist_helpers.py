@@ -1,0 +1,186 @@
+"""Running tiny data-parallel jobs in the tests: ranks as spawned processes joined over gloo on
+localhost (what torchrun sets up, without its agent), and the tasks they run."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_environ(rank: int, world: int, port: int) -> dict:
+    """The variables torchrun gives rank ``rank`` of a one-machine group."""
+    return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)}
+
+
+def run_ranks(task: str, world: int, out: Path, timeout: float = 180, **kwargs) -> None:
+    """Run ``TASKS[task](dist, out, **kwargs)`` in ``world`` spawned processes, one rank each;
+    raises if one fails (the others are ended) or if they are not done within ``timeout``."""
+    import torch.multiprocessing as tmp
+    ctx = tmp.start_processes(_rank_main, args=(world, free_port(), task, str(out), kwargs), nprocs=world,
+                              join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=0.2):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ranks of {task!r} still running after {timeout} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+
+
+def _rank_main(rank: int, world: int, port: int, task: str, out: str, kwargs: dict) -> None:
+    os.environ.update(rank_environ(rank, world, port))
+    torch.set_num_threads(1)
+    import ppo_tbptt
+    assert Path(ppo_tbptt.__file__).resolve().is_relative_to(ROOT), ppo_tbptt.__file__  # this checkout's
+    from ppo_tbptt.distributed import Distributed
+    dist = Distributed.from_environment(timeout=60)
+    try:
+        TASKS[task](dist, Path(out), **kwargs)
+    finally:
+        dist.close()
+
+
+# ---- data for the equivalence test -----------------------------------------------------------------
+def slice_rollout(rollout, lo: int, hi: int):
+    """The envs ``[lo, hi)`` of a rollout (a copy), as the rank stepping them would have collected."""
+    fields = {}
+    for f in dataclasses.fields(rollout):
+        v = getattr(rollout, f.name)
+        if v is None:
+            fields[f.name] = None
+        elif f.name in ("state_h", "state_c"):  # [T, K, N, H]
+            fields[f.name] = v[:, :, lo:hi].clone()
+        elif f.name == "bootstrap_value":  # [N]
+            fields[f.name] = v[lo:hi].clone()
+        else:  # [T, N, ...]
+            fields[f.name] = v[:, lo:hi].clone()
+    return type(rollout)(**fields)
+
+
+def replay_update(trainer, rollout, plans: list[list[torch.Tensor]]) -> dict:
+    """``trainer.train_update()`` on ``rollout`` instead of a fresh collection, with the minibatches
+    of each epoch taken from ``plans`` instead of the shuffle; records the gradient that reaches
+    every optimizer step. Returns the scalars, the gradients and the parameters after the update."""
+    import ppo_tbptt.trainer as trainer_mod
+    trainer.collector.collect = lambda: (rollout, [])
+    epochs = iter(plans)
+
+    def planned(num_sequences, minibatches, generator):
+        plan = next(epochs)
+        assert sorted(torch.cat(plan).tolist()) == list(range(num_sequences)), "plan must cover every sequence"
+        return plan
+
+    grads, step = [], trainer.optimizer.step
+
+    def recording_step(*a, **k):
+        grads.append([p.grad.detach().clone() for p in trainer.model.parameters()])
+        return step(*a, **k)
+
+    real = trainer_mod.minibatch_indices
+    trainer_mod.minibatch_indices = planned
+    trainer.optimizer.step = recording_step
+    try:
+        scalars = trainer.train_update()
+    finally:
+        trainer_mod.minibatch_indices = real
+        trainer.optimizer.step = step
+    return {"scalars": scalars, "grads": grads,
+            "params": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}}
+
+
+def _equivalence(dist, out: Path) -> None:
+    from eval_helpers import tiny_config
+    from ppo_tbptt.distributed import env_share
+    from ppo_tbptt.trainer import Trainer
+    data = torch.load(out / "data.pt", weights_only=False)
+    cfg = tiny_config(*data["overrides"])
+    trainer = Trainer(cfg, out / f"rank{dist.rank}", torch.device("cpu"), log=False, quiet=True, dist=dist)
+    try:
+        trainer.model.load_state_dict(data["init"])
+        first, count = env_share(cfg.env.num_envs, dist.rank, dist.world_size)
+        result = replay_update(trainer, slice_rollout(data["rollout"], first, first + count), data["plans"][dist.rank])
+    finally:
+        trainer.close()
+    torch.save(result, out / f"result_{dist.rank}.pt")
+
+
+# ---- training, interruption and resume -------------------------------------------------------------
+def _train_and_resume(dist, out: Path, extra: list[str]) -> None:
+    from eval_helpers import tiny_config
+    from ppo_tbptt.checkpoint import CheckpointError
+    from ppo_tbptt.trainer import Trainer
+    cpu = torch.device("cpu")
+    report: dict = {}
+    full = Trainer(tiny_config(*extra), out / "full", cpu, quiet=True, dist=dist)
+    full.train(handle_signals=False)
+    torch.save(full.model.state_dict(), out / f"params_full_{dist.rank}.pt")
+
+    part = Trainer(tiny_config(*extra), out / "part", cpu, quiet=True, dist=dist)
+    if dist.rank == 1:  # a signal seen by one rank only: all ranks must stop after the same update
+        original = part.train_update
+
+        def update_then_interrupt():
+            result = original()
+            if part.update == 2:
+                part.request_stop(signal.SIGTERM)
+            return result
+
+        part.train_update = update_then_interrupt
+    part.train(handle_signals=False)
+    report["interrupted"], report["stopped_at"] = part.interrupted, part.global_step
+
+    resumed = Trainer.from_run(out / "part", quiet=True, dist=dist)
+    report["resumed_at"] = resumed.global_step
+    resumed.train(handle_signals=False)
+    torch.save(resumed.model.state_dict(), out / f"params_resumed_{dist.rank}.pt")
+    try:  # a checkpoint of a single-process run cannot continue on two ranks
+        Trainer.from_run(out / "single", quiet=True, dist=dist)
+        report["single"] = "resumed"
+    except CheckpointError as exc:
+        report["single"] = str(exc)
+    (out / f"report_{dist.rank}.json").write_text(json.dumps(report))
+
+
+def _learn(dist, out: Path) -> None:
+    import numpy as np
+    from ppo_tbptt import config as C
+    from ppo_tbptt.trainer import Trainer
+    cfg = C.load("cue_recall.yaml", ["run.torch_threads=1"])
+    tr = Trainer(cfg, out / "learn", torch.device("cpu"), log=False, quiet=True, dist=dist)
+    history = []
+    try:
+        while tr.global_step < cfg.run.total_steps:
+            history.append(tr.train_update().get("charts/success", np.nan))
+    finally:
+        tr.close()
+    if dist.is_main:
+        (out / "success.json").write_text(json.dumps(history))
+
+
+def _session(dist, out: Path, extra: list[str]) -> None:
+    """The equivalence update, then training and resume, in one start of the ranks (each start
+    costs seconds of imports)."""
+    _equivalence(dist, out)
+    _train_and_resume(dist, out, extra)
+
+
+TASKS = {"equivalence": _equivalence, "train_and_resume": _train_and_resume, "session": _session,
+         "learn": _learn}

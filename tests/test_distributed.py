@@ -1,0 +1,314 @@
+"""Data-parallel training (ppo_tbptt.distributed) on CPU with gloo: two ranks as processes.
+
+- the same update as one process over the same data (gradient weighting by real steps, global
+  advantage normalisation, clipping of the averaged gradient);
+- identical parameters on every rank; interrupted + resumed == uninterrupted; world-size errors;
+- a signal to one rank stops all after the same update with one checkpoint, exit 128 + signal;
+- a killed rank ends the others (torchrun and bare gloo), nothing left behind;
+- env slices draw the levels of their global env indices.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dist_helpers import ROOT, free_port, rank_environ, replay_update, run_ranks, slice_rollout
+from eval_helpers import TINY, metric_rows, tiny_config, train_tiny
+from ppo_tbptt import checkpoint as ckpt
+from ppo_tbptt import train as train_cli
+from ppo_tbptt.distributed import Distributed, config_problems, derived_seed, env_share
+from ppo_tbptt.envs import make_vector_env
+from ppo_tbptt.trainer import Trainer
+from ppo_tbptt.truncation import make_strategy
+from test_checkpoint import alive, descendants
+
+POSIX = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX signals, /proc")
+
+
+# ---- pure parts -------------------------------------------------------------------------------------
+def test_env_share_and_config_problems():
+    assert [env_share(8, r, 4) for r in range(4)] == [(0, 2), (2, 2), (4, 2), (6, 2)]
+    with pytest.raises(ValueError, match=r"env.num_envs: 6 is the number of envs over all 4 ranks .* try 4 or 8"):
+        env_share(6, 0, 4)
+    cfg = tiny_config()  # 4 envs x 16 steps, chunks of 8, 2 minibatches
+    assert config_problems(cfg, 1) == [] and config_problems(cfg, 2) == []
+    assert config_problems(cfg, 3)[0].startswith("env.num_envs: 4 is the number of envs over all 3 ranks")
+    (p,) = config_problems(tiny_config("ppo.minibatches=8"), 4)  # 1 env x 2 chunks per rank
+    assert p.startswith("with 4 ranks of env.num_envs / 4 = 1 envs each: ppo.minibatches: 8 minibatches")
+    assert derived_seed(5, 0) == 5 and len({derived_seed(5, r) for r in range(4)}) == 4
+    assert Distributed.from_environment({}).world_size == 1  # not under torchrun: one process
+    assert Distributed.from_environment({"WORLD_SIZE": "1", "RANK": "0"}).enabled is False
+
+
+@pytest.mark.parametrize("vector", ["serial", "pool"])
+def test_an_env_slice_draws_the_levels_of_its_global_indices(vector):
+    """Rank 1 of 2 stepping envs 2 and 3 plays the levels a single process plays in its envs 2 and 3."""
+    cfg = tiny_config(f"env.vector={vector}", "env.envs_per_worker=1")
+    rng = np.random.default_rng(0)
+    actions = [rng.integers(0, 3, 4) for _ in range(12)]
+    with make_vector_env(cfg.env, 7) as whole, make_vector_env(cfg.env, 7, num_envs=2, first_env=2) as part:
+        whole.reset()
+        part.reset()
+        seen_whole, seen_part = [], []
+        for a in actions:
+            seen_whole += [(e.env_index, e.seed) for e in whole.step(a).episodes if e.env_index >= 2]
+            seen_part += [(e.env_index + 2, e.seed) for e in part.step(a[2:]).episodes]
+    assert seen_part == seen_whole and len(seen_whole) >= 4
+
+
+# ---- the update equals a single process's over the same data -----------------------------------------
+def _plans(sizes: list[int]) -> list[list[list[torch.Tensor]]]:
+    """Per rank, per epoch: deliberately lopsided minibatches (one sequence on rank 0 against all
+    but one on rank 1), so the ranks' real-step counts differ a lot in every minibatch step."""
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for r, s in enumerate(sizes):
+        perm = torch.randperm(s, generator=g)
+        cut = s // 3 if r == 0 else 2 * s // 3
+        first = [torch.arange(1), torch.arange(1, s)] if r == 0 else [torch.arange(s - 1), torch.tensor([s - 1])]
+        out.append([first, [perm[:cut], perm[cut:]]])
+    return out
+
+
+EXTRA = ["tbptt.strategy=random", "tbptt.mean_length=3", "run.total_steps=320", "run.checkpoint_every=64",
+         "run.eval_every=128", "run.eval_episodes=4"]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """One start of two ranks for the tests below: the equivalence update over prepared data, then
+    the training, interruption and resume of ``EXTRA``. Returns the folder and the single
+    process's reference update."""
+    out = tmp_path_factory.mktemp("two_ranks")
+    overrides = ["ppo.max_grad_norm=0.05", "env.kwargs.delay=3"]
+    cfg = tiny_config(*overrides)
+    ref = Trainer(cfg, out / "ref", torch.device("cpu"), log=False, quiet=True)
+    try:
+        ref.collector.collect()  # a rollout with episodes under way and ended
+        rollout, _ = ref.collector.collect()
+        rollout = slice_rollout(rollout, 0, cfg.env.num_envs)
+        init = {k: v.clone() for k, v in ref.model.state_dict().items()}
+        sizes = [make_strategy(cfg).build(slice_rollout(rollout, lo, lo + 2)).num_sequences for lo in (0, 2)]
+        plans = _plans(sizes)
+        # the single process's minibatch j is the union of the ranks' minibatches j (its sequences
+        # are env by env: rank 0's, then rank 1's)
+        union = [[torch.cat([plans[0][e][j], sizes[0] + plans[1][e][j]]) for j in range(2)] for e in range(2)]
+        torch.save({"overrides": overrides, "init": init, "rollout": rollout, "plans": plans}, out / "data.pt")
+        expected = replay_update(ref, slice_rollout(rollout, 0, 4), union)
+    finally:
+        ref.close()
+    train_tiny(out / "single", "run.total_steps=64")
+    run_ranks("session", 2, out, extra=EXTRA)
+    return out, expected, plans
+
+
+def test_two_ranks_take_the_update_of_one_process_over_the_same_data(two_ranks):
+    """2 ranks x 2 envs against 1 process x 4 envs, over one collected rollout, with the union of
+    the ranks' minibatches as the single process's minibatches: the gradients at every optimizer
+    step, the parameters after the update and the logged losses agree to float precision. The
+    minibatches hold very different numbers of real steps per rank (episodes of 5 steps cut chunks
+    of 8; one sequence against all but one), advantages are normalised and the gradient is clipped."""
+    out, expected, plans = two_ranks
+    counts = [[int(m.numel()) for m in plans[r][0]] for r in range(2)]
+    assert counts[0][0] == 1 and counts[1][0] >= 6  # lopsided
+    assert expected["scalars"]["losses/grad_norm"] > 0.05  # clipping acts
+    results = [torch.load(out / f"result_{r}.pt", weights_only=False) for r in range(2)]
+    for res in results:
+        assert len(res["grads"]) == len(expected["grads"]) == 4
+        for step, (got, want) in enumerate(zip(res["grads"], expected["grads"])):
+            scale = max(float(w.abs().max()) for w in want)
+            err = max(float((g - w).abs().max()) for g, w in zip(got, want))
+            assert err <= 1e-5 * scale, f"minibatch step {step}: gradient off by {err:.3g} (scale {scale:.3g})"
+        for k, want in expected["params"].items():
+            assert torch.allclose(res["params"][k], want, rtol=0, atol=1e-6), k
+        for k in ("losses/policy", "losses/value", "losses/entropy", "losses/approx_kl", "losses/clipfrac",
+                  "losses/grad_norm", "losses/explained_variance", "tbptt/sequences_per_batch",
+                  "tbptt/padding_fraction"):
+            assert res["scalars"][k] == pytest.approx(expected["scalars"][k], rel=1e-4, abs=1e-7), k
+    for k in results[0]["params"]:  # and the ranks agree bit for bit
+        assert torch.equal(results[0]["params"][k], results[1]["params"][k]), k
+
+
+# ---- identical parameters, resume, world size ---------------------------------------------------------
+def test_ranks_stay_identical_and_an_interrupted_run_resumes_bit_exact(two_ranks):
+    """Two ranks (random truncation: per-rank cut samplers; periodic evaluation on rank 0): after 5
+    updates their parameters are bit-identical; a run that one rank's signal stops after update 2
+    (both ranks stop there, one checkpoint), resumed, logs exactly what the uninterrupted run logs
+    and ends with the same parameters; a single-process checkpoint refuses to resume on 2 ranks."""
+    tmp_path = two_ranks[0]
+    full = [torch.load(tmp_path / f"params_full_{r}.pt") for r in range(2)]
+    resumed = [torch.load(tmp_path / f"params_resumed_{r}.pt") for r in range(2)]
+    for k in full[0]:
+        assert torch.equal(full[0][k], full[1][k]) and torch.equal(resumed[0][k], resumed[1][k]), k
+        assert torch.equal(resumed[0][k], full[0][k]), k
+    reports = [json.loads((tmp_path / f"report_{r}.json").read_text()) for r in range(2)]
+    for rep in reports:
+        assert rep["interrupted"] == signal.SIGTERM and rep["stopped_at"] == 128 == rep["resumed_at"]
+        assert "written by a run of 1 process (ranks), this one has 2" in rep["single"]
+    rows = metric_rows(tmp_path / "full")
+    assert [r["global_step"] for r in rows] == [64, 128, 192, 256, 320]  # one row per update, rank 0's
+    assert metric_rows(tmp_path / "part") == rows
+    assert any("eval/success" in r for r in rows) and (tmp_path / "full" / "checkpoints" / "best.pt").is_file()
+    assert sorted(p.name for p in (tmp_path / "part" / "checkpoints").iterdir() if p.name.startswith("step_")) \
+        == [f"step_{s:012d}.pt" for s in (192, 256, 320)]  # keep_checkpoints 3; none from rank 1
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "full"))
+    parts = state["distributed"]["ranks"]
+    assert state["distributed"]["world_size"] == 2 and len(parts) == 2
+    assert all(len(p["collector"]["envs"]["envs"]) == 2 for p in parts)  # each rank's own 2 envs
+    assert not torch.equal(parts[0]["rng"]["torch"], parts[1]["rng"]["torch"])  # per-rank streams
+    assert parts[0]["truncation"]["generator"].tolist() != parts[1]["truncation"]["generator"].tolist()
+
+
+def test_a_two_rank_checkpoint_refuses_a_single_process_resume(tmp_path, capsys):
+    run = tmp_path / "run"
+    train_tiny(run, "run.total_steps=64")
+    path = ckpt.latest_checkpoint(run)
+    state = ckpt.load_checkpoint(path)
+    part = {k: state[k] for k in ("rng", "shuffle_generator", "collector", "truncation")}
+    state["distributed"] = {"world_size": 2, "ranks": [part, part]}
+    ckpt.atomic_save(state, path)
+    assert train_cli.main(["--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: checkpoint") and "\n" not in err
+    assert "written by a run of 2 processes (ranks), this one has 1" in err and "torchrun with 2 processes" in err
+
+
+# ---- whole processes: signals and a killed rank --------------------------------------------------------
+def _env(**extra) -> dict:
+    return dict(os.environ, PYTHONPATH=str(ROOT), SDL_VIDEODRIVER="dummy", SDL_AUDIODRIVER="dummy",
+                PYGAME_HIDE_SUPPORT_PROMPT="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra)
+
+
+def _train_args(tmp_path: Path, vector: str) -> list[str]:
+    over = [a for o in TINY if not o.startswith("run.total_steps") for a in ("--set", o)]
+    return ["-m", "ppo_tbptt.train", "--config", "cue_recall", *over, "--set", "run.total_steps=10000000",
+            "--set", f"run.out_dir={tmp_path}", "--run-name", "r", "--set", f"env.vector={vector}",
+            "--set", "env.envs_per_worker=1"]
+
+
+def _wait_for_update(proc, seconds: float = 90) -> None:
+    deadline = time.time() + seconds
+    for line in proc.stdout:
+        if line.startswith("update "):
+            return
+        assert time.time() < deadline, "no update line in time"
+    pytest.fail(f"training ended before its first update: {proc.stderr.read()}")
+
+
+def _shm() -> set[str]:
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+@POSIX
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_update(tmp_path, capsys):
+    """Ranks launched as torchrun would (without its agent): SIGINT to rank 1 alone; both finish
+    the update, rank 0 writes one checkpoint and the metrics, both exit 128 + SIGINT. The run then
+    refuses a plain single-process resume with a one-line error."""
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, *_train_args(tmp_path, "serial")], cwd=tmp_path,
+                              env=_env(**rank_environ(r, 2, port)), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True) for r in range(2)]
+    try:
+        _wait_for_update(procs[0])
+        procs[1].send_signal(signal.SIGINT)
+        outs = [p.communicate(timeout=60) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [128 + signal.SIGINT] * 2, [o[1][-2000:] for o in outs]
+    assert all("Traceback" not in err for _, err in outs)
+    assert "interrupted at" in outs[0][0] and outs[1][0] == ""  # rank 1 says nothing
+    run = tmp_path / "r"
+    files = [p.name for p in (run / "checkpoints").iterdir()]
+    step = ckpt.load_checkpoint(ckpt.latest_checkpoint(run))["global_step"]
+    assert files == [f"step_{step:012d}.pt"] and step % 64 == 0
+    steps = [r["global_step"] for r in metric_rows(run)]
+    assert steps == list(range(64, step + 1, 64))  # one row per update, none from rank 1
+    assert train_cli.main(["--resume", str(run)]) == 2
+    assert "written by a run of 2 processes" in capsys.readouterr().err
+
+
+def _rank_pids(pids: set[int]) -> dict[int, int]:
+    """rank -> pid of the training processes among ``pids`` (not torchrun, not env workers)."""
+    out = {}
+    for pid in pids:
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if b"ppo_tbptt.train" in cmd and b"torch.distributed.run" not in cmd:
+            out.update({int(v[5:]): pid for v in env if v.startswith(b"RANK=")})
+    return out
+
+
+@POSIX
+@pytest.mark.parametrize("launcher", ["torchrun", "gloo"])
+def test_a_killed_rank_stops_the_others_and_leaves_nothing_behind(tmp_path, launcher):
+    """kill -9 of rank 1 in the middle of training. Under torchrun (envs in worker pools) the agent
+    ends the group and reports the dead rank; with bare gloo (no agent, as for a rank on another
+    machine) rank 0's next collective fails at once and it exits 1 with a one-line error. Either
+    way within seconds, and no process or shared memory of either rank is left."""
+    shm_before = _shm()
+    port = free_port()
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", *_train_args(tmp_path, "pool")]
+        top = [subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)]
+    else:
+        top = [subprocess.Popen([sys.executable, *_train_args(tmp_path, "serial")], cwd=tmp_path,
+                                env=_env(**rank_environ(r, 2, port)), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True) for r in range(2)]
+    try:
+        _wait_for_update(top[0])
+        everything = set().union(*(descendants(p.pid) | {p.pid} for p in top))
+        ranks = _rank_pids(everything)
+        assert sorted(ranks) == [0, 1]
+        if launcher == "torchrun":
+            assert len(everything) >= 3 + 2 * 3, everything  # torchrun, 2 ranks, each: forkserver + 2 workers
+        t0 = time.monotonic()
+        os.kill(ranks[1], signal.SIGKILL)
+        out, err = top[0].communicate(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        for p in top:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    assert top[0].returncode not in (0, None) and took < 30, (took, err[-3000:])
+    if launcher == "torchrun":
+        assert "exitcode  : -9" in err or "Signal 9" in err, err[-3000:]
+    else:
+        assert top[0].returncode == 1, err[-3000:]
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert lines and "rank 0 of 2" in lines[-1] and "another rank died or stopped answering" in lines[-1], err
+    end = time.time() + 15
+    while any(alive(p) for p in everything) and time.time() < end:
+        time.sleep(0.1)
+    assert not [p for p in everything if alive(p)], "processes outlived the run"
+    end = time.time() + 10
+    while _shm() - shm_before and time.time() < end:
+        time.sleep(0.1)
+    assert not (_shm() - shm_before), _shm() - shm_before
+
+
+@pytest.mark.slow
+def test_cue_recall_learns_with_two_ranks(tmp_path):
+    """cue_recall.yaml's 16 envs as 2 ranks x 8: it learns as one process does (test_learning)."""
+    run_ranks("learn", 2, tmp_path, timeout=600)
+    history = json.loads((tmp_path / "success.json").read_text())
+    final = float(np.nanmean(history[-10:]))
+    print(f"CueRecall on 2 ranks: success over the last 10 updates {final:.3f}")
+    assert final >= 0.9
