@@ -3,7 +3,8 @@
 - the same update as one process over the same data (gradient weighting by real steps, global
   advantage normalisation, clipping of the averaged gradient);
 - identical parameters on every rank; interrupted + resumed == uninterrupted; world-size errors;
-- a signal to one rank stops all after the same update with one checkpoint, exit 128 + signal;
+- a signal to one rank (in-process) or to torchrun's group stops all ranks after the same update,
+  with one checkpoint, every rank exiting 128 + signal;
 - a killed rank ends the others (torchrun and bare gloo), nothing left behind;
 - env slices draw the levels of their global env indices.
 """
@@ -209,32 +210,32 @@ def _shm() -> set[str]:
 
 
 @POSIX
-def test_a_signal_to_one_rank_stops_every_rank_after_the_same_update(tmp_path, capsys):
-    """Ranks launched as torchrun would (without its agent): SIGINT to rank 1 alone; both finish
-    the update, rank 0 writes one checkpoint and the metrics, both exit 128 + SIGINT. The run then
-    refuses a plain single-process resume with a one-line error."""
+def test_a_signal_to_the_torchrun_group_stops_every_rank_after_the_same_update(tmp_path, capsys):
+    """Ctrl-C's SIGINT to torchrun's process group (the ranks run in sessions of their own; the
+    agent forwards the signal): both ranks finish the update, rank 0 writes one checkpoint and the
+    metrics, both exit 128 + SIGINT. The run then refuses a plain single-process resume."""
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, *_train_args(tmp_path, "serial")], cwd=tmp_path,
-                              env=_env(**rank_environ(r, 2, port)), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, start_new_session=True) for r in range(2)]
+    train_args = _train_args(tmp_path, "serial")[2:]  # (after "-m ppo_tbptt.train")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--rdzv_backend=c10d",
+           f"--rdzv_endpoint=127.0.0.1:{port}", str(ROOT / "tests" / "rank_entry.py"), str(tmp_path), *train_args]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
     try:
-        _wait_for_update(procs[0])
-        procs[1].send_signal(signal.SIGINT)
-        outs = [p.communicate(timeout=60) for p in procs]
+        _wait_for_update(proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert [p.returncode for p in procs] == [128 + signal.SIGINT] * 2, [o[1][-2000:] for o in outs]
-    assert all("Traceback" not in err for _, err in outs)
-    assert "interrupted at" in outs[0][0] and outs[1][0] == ""  # rank 1 says nothing
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    codes = [int((tmp_path / f"rank{r}.rc").read_text()) for r in range(2)]
+    assert codes == [128 + signal.SIGINT] * 2, err[-3000:]
+    assert "SIGINT received" in out and "interrupted at" in out and out.count("interrupted at") == 1
     run = tmp_path / "r"
     files = [p.name for p in (run / "checkpoints").iterdir()]
     step = ckpt.load_checkpoint(ckpt.latest_checkpoint(run))["global_step"]
     assert files == [f"step_{step:012d}.pt"] and step % 64 == 0
-    steps = [r["global_step"] for r in metric_rows(run)]
-    assert steps == list(range(64, step + 1, 64))  # one row per update, none from rank 1
+    assert [r["global_step"] for r in metric_rows(run)] == list(range(64, step + 1, 64))  # one row per update
     assert train_cli.main(["--resume", str(run)]) == 2
     assert "written by a run of 2 processes" in capsys.readouterr().err
 
