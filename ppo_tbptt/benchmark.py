@@ -380,6 +380,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compare", action="append", default=[], metavar="CONFIG",
                    help="also measure this config (repeatable; the same --set overrides apply to it) and "
                         "print the policy side, collection and end-to-end training of each side by side")
+    p.add_argument("--ranks", default="", metavar="W,...",
+                   help="instead: end-to-end training as this many torchrun ranks each, e.g. 1,2 "
+                        "(env.num_envs in all, split over the ranks; see ppo_tbptt.benchmark_ranks)")
     p.add_argument("--json", default=None, metavar="OUT.json", help="also write the figures as JSON")
     args = p.parse_args(argv)
     if args.seconds <= 0:
@@ -396,6 +399,9 @@ def main(argv=None) -> int:
     except ValueError as exc:  # ConfigError, or cuda asked for where there is none
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.ranks:
+        from .benchmark_ranks import main_ranks
+        return main_ranks(args, cfg, device, overrides)
     if cfg.run.torch_threads > 0:
         torch.set_num_threads(cfg.run.torch_threads)
     only = {s.strip() for s in args.only.split(",") if s.strip()}

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -71,3 +73,48 @@ def test_benchmark_sweep_bad_layout_exit_2():
         r = subprocess.run([sys.executable, "-m", "ppo_tbptt.benchmark", "--config", "cue_recall", *bad],
                            capture_output=True, text=True, cwd=ROOT, timeout=60)
         assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr, r.stderr
+
+
+def test_ranks_rate_is_the_steps_between_the_first_and_last_update():
+    from ppo_tbptt.benchmark_ranks import format_ranks, parse_ranks, rate_from_rows
+    rows = [{"global_step": 64 * i, "time": 100.0 + 0.5 * i, "time/collect_seconds": 0.1 * i,
+             "time/update_seconds": 0.2} for i in range(1, 5)]
+    r = rate_from_rows(rows)
+    assert r["steps"] == 192 and r["seconds"] == 1.5 and r["steps_per_second"] == 128 and r["updates"] == 3
+    assert r["collect_seconds_per_update"] == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="raise --seconds"):
+        rate_from_rows(rows[:1])
+    assert parse_ranks("1,2") == [1, 2]
+    for bad in ("0", "a", ""):
+        with pytest.raises(ValueError, match="--ranks"):
+            parse_ranks(bad)
+    report = {"machine": "m", "config": {"name": "c", "overrides": [], "num_envs": 4, "rollout_steps": 16,
+                                          "vector": "serial", "torch_threads": 1},
+              "results": {"1": dict(r, envs_per_rank=4), "2": dict(r, envs_per_rank=2, steps_per_second=192.0)}}
+    table = format_ranks(report)
+    assert "| 1 | 4 | 128 | 0.300 / 0.200 | 1.00x |" in table and "| 2 | 2 | 192 |" in table and "1.50x" in table
+
+
+def test_benchmark_ranks_bad_input_exit_2(capsys):
+    from ppo_tbptt import benchmark
+    for bad, msg in ((["--ranks", "1,3", "--set", "env.num_envs=4"], "must be a multiple of 3"),
+                     (["--ranks", "x"], "--ranks"), (["--ranks", "1,2", "--only", "train"], "does not combine")):
+        assert benchmark.main(["--config", "cue_recall", *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and msg in err, err
+
+
+@pytest.mark.slow
+def test_benchmark_ranks_reports_one_and_two_ranks(tmp_path):
+    out = tmp_path / "ranks.json"
+    r = subprocess.run([sys.executable, "-m", "ppo_tbptt.benchmark", "--config", "cue_recall", "--ranks", "1,2",
+                        "--set", "env.num_envs=4", "--set", "ppo.rollout_steps=16", "--set", "ppo.minibatches=2",
+                        "--set", "run.torch_threads=1", "--seconds", "2", "--device", "cpu", "--json", str(out)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())["results"]
+    assert list(res) == ["1", "2"] and [v["envs_per_rank"] for v in res.values()] == [4, 2]
+    for v in res.values():
+        assert v["updates"] >= 1 and v["steps"] == 64 * v["updates"]
+        assert v["steps_per_second"] == v["steps"] / v["seconds"]
+        assert f"| {v['steps_per_second']:,.0f} |" in r.stdout
