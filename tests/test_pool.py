@@ -208,26 +208,98 @@ def test_step_protocol_misuse_is_an_error(vector):
             venv.step_async(np.zeros(3, np.int64), 0)
 
 
-def test_env_exception_names_env_and_seed():
+def test_env_that_keeps_raising_names_env_and_seed_and_gives_up():
+    """An env that raises at the same step however often its worker is replaced: two replacements
+    (each replaying the episode to that step), then an error naming the env and its level seed."""
     cfg = tiny_config("env.id=pool_envs:Exploding-v0", "env.kwargs={explode_at: 2}", "env.vector=pool",
                       "env.num_envs=4", "env.envs_per_worker=2", "env.train_seeds=5:6")
+    warnings = []
     with deadline(60), make_vector_env(cfg.env, 0) as pool:
+        pool.on_warning = warnings.append
         pool.reset()
         pool.step(np.zeros(4, np.int64))
         with pytest.raises(EnvWorkerError, match=r"worker \d \(envs \d\.\.\d, level seeds \[5, 5\]\) failed: "
-                                                 r"EnvError: env \d \(level seed 5\): step raised ValueError: boom"):
+                                                 r"EnvError: env \d \(level seed 5\): step raised ValueError: boom; "
+                                                 r"the same worker failed 3 times in a row, giving up") as ei:
             pool.step(np.zeros(4, np.int64))
+        assert "worker traceback:" in str(ei.value).partition("\n")[2]  # for the log, not the one line
+        assert len(warnings) == 2 and all("replacing it" in w and "level seeds [5, 5]" in w for w in warnings)
         pids = pool.pids
     assert all(gone(p) for p in pids)
 
 
-def test_killed_worker_is_an_error_not_a_hang():
+def _same_steps(a, b, steps, rng, n, before_step=None):
+    for i in range(steps):
+        if before_step is not None:
+            before_step(i)
+        act = rng.integers(0, 2, n)
+        ra, rb = a.step(act), b.step(act)
+        assert np.array_equal(ra.obs, rb.obs) and np.array_equal(ra.reward, rb.reward)
+        assert np.array_equal(ra.terminated, rb.terminated)
+        assert [(e.env_index, e.seed, e.ret, e.length) for e in ra.episodes] == \
+            [(e.env_index, e.seed, e.ret, e.length) for e in rb.episodes]
+
+
+def test_killed_worker_is_replaced_and_its_episodes_go_on():
+    """SIGKILL between steps and while a step is in flight: the replacement restores the episodes
+    (level seed, the actions since the pool's last state snapshot) and the envs step exactly as the
+    envs of a pool nobody killed, seed draws of later episodes included."""
+    cfg = tiny_config("env.id=pool_envs:Slow-v0", "env.kwargs={delay: 0.02}", "env.vector=pool",
+                      "env.num_envs=6", "env.envs_per_worker=2")
+    rng = np.random.default_rng(0)
+    warnings = []
+    with deadline(120), make_vector_env(cfg.env, 0) as pool, make_vector_env(cfg.env, 0) as ref:
+        pool.on_warning = warnings.append
+        pool.refresh_every = 7  # a snapshot mid-way too: replays start from it
+        assert np.array_equal(pool.reset(), ref.reset())
+        _same_steps(pool, ref, 9, rng, 6)
+        old = pool.pids[1]
+        os.kill(old, signal.SIGKILL)  # idle: noticed when the next step is sent
+        assert gone(old)
+        _same_steps(pool, ref, 8, rng, 6)
+        assert pool.restarts == 1 and pool.pids[1] != old
+        act = rng.integers(0, 2, 6)
+        pool.step_async(act, 0)  # in flight: each worker sleeps 2 x 20 ms in this step
+        os.kill(pool.pids[2], signal.SIGKILL)
+        ra, rb = pool.step_wait(0), ref.step(act)
+        assert pool.restarts == 2
+        assert np.array_equal(ra.obs, rb.obs) and np.array_equal(ra.reward, rb.reward)
+        _same_steps(pool, ref, 8, rng, 6)
+        assert len(warnings) == 2 and "worker 1 (envs 2..3, level seeds [" in warnings[0]
+        assert all("died: the process was killed by SIGKILL; replacing it" in w for w in warnings)
+        pids = pool.pids
+    assert all(gone(p) for p in pids)
+
+
+def test_transient_env_exception_is_replaced(tmp_path):
+    """An env that raises once (a flaky simulator): its worker is replaced, the episode replayed,
+    the step retried, and nothing differs from a pool where it never raised."""
+    marker = tmp_path / "raised"
+    flaky = tiny_config("env.id=pool_envs:Flaky-v0", f"env.kwargs={{marker: '{marker}', explode_at: 3}}",
+                        "env.vector=pool", "env.num_envs=4", "env.envs_per_worker=2")
+    calm = tiny_config("env.id=pool_envs:Flaky-v0", f"env.kwargs={{marker: '{tmp_path / 'never'}'}}",
+                       "env.vector=pool", "env.num_envs=4", "env.envs_per_worker=2")
+    (tmp_path / "never").touch()
+    rng = np.random.default_rng(0)
+    warnings = []
+    with deadline(60), make_vector_env(flaky.env, 0) as pool, make_vector_env(calm.env, 0) as ref:
+        pool.on_warning = warnings.append
+        assert np.array_equal(pool.reset(), ref.reset())
+        _same_steps(pool, ref, 12, rng, 4)
+    assert marker.exists() and pool.restarts == 1
+    assert len(warnings) == 1 and "step raised ValueError: transient failure; replacing it" in warnings[0]
+
+
+def test_killed_worker_gives_up_after_max_failures():
+    """Replacement has a limit: with max_failures 1 a death is an error naming the worker's envs
+    and level seeds, never a hang."""
     with deadline(60), make_vector_env(cue_cfg("env.vector=pool").env, 0) as pool:
+        pool.max_failures = 1
         pool.reset()
         pool.step(np.zeros(6, np.int64))
         os.kill(pool.pids[1], signal.SIGKILL)
         with pytest.raises(EnvWorkerError, match=r"CueRecall-v0 worker 1 \(envs 2\.\.3, level seeds \[\d+, \d+\]\) "
-                                                 r"died: the process was killed by SIGKILL"):
+                                                 r"died: the process was killed by SIGKILL; .*giving up"):
             for _ in range(3):
                 pool.step(np.zeros(6, np.int64))
         pids = pool.pids
