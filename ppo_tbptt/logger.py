@@ -110,7 +110,8 @@ def truncate_jsonl(path: Path, max_step: int) -> int:
 
 
 def progress_line(update: int, total_updates: int, step: int, total_steps: int, sps: float,
-                  scalars: dict, elapsed: float) -> str:
+                  scalars: dict, elapsed: float, update_seconds: float | None = None) -> str:
+    """The line printed after each update; ``update_seconds``: the expected time per update, if known."""
     ret = scalars.get("charts/episodic_return")
     succ = scalars.get("charts/success")
     eta = (total_steps - step) / sps if sps > 0 else float("inf")
@@ -118,10 +119,44 @@ def progress_line(update: int, total_updates: int, step: int, total_steps: int, 
              f"SPS {sps:,.0f}",
              f"return {ret:.3f}" if ret is not None else "return -",
              f"success {succ:.2f}" if succ is not None else "success -",
-             f"kl {scalars.get('losses/approx_kl', float('nan')):.4f}",
-             f"elapsed {format_duration(elapsed)}", f"ETA {format_duration(eta)}"]
+             f"kl {scalars.get('losses/approx_kl', float('nan')):.4f}"]
+    if update_seconds is not None:
+        parts.append(f"{update_seconds:.1f} s/update")
+    parts += [f"elapsed {format_duration(elapsed)}", f"ETA {format_duration(eta)}"]
     return " | ".join(parts)
 
 
 def console(line: str) -> None:
     print(line, file=sys.stdout, flush=True)
+
+
+LOG_NAME = "train.log"
+
+
+class RunLog:
+    """``train.log`` in the run folder: the lines the trainer prints (not the progress bar), each
+    with a time stamp; a resumed run appends to it."""
+
+    def __init__(self, run_dir: Path):
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        self._f = open(Path(run_dir) / LOG_NAME, "a", buffering=1)
+
+    def write(self, text: str) -> None:
+        if self._f.closed:
+            return
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        self._f.write("".join(f"{stamp} {line}\n" for line in text.splitlines() or [""]))
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def append_log(run_dir: Path, text: str) -> None:
+    """Add ``text`` to ``run_dir``'s ``train.log`` (if the folder exists; never raises)."""
+    try:
+        if Path(run_dir).is_dir():
+            log = RunLog(run_dir)
+            log.write(text)
+            log.close()
+    except OSError:
+        pass

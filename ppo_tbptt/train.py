@@ -83,14 +83,18 @@ def resume(args, overrides: list[str]) -> int:
 
 
 def run(trainer) -> int:
-    from .trainer import TrainingDiverged
+    from .logger import append_log
+    from .trainer import EnvFailure, TrainingDiverged
     try:
         trainer.train()
     except KeyboardInterrupt:
         print("stopped at once (second signal); the last checkpoint on disk is intact", file=sys.stderr)
+        append_log(trainer.run_dir, "stopped at once (second signal)")
         return 130
-    except TrainingDiverged as exc:
+    except (TrainingDiverged, EnvFailure) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        details = getattr(exc, "details", "")
+        append_log(trainer.run_dir, f"error: {exc}" + (f"\n{details}" if details else ""))
         return 1
     if trainer.interrupted is not None:
         return 128 + trainer.interrupted

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -113,7 +114,7 @@ def test_signal_saves_checkpoint_and_exits_cleanly(tmp_path, sig, vector):
     try:
         deadline = time.time() + 60
         for line in proc.stdout:
-            if line.startswith("update "):
+            if re.match(r"update \d+/\d+ \| step", line):  # an update's line (not its progress)
                 break
             assert time.time() < deadline, "no update line within 60 s"
         else:
@@ -158,6 +159,60 @@ def test_signal_saves_checkpoint_and_exits_cleanly(tmp_path, sig, vector):
 
     full.train_update = update_then_stop
     full.train(handle_signals=False)
+    assert metric_rows(run) == metric_rows(tmp_path / "full")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX signals")
+def test_signal_in_the_middle_of_a_long_collection_stops_at_once(tmp_path):
+    """An update whose collection alone takes seconds (4 envs x 500 steps of an env that sleeps
+    1 ms a step, in this process only): SIGINT while it collects stops training within a second,
+    not at the end of the update; the checkpoint holds the last update boundary, and resuming from
+    it logs exactly what an uninterrupted run logs (the partial rollout left no trace)."""
+    tests = str(ROOT / "tests")
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{tests}", SDL_VIDEODRIVER="dummy",
+               SDL_AUDIODRIVER="dummy", PYGAME_HIDE_SUPPORT_PROMPT="1", PYTHONUNBUFFERED="1",
+               PPO_TBPTT_PROGRESS_SECONDS="0.2", SLOW_ENV_DELAY="0.001")
+    long = ["env.id=pool_envs:Slow-v0", "env.kwargs={}", "ppo.rollout_steps=500",
+            "ppo.minibatches=2", "ppo.epochs=1", "tbptt.sequence_length=8"]
+    over = [a for o in TINY + long if not o.startswith("run.total_steps") for a in ("--set", o)]
+    cmd = [sys.executable, "-m", "ppo_tbptt.train", "--config", "cue_recall", *over,
+           "--set", "run.total_steps=4000", "--set", f"run.out_dir={tmp_path}", "--run-name", "r"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + 120
+        for line in proc.stdout:  # a progress line of the second update's collection
+            if re.match(r"update 2/2: collecting [\d,]+/2,000 env steps", line):
+                break
+            assert time.time() < deadline, "no progress line of update 2's collection within 120 s"
+        else:
+            pytest.fail(f"training ended before update 2 collected: {proc.stderr.read()}")
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, took = "", None
+        for line in proc.stdout:  # (each line as it comes: the stop is timed by its message)
+            out += line
+            if took is None and line.startswith("stopped during update 2"):
+                took = time.monotonic() - sent
+        err = proc.stderr.read()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    # the rest of the collection alone would sleep for 2 s and more
+    assert took is not None and took < 1.0, f"the stop took {took} s"
+    assert "SIGINT received: stopping now" in out
+    assert re.search(r"stopped during update 2 \(collecting: [\d,]+ of 2,000 env steps\)", out), out
+    run = tmp_path / "r"
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run))
+    assert state["global_step"] == 2000 and state["update"] == 1
+    assert [r["global_step"] for r in metric_rows(run)] == [2000]
+    assert train_cli.main(["--resume", str(run)]) == 0
+    full = tiny_config(*long, "run.total_steps=4000")
+    Trainer(full, tmp_path / "full", torch.device("cpu"), quiet=True).train(handle_signals=False)
     assert metric_rows(run) == metric_rows(tmp_path / "full")
 
 

@@ -23,6 +23,7 @@ from ppo_tbptt.envs.vector import split_evenly
 from ppo_tbptt.envs.wrappers import EnvStateError
 from ppo_tbptt.model import build_model
 from ppo_tbptt.rollout import Collector
+from ppo_tbptt.trainer import Trainer
 
 
 @contextmanager
@@ -304,6 +305,70 @@ def test_killed_worker_gives_up_after_max_failures():
                 pool.step(np.zeros(6, np.int64))
         pids = pool.pids
     assert all(gone(p) for p in pids)
+
+
+def test_trainer_with_a_worker_killed_mid_rollout_logs_what_an_undisturbed_run_logs(tmp_path, capfd):
+    """The issue's case: SIGKILL one env worker in the middle of the second update's collection;
+    training goes on and finishes, and metrics.jsonl holds exactly the undisturbed run's values."""
+    extra = ("env.vector=pool", "env.envs_per_worker=2", "run.total_steps=192")
+    train_tiny(tmp_path / "calm", *extra)
+    trainer = Trainer(tiny_config(*extra), tmp_path / "killed", torch.device("cpu"), quiet=True)
+    real = trainer.collector.progress
+    killed = []
+
+    def kill_mid_rollout(steps):
+        real(steps)
+        if trainer.update == 1 and steps == 5 * trainer.envs.num_envs and not killed:
+            killed.append(trainer.envs.pids[1])
+            os.kill(killed[0], signal.SIGKILL)
+
+    trainer.collector.progress = kill_mid_rollout
+    trainer.train(handle_signals=False)
+    assert killed and gone(killed[0]) and trainer.envs.restarts == 1
+    assert trainer.global_step == 192
+    assert metric_rows(tmp_path / "killed") == metric_rows(tmp_path / "calm")
+    err = capfd.readouterr().err
+    assert "warning: CueRecall-v0 worker 1 (envs 2..3, level seeds [" in err and "killed by SIGKILL" in err
+    assert "killed by SIGKILL; replacing it" in (tmp_path / "killed" / "train.log").read_text()
+
+
+@pytest.mark.parametrize("vector", ["pool", "serial"])
+def test_env_that_keeps_failing_stops_training_with_one_line_and_a_checkpoint(tmp_path, capsys, monkeypatch, vector):
+    """From the second update on every episode's second step raises: a pool replaces the worker
+    twice, then training stops (a serial env at once) with a one-line error and exit code 1, after
+    saving the last update boundary; the worker's traceback goes to train.log only."""
+    import ppo_tbptt.rollout as rollout_mod
+    from ppo_tbptt import checkpoint as ckpt
+    from ppo_tbptt import train as train_cli
+    poison = tmp_path / "poison"
+    real = rollout_mod.Collector.collect
+    calls = {"n": 0}
+
+    def collect(self):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            poison.touch()
+        return real(self)
+
+    monkeypatch.setattr(rollout_mod.Collector, "collect", collect)
+    over = ["env.id=pool_envs:Exploding-v0", f"env.kwargs={{explode_at: 2, poison: '{poison}'}}",
+            f"env.vector={vector}", "env.envs_per_worker=2", "run.total_steps=448", "env.num_envs=4",
+            "model.hidden_size=16", "model.hidden_layer=16", "ppo.rollout_steps=16", "ppo.epochs=2",
+            "ppo.minibatches=2", "tbptt.sequence_length=8", "run.torch_threads=1", "run.device=cpu",
+            f"run.out_dir={tmp_path}"]
+    rc = train_cli.main(["--config", "cue_recall", *[a for o in over for a in ("--set", o)], "--run-name", "r"])
+    out, err = capsys.readouterr()
+    assert rc == 1
+    lines = [line for line in err.splitlines() if not line.startswith("warning:")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    assert "(level seed" in lines[0] and "step raised ValueError: boom" in lines[0]
+    assert "holds the last update boundary (step 64)" in lines[0] and "--resume" in lines[0]
+    if vector == "pool":
+        assert "the same worker failed 3 times in a row" in lines[0]
+        assert err.count("warning: ") == 2
+        assert "worker traceback:" in (tmp_path / "r" / "train.log").read_text()
+    assert ckpt.latest_checkpoint(tmp_path / "r").name == f"step_{64:012d}.pt"
+    assert [r["global_step"] for r in metric_rows(tmp_path / "r")] == [64]
 
 
 def test_close_leaves_no_processes_even_if_the_learner_is_killed(tmp_path):
