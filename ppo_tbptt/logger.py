@@ -126,6 +126,23 @@ def progress_line(update: int, total_updates: int, step: int, total_steps: int, 
     return " | ".join(parts)
 
 
+def eval_line(step: int, scalars: dict) -> str:
+    """The console line of a periodic evaluation (``eval/*`` scalars)."""
+    n = scalars.get("eval/episodes")
+    parts = [f"eval at step {step:,}" + (f" ({n:.0f} held-out episodes)" if n is not None else "")]
+    if scalars.get("eval/success") is not None:
+        lo, hi = scalars.get("eval/success_low"), scalars.get("eval/success_high")
+        ci = f" (95% CI {lo:.2f}-{hi:.2f})" if lo is not None and hi is not None else ""
+        parts.append(f"success {scalars['eval/success']:.3f}{ci}")
+    if scalars.get("eval/return") is not None:
+        parts.append(f"return {scalars['eval/return']:.3f}")
+    if scalars.get("eval/length") is not None:
+        parts.append(f"length {scalars['eval/length']:.1f}")
+    if "eval/best" in scalars:
+        parts.append("new best: checkpoints/best.pt")
+    return " | ".join(parts)
+
+
 def console(line: str) -> None:
     print(line, file=sys.stdout, flush=True)
 

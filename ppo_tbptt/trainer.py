@@ -17,7 +17,7 @@ from .config import Config, ConfigError, dump_yaml, from_dict
 from .envs import EnvError, make_vector_env
 from .envs.pool import EnvWorkerError
 from .gae import compute_gae
-from .logger import MetricsWriter, RunLog, progress_line
+from .logger import MetricsWriter, RunLog, eval_line, progress_line
 from .model import build_model
 from .ppo import LossCoefs, ppo_loss_from_outputs
 from .progress import UpdateProgress
@@ -529,6 +529,8 @@ class Trainer:
                     self.writer.scalars(self.global_step, scalars)
                 self.say(progress_line(self.update, self.total_updates, self.global_step,
                                        cfg.run.total_steps, sps, scalars, self.elapsed, update_seconds))
+                if evaluated:
+                    self.say(eval_line(self.global_step, scalars))
                 boundary = self._boundary_or_stop(boundary)
                 if new_best:
                     ckpt.atomic_save(boundary, self.run_dir / "checkpoints" / "best.pt")

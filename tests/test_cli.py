@@ -1,0 +1,26 @@
+"""The command lines as a new user meets them: messages, exit codes, what reaches the console."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from eval_helpers import TINY
+from ppo_tbptt import train as train_cli
+
+
+def train(tmp_path: Path, *extra: str, name: str | None = "r", args: tuple = ()) -> int:
+    """``python -m ppo_tbptt.train --config cue_recall`` with the tiny settings, in this process."""
+    sets = [a for o in TINY + [f"run.out_dir={tmp_path}", *extra] for a in ("--set", o)]
+    return train_cli.main(["--config", "cue_recall", *sets, *(["--run-name", name] if name else []), *args])
+
+
+def test_periodic_evaluation_prints_a_line_per_evaluation(tmp_path, capsys):
+    assert train(tmp_path, "run.total_steps=256", "run.eval_every=128", "run.eval_episodes=4") == 0
+    lines = capsys.readouterr().out.splitlines()
+    evals = [i for i, line in enumerate(lines) if line.startswith("eval at step")]
+    assert len(evals) == 2
+    assert lines[evals[0] - 1].startswith("update 2/4 | step 128/256")  # right after its update
+    first = lines[evals[0]]
+    assert first.startswith("eval at step 128 (4 held-out episodes) | success ") and "(95% CI " in first
+    assert "| return " in first and "| length " in first and first.endswith("new best: checkpoints/best.pt")
+    assert lines[evals[1]].startswith("eval at step 256 (4 held-out episodes)")
+    assert "eval at step 256" in (tmp_path / "r" / "train.log").read_text()
