@@ -111,7 +111,8 @@ def truncate_jsonl(path: Path, max_step: int) -> int:
 
 def progress_line(update: int, total_updates: int, step: int, total_steps: int, sps: float,
                   scalars: dict, elapsed: float, update_seconds: float | None = None) -> str:
-    """The line printed after each update; ``update_seconds``: the expected time per update, if known."""
+    """The line printed after each update. ``total_steps``: the steps the run will have trained
+    when it ends (whole updates). ``update_seconds``: the expected time per update, if known."""
     ret = scalars.get("charts/episodic_return")
     succ = scalars.get("charts/success")
     eta = (total_steps - step) / sps if sps > 0 else float("inf")

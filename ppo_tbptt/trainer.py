@@ -160,6 +160,7 @@ class Trainer:
         self.truncation = make_strategy(cfg)
         self.batch_size = cfg.ppo.rollout_steps * self.envs.num_envs
         self.total_updates = -(-cfg.run.total_steps // self.batch_size)
+        self.planned_steps = self.total_updates * self.batch_size  # total_steps in whole updates
         self.global_step = 0
         self.update = 0
         self.elapsed = 0.0  # training wall-clock seconds, summed over resumed segments
@@ -453,16 +454,22 @@ class Trainer:
         return self._stop_signal
 
     def _plan(self) -> None:
-        """Say at the start what this process will train."""
+        """Say at the start what this process will train (and that totals round to whole updates)."""
         cfg, batch = self.cfg, self.batch_size
         todo = max(0, self.total_updates - self.update)
         self.say(f"{batch:,} env steps per update ({self.envs.num_envs} envs x {cfg.ppo.rollout_steps} steps), "
                  f"{cfg.ppo.epochs} epoch{'s' if cfg.ppo.epochs != 1 else ''} x {cfg.ppo.minibatches} "
                  f"minibatch{'es' if cfg.ppo.minibatches != 1 else ''}; {todo:,} update{'s' if todo != 1 else ''} to go "
-                 f"(env steps {self.global_step:,} -> {cfg.run.total_steps:,})")
+                 f"(env steps {self.global_step:,} -> {self.planned_steps:,})")
+        if self.planned_steps != cfg.run.total_steps:
+            what = ("is less than one update" if cfg.run.total_steps < batch
+                    else "is not a whole number of updates")
+            self.say(f"note: run.total_steps = {cfg.run.total_steps:,} {what} of {batch:,} env steps: "
+                     f"training {self.total_updates:,} update{'s' if self.total_updates != 1 else ''} = "
+                     f"{self.planned_steps:,} steps")
 
     def train(self, handle_signals: bool = True) -> dict:
-        """Train to ``run.total_steps``, or until ``run.max_seconds``
+        """Train to ``run.total_steps`` (rounded up to whole updates), or until ``run.max_seconds``
         have passed (then ``time_limited`` is true; a checkpoint is saved either way).
 
         SIGINT/SIGTERM (when ``handle_signals`` and in the main thread) stop at once: the update in
@@ -528,7 +535,7 @@ class Trainer:
                 if self.writer is not None:
                     self.writer.scalars(self.global_step, scalars)
                 self.say(progress_line(self.update, self.total_updates, self.global_step,
-                                       cfg.run.total_steps, sps, scalars, self.elapsed, update_seconds))
+                                       self.planned_steps, sps, scalars, self.elapsed, update_seconds))
                 if evaluated:
                     self.say(eval_line(self.global_step, scalars))
                 boundary = self._boundary_or_stop(boundary)

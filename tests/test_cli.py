@@ -24,3 +24,20 @@ def test_periodic_evaluation_prints_a_line_per_evaluation(tmp_path, capsys):
     assert "| return " in first and "| length " in first and first.endswith("new best: checkpoints/best.pt")
     assert lines[evals[1]].startswith("eval at step 256 (4 held-out episodes)")
     assert "eval at step 256" in (tmp_path / "r" / "train.log").read_text()
+
+
+def test_total_steps_round_up_to_whole_updates_visibly(tmp_path, capsys):
+    """64 env steps per update (4 envs x 16): 10 trains one update, 100 trains two; the start says
+    so and the percentages end at 100%, not 1024%."""
+    assert train(tmp_path, "run.total_steps=10", name="a") == 0
+    out = capsys.readouterr().out
+    assert ("note: run.total_steps = 10 is less than one update of 64 env steps: training 1 update = "
+            "64 steps") in out
+    assert "update 1/1 | step 64/64 (100.0%)" in out and "done: 64 steps" in out
+    assert train(tmp_path, "run.total_steps=100", name="b") == 0
+    out = capsys.readouterr().out
+    assert ("note: run.total_steps = 100 is not a whole number of updates of 64 env steps: training "
+            "2 updates = 128 steps") in out
+    assert "update 2/2 | step 128/128 (100.0%)" in out
+    assert train(tmp_path, "run.total_steps=128", name="c") == 0
+    assert "note:" not in capsys.readouterr().out
