@@ -69,8 +69,10 @@ def resume(args, overrides: list[str]) -> int:
               f"{run_dir.parent.parent if run_dir.parent.name == 'checkpoints' else run_dir.parent}",
               file=sys.stderr)
         return 2
+    from .resume import plan_resume
     try:
-        trainer = Trainer.from_run(run_dir, None, overrides)
+        plan = plan_resume(run_dir, overrides)
+        trainer = Trainer.from_plan(plan)
     except ConfigError as exc:
         print(f"error: {'; '.join(exc.problems)}", file=sys.stderr)
         return 2

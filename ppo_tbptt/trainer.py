@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from .config import Config, ConfigError, dump_yaml, from_dict
+from .config import Config, dump_yaml
 from .envs import EnvError, make_vector_env
 from .envs.pool import EnvWorkerError
 from .gae import compute_gae
@@ -181,26 +181,19 @@ class Trainer:
         """Continue the run in ``run_dir`` from its latest checkpoint (config from the checkpoint).
 
         ``overrides`` (``section.key=value``) may change e.g. ``run.total_steps``; ``device`` None
-        resolves ``run.device``. Raises CheckpointError or ConfigError with a one-line reason."""
-        from .config import apply_overrides
+        resolves ``run.device``. Raises CheckpointError or ConfigError with a one-line reason
+        (see :func:`resume.plan_resume`)."""
+        from .resume import plan_resume
+        return cls.from_plan(plan_resume(run_dir, overrides), device, **kw)
+
+    @classmethod
+    def from_plan(cls, plan, device: torch.device | None = None, **kw) -> "Trainer":
+        """The trainer of a :class:`resume.ResumePlan`."""
         from .utils import resolve_device
-        path = ckpt.latest_checkpoint(run_dir)
-        state = ckpt.load_checkpoint(path)
-        raw, problems = apply_overrides(state["config"], overrides)
-        if problems:
-            raise ConfigError(problems)
-        try:
-            cfg = from_dict(raw)
-        except ConfigError as exc:
-            raise ckpt.CheckpointError(f"checkpoint {path}: config invalid: " + "; ".join(exc.problems)) from None
-        for key in ("optimizer", "rng", "shuffle_generator", "collector", "global_step", "update"):
-            if key not in state:
-                raise ckpt.CheckpointError(f"checkpoint {path}: no '{key}' entry; it holds weights only "
-                                           "and cannot resume training")
         if device is None:
-            device = resolve_device(cfg.run.device)
-        trainer = cls(cfg, run_dir, device, resume=state, resume_path=path, **kw)
-        trainer.resumed_from = path
+            device = resolve_device(plan.cfg.run.device)
+        trainer = cls(plan.cfg, plan.run_dir, device, resume=plan.state, resume_path=plan.path, **kw)
+        trainer.resumed_from = plan.path
         return trainer
 
     # ---- schedules ------------------------------------------------------------------------------

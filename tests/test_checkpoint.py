@@ -260,7 +260,10 @@ def test_trainer_that_cannot_restore_closes_its_envs(tmp_path, monkeypatch):
         return created[-1]
 
     monkeypatch.setattr(trainer_mod, "make_vector_env", recording)
+    latest = ckpt.latest_checkpoint(run)
+    state = torch.load(latest, weights_only=True)  # a config that no longer fits its weights
+    state["config"] = tiny_config("model.hidden_size=24", "env.vector=pool", "env.envs_per_worker=2").to_dict()
+    ckpt.atomic_save(state, latest)
     with pytest.raises(ckpt.CheckpointError, match=r"checkpoint .*step_000000000064\.pt: .*do not fit"):
-        Trainer.from_run(run, overrides=["model.hidden_size=24", "env.vector=pool", "env.envs_per_worker=2"],
-                         quiet=True)
+        Trainer.from_run(run, quiet=True)
     assert len(created) == 1 and created[0]._closed

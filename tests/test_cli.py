@@ -41,3 +41,27 @@ def test_total_steps_round_up_to_whole_updates_visibly(tmp_path, capsys):
     assert "update 2/2 | step 128/128 (100.0%)" in out
     assert train(tmp_path, "run.total_steps=128", name="c") == 0
     assert "note:" not in capsys.readouterr().out
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_resume_errors_name_the_config_field_and_what_a_resume_may_change(tmp_path, capsys):
+    assert train(tmp_path, "run.total_steps=64") == 0
+    run = str(tmp_path / "r")
+    capsys.readouterr()
+    assert train_cli.main(["--resume", run, "--set", "env.num_envs=2"]) == 2
+    err = one_line_error(capsys)
+    assert "env.num_envs: the run has 4, the resume asks for 2; a resume cannot change it" in err
+    assert "a resume may change run.*, ppo.*, tbptt.*" in err
+    assert train_cli.main(["--resume", run, "--set", "model.hidden_size=24", "--set", "env.kwargs.delay=5"]) == 2
+    err = one_line_error(capsys)
+    assert "model.hidden_size: the run has 16, the resume asks for 24" in err and "env.kwargs: the run has" in err
+    assert train_cli.main(["--resume", run, "--set", "ppo.nope=1"]) == 2  # an unknown field: as for a new run
+    assert "ppo.nope: unknown key" in one_line_error(capsys)
+    # what may change does: another learning rate, the envs in a pool, a longer run
+    assert train_cli.main(["--resume", run, "--set", "ppo.lr=1e-4", "--set", "env.vector=pool",
+                           "--set", "env.envs_per_worker=2", "--set", "run.total_steps=128"]) == 0
