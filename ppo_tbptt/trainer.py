@@ -194,6 +194,13 @@ class Trainer:
             device = resolve_device(plan.cfg.run.device)
         trainer = cls(plan.cfg, plan.run_dir, device, resume=plan.state, resume_path=plan.path, **kw)
         trainer.resumed_from = plan.path
+        if kw.get("log", True):
+            from .resume import record_config
+            record_config(plan.run_dir, plan.cfg)  # the run folder records what the run now uses
+        for line in plan.notes:
+            trainer.say(f"note: {line}")
+        for line in plan.warnings:
+            trainer.warn(line)
         return trainer
 
     # ---- schedules ------------------------------------------------------------------------------

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from eval_helpers import TINY
 from ppo_tbptt import train as train_cli
 
@@ -65,3 +67,36 @@ def test_resume_errors_name_the_config_field_and_what_a_resume_may_change(tmp_pa
     # what may change does: another learning rate, the envs in a pool, a longer run
     assert train_cli.main(["--resume", run, "--set", "ppo.lr=1e-4", "--set", "env.vector=pool",
                            "--set", "env.envs_per_worker=2", "--set", "run.total_steps=128"]) == 0
+
+
+def test_extending_a_run_keeps_its_schedules_and_records_the_config(tmp_path, capsys):
+    """cue_recall anneals lr 2e-3 -> 1e-4 and the entropy coefficient 0.01 -> 1e-4 over
+    run.total_steps. Trained to 128 steps and extended to 256, the schedules must not jump back
+    (they would: lr 1.05e-3 at step 128 over the new total); config.yaml records the pinned
+    horizon and the new total."""
+    import yaml
+
+    from eval_helpers import metric_rows
+    assert train(tmp_path, "run.total_steps=128") == 0
+    run = tmp_path / "r"
+    capsys.readouterr()
+    assert train_cli.main(["--resume", str(run), "--set", "run.total_steps=256"]) == 0
+    out, err = capsys.readouterr()
+    assert ("note: run.total_steps 128 -> 256: ppo.lr, ppo.ent_coef keep the horizon of 128 steps they had "
+            "(steps: 128 in config.yaml)") in out
+    assert "warning" not in err
+    rows = metric_rows(run)
+    assert [r["global_step"] for r in rows] == [64, 128, 192, 256]
+    assert rows[1]["charts/learning_rate"] > 1e-4 * 1.5  # still annealing in the first part
+    for r in rows[2:]:  # at the end of the schedule: final values, not back up
+        assert r["charts/learning_rate"] == pytest.approx(1e-4) and r["charts/ent_coef"] == pytest.approx(1e-4)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["run"]["total_steps"] == 256 and saved["ppo"]["lr"]["steps"] == 128
+    assert saved["ppo"]["ent_coef"]["steps"] == 128
+    # re-planning a schedule on purpose is allowed, and said loudly
+    assert train_cli.main(["--resume", str(run), "--set", "run.total_steps=512",
+                           "--set", "ppo.lr.steps=512"]) == 0
+    out, err = capsys.readouterr()
+    assert "warning: ppo.lr at step 256 changes from 0.0001 to 0.00105: the resume changes its schedule" in err
+    assert "note: run.total_steps" not in out  # both carry their horizon now: nothing to pin
+    assert metric_rows(run)[4]["charts/learning_rate"] == pytest.approx(2e-3 + 0.5 * (1e-4 - 2e-3))
