@@ -72,6 +72,16 @@ def resume(args, overrides: list[str]) -> int:
     from .resume import plan_resume
     try:
         plan = plan_resume(run_dir, overrides)
+        done, total = plan.steps_done, plan.cfg.run.total_steps
+        if done >= total:
+            again = f"python -m ppo_tbptt.train --resume {run_dir} --set run.total_steps=N"
+            if total == plan.previous.run.total_steps:  # a finished run, resumed as it is
+                print(f"nothing to train: {run_dir} has trained {done:,} env steps of its run.total_steps "
+                      f"{total:,}; to train further: {again} (N > {done:,})", flush=True)
+                return 0
+            print(f"error: run.total_steps={total:,} is not above the {done:,} env steps {run_dir} has "
+                  f"trained already; to train further: {again} with N > {done:,}", file=sys.stderr)
+            return 2
         trainer = Trainer.from_plan(plan)
     except ConfigError as exc:
         print(f"error: {'; '.join(exc.problems)}", file=sys.stderr)

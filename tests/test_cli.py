@@ -100,3 +100,18 @@ def test_extending_a_run_keeps_its_schedules_and_records_the_config(tmp_path, ca
     assert "warning: ppo.lr at step 256 changes from 0.0001 to 0.00105: the resume changes its schedule" in err
     assert "note: run.total_steps" not in out  # both carry their horizon now: nothing to pin
     assert metric_rows(run)[4]["charts/learning_rate"] == pytest.approx(2e-3 + 0.5 * (1e-4 - 2e-3))
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(tmp_path, capsys):
+    assert train(tmp_path, "run.total_steps=128") == 0
+    run = str(tmp_path / "r")
+    capsys.readouterr()
+    assert train_cli.main(["--resume", run]) == 0  # (a job script that resumes until done: exit 0)
+    out = capsys.readouterr().out
+    assert out.startswith(f"nothing to train: {run} has trained 128 env steps of its run.total_steps 128; "
+                          f"to train further: python -m ppo_tbptt.train --resume {run} --set run.total_steps=N "
+                          "(N > 128)")
+    assert "starting" not in out and "done" not in out  # no env was started
+    assert train_cli.main(["--resume", run, "--set", "run.total_steps=64"]) == 2
+    err = one_line_error(capsys)
+    assert "run.total_steps=64 is not above the 128 env steps" in err and "N > 128" in err
