@@ -44,6 +44,8 @@ def config_and_device(config: str, overrides: list[str]):
 
 
 def make_run_dir(out_dir: str, run_name: str | None, default_prefix: str, seed: int) -> Path:
+    """Create the run folder ``out_dir/run_name`` (default name: prefix, seed, start time).
+    Raises ValueError with the message to print (an existing run, a folder that cannot be made)."""
     root = Path(out_dir)
     if run_name:
         path = root / run_name
@@ -55,7 +57,13 @@ def make_run_dir(out_dir: str, run_name: str | None, default_prefix: str, seed: 
         while path.exists():
             i += 1
             path = root / f"{base}-{i}"
-    path.mkdir(parents=True)
+    try:
+        path.mkdir(parents=True)
+    except OSError as exc:  # a file where a folder should be, no permission, an unreachable parent
+        blocker = next((p for p in [root, *root.parents] if p.exists()), None)
+        why = (f"{blocker} is a file, not a folder" if blocker is not None and not blocker.is_dir()
+               else exc.strerror or type(exc).__name__)
+        raise ValueError(f"run.out_dir={out_dir!r}: cannot create the run folder {path}: {why}") from None
     return path
 
 
@@ -128,10 +136,10 @@ def main(argv=None) -> int:
     prefix = cfg.run.name or resolve_path(args.config).stem
     try:
         run_dir = make_run_dir(cfg.run.out_dir, args.run_name, prefix, cfg.run.seed)
-    except FileExistsError as exc:
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    except (FileExistsError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     from .envs import EnvConfigError
     from .model import ModelConfigError
     from .trainer import Trainer

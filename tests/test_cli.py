@@ -115,3 +115,22 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_train(tmp_path, capsys
     assert train_cli.main(["--resume", run, "--set", "run.total_steps=64"]) == 2
     err = one_line_error(capsys)
     assert "run.total_steps=64 is not above the 128 env steps" in err and "N > 128" in err
+
+
+def test_bad_out_dir_is_one_error_line(tmp_path, capsys):
+    """An existing file, a file as a parent, an unreachable parent, a folder no one may write to."""
+    import os
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    cases = [(a_file, ["is a file, not a folder"]), (a_file / "runs", ["is a file, not a folder"]),
+             ("/proc/self/no/such/runs", ["No such file or directory"]),
+             ("/sys/ppo_tbptt_runs", ["Operation not permitted", "Permission denied"])]
+    if os.geteuid() != 0:  # (root may write anywhere)
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        cases.append((locked, ["Permission denied"]))
+    for out_dir, why in cases:
+        assert train(tmp_path, f"run.out_dir={out_dir}") == 2, out_dir
+        err = one_line_error(capsys)
+        assert err.startswith(f"error: run.out_dir='{out_dir}': cannot create the run folder "), err
+        assert any(w in err for w in why), err
