@@ -43,11 +43,21 @@ def config_and_device(config: str, overrides: list[str]):
     return cfg, resolve_device(cfg.run.device)
 
 
+def check_folder_name(what: str, name: str) -> None:
+    """A run name must be one folder name: nothing that leaves run.out_dir or nests folders."""
+    bad = (not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name
+           or name != name.strip())
+    if bad:
+        raise ValueError(f"{what} {name!r}: must be a single folder name inside run.out_dir "
+                         "(no '/' or '\\', not '.' or '..', no leading or trailing spaces)")
+
+
 def make_run_dir(out_dir: str, run_name: str | None, default_prefix: str, seed: int) -> Path:
     """Create the run folder ``out_dir/run_name`` (default name: prefix, seed, start time).
     Raises ValueError with the message to print (an existing run, a folder that cannot be made)."""
     root = Path(out_dir)
-    if run_name:
+    if run_name is not None:
+        check_folder_name("--run-name", run_name)
         path = root / run_name
         if path.exists():
             raise FileExistsError(f"run folder {path} already exists; choose another --run-name")

@@ -12,7 +12,7 @@ from ppo_tbptt import train as train_cli
 def train(tmp_path: Path, *extra: str, name: str | None = "r", args: tuple = ()) -> int:
     """``python -m ppo_tbptt.train --config cue_recall`` with the tiny settings, in this process."""
     sets = [a for o in TINY + [f"run.out_dir={tmp_path}", *extra] for a in ("--set", o)]
-    return train_cli.main(["--config", "cue_recall", *sets, *(["--run-name", name] if name else []), *args])
+    return train_cli.main(["--config", "cue_recall", *sets, *(["--run-name", name] if name is not None else []), *args])
 
 
 def test_periodic_evaluation_prints_a_line_per_evaluation(tmp_path, capsys):
@@ -134,3 +134,15 @@ def test_bad_out_dir_is_one_error_line(tmp_path, capsys):
         err = one_line_error(capsys)
         assert err.startswith(f"error: run.out_dir='{out_dir}': cannot create the run folder "), err
         assert any(w in err for w in why), err
+
+
+def test_run_names_that_leave_the_out_dir_are_refused(tmp_path, capsys):
+    out = tmp_path / "runs"
+    for name in ["../escaped", "a/b", "/abs", "..", ".", "", " x"]:
+        assert train(out, name=name) == 2, name
+        err = one_line_error(capsys)
+        assert err.startswith(f"error: --run-name {name!r}: must be a single folder name inside run.out_dir"), err
+    assert train(out, "run.name=../up") == 2  # a config field: reported with the config's problems
+    err = capsys.readouterr().err
+    assert "run.name: a prefix of the run folder's name must not leave run.out_dir" in err and "Traceback" not in err
+    assert not (tmp_path / "escaped").exists() and not out.exists()  # nothing was created anywhere
