@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from .cli import DEVICE_HELP, add_common, device_arg
 from .config import ConfigError, dump_yaml, load, resolve_path
 
 
@@ -24,9 +25,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="continue the run in RUN_DIR from its latest checkpoint (config from the checkpoint)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config field (repeatable), e.g. --set ppo.lr=3e-4 --set env.kwargs.delay=12")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
-                   help="training device (overrides run.device)")
+    p.add_argument("--device", type=device_arg, default=None,
+                   help=f"training device: {DEVICE_HELP} (overrides run.device)")
     p.add_argument("--run-name", default=None, help="run folder name under run.out_dir (must not exist)")
+    add_common(p)
     args = p.parse_args(argv)
     if (args.config is None) == (args.resume is None):
         p.error("give exactly one of --config (new run) or --resume RUN_DIR")

@@ -146,3 +146,61 @@ def test_run_names_that_leave_the_out_dir_are_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "run.name: a prefix of the run folder's name must not leave run.out_dir" in err and "Traceback" not in err
     assert not (tmp_path / "escaped").exists() and not out.exists()  # nothing was created anywhere
+
+
+ENTRY_POINTS = ["train", "evaluate", "summary", "benchmark"]
+
+
+@pytest.mark.parametrize("command", ENTRY_POINTS)
+def test_every_entry_point_has_version_and_plain_help(command, capsys):
+    import importlib
+
+    import ppo_tbptt
+    mod = importlib.import_module(f"ppo_tbptt.{command}")
+    with pytest.raises(SystemExit) as exc:
+        mod.main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"ppo_tbptt {ppo_tbptt.__version__}"
+    with pytest.raises(SystemExit) as exc:
+        mod.main(["--help"])
+    text = capsys.readouterr().out
+    assert exc.value.code == 0 and f"python -m ppo_tbptt.{command}" in text
+    assert "``" not in text and "--version" in text
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "benchmark"])
+def test_device_takes_what_run_device_takes(command, capsys):
+    import importlib
+    mod = importlib.import_module(f"ppo_tbptt.{command}")
+    first = {"train": ["--config", "cue_recall"], "evaluate": ["runs/x"], "benchmark": ["--config", "cue_recall"]}
+    for device in ("auto", "cpu", "cuda", "cuda:1"):
+        assert mod.parse_args([*first[command], "--device", device]).device == device
+    with pytest.raises(SystemExit) as exc:
+        mod.parse_args([*first[command], "--device", "gpu"])
+    assert exc.value.code == 2 and "expected auto (cuda if present), cpu, cuda or cuda:N, got 'gpu'" in capsys.readouterr().err
+
+
+def test_evaluate_and_train_both_default_to_auto():
+    from ppo_tbptt import evaluate
+    assert evaluate.parse_args(["runs/x"]).device == "auto"
+    assert train_cli.load("cue_recall").run.device == "cpu"  # (cue_recall asks for the CPU itself)
+    assert train_cli.load("mortar_mayhem_grid").run.device == "auto"
+
+
+def test_python_m_ppo_tbptt_lists_the_commands_instead_of_training(tmp_path):
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    env = {"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}
+    r = subprocess.run([sys.executable, "-m", "ppo_tbptt"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("usage: python -m ppo_tbptt COMMAND")
+    assert all(f"  {c}" in r.stderr for c in ENTRY_POINTS) and not list(tmp_path.iterdir())
+    r = subprocess.run([sys.executable, "-m", "ppo_tbptt", "--version"], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("ppo_tbptt ")
+    from ppo_tbptt.__main__ import main
+    assert main(["nope"]) == 2
+    with pytest.raises(SystemExit) as exc:  # a command runs with the rest of the arguments
+        main(["summary", "--version"])
+    assert exc.value.code == 0
