@@ -11,7 +11,7 @@ import sys
 from . import __version__
 
 COMMANDS = {
-    "train": "train an agent: a new run (--config) or a resumed one (--resume)",
+    "train": "train an agent: a new run (--config) or a resumed one (--resume); --list-configs, --print-config",
     "evaluate": "evaluate a checkpoint on held-out levels",
     "summary": "a run's progress as a text table",
     "benchmark": "env, collection and training throughput on this machine",

@@ -28,8 +28,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", type=device_arg, default=None,
                    help=f"training device: {DEVICE_HELP} (overrides run.device)")
     p.add_argument("--run-name", default=None, help="run folder name under run.out_dir (must not exist)")
+    p.add_argument("--list-configs", action="store_true", help="list the shipped configs and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (--config or --resume, with --set) as YAML and exit "
+                        "without training")
     add_common(p)
     args = p.parse_args(argv)
+    if args.list_configs:
+        return args
     if (args.config is None) == (args.resume is None):
         p.error("give exactly one of --config (new run) or --resume RUN_DIR")
     if args.resume and args.run_name:
@@ -133,11 +139,66 @@ def run(trainer) -> int:
     return 0
 
 
+def list_configs() -> str:
+    """The shipped configs, one line each: name, env, layout, length, the file's first comment."""
+    from .config import CONFIG_DIR
+    rows = []
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        about = next((line.lstrip("#").strip() for line in path.read_text().splitlines()
+                      if line.startswith("#")), "")
+        try:
+            c = load(str(path))
+            what = (f"{c.env.id}, {c.env.num_envs} envs x {c.ppo.rollout_steps} steps, "
+                    f"{c.model.core.upper()} {c.model.hidden_size}, {c.run.total_steps:,} env steps")
+        except ConfigError as exc:
+            what = f"invalid: {exc.problems[0]}"
+        rows.append((path.name, what, about))
+    if not rows:
+        return f"no configs in {CONFIG_DIR}"
+    width = max(len(r[0]) for r in rows)
+    lines = [f"configs in {CONFIG_DIR} (--config NAME; --print-config shows one resolved):"]
+    for name, what, about in rows:
+        lines.append(f"  {name:<{width}}  {what}")
+        if about:
+            lines.append(f"  {'':<{width}}  {about}")
+    return "\n".join(lines)
+
+
+def print_config(args, overrides: list[str]) -> int:
+    """``--print-config``: the config a run (or a resume) would use, as YAML; nothing is trained."""
+    from .checkpoint import CheckpointError
+    try:
+        if args.resume:
+            from .resume import plan_resume
+            plan = plan_resume(Path(args.resume), overrides)
+            cfg = plan.cfg
+            head = [f"# the config of a resume of {args.resume} from {plan.path} (step {plan.steps_done:,})"]
+            head += [f"# note: {line}" for line in plan.notes] + [f"# warning: {line}" for line in plan.warnings]
+        else:
+            cfg = load(args.config, overrides)
+            head = [f"# {resolve_path(args.config)}" + (" with " + " ".join(f"--set {o}" for o in overrides)
+                                                        if overrides else "")]
+    except ConfigError as exc:
+        print(f"error: {'; '.join(exc.problems)}", file=sys.stderr)
+        return 2
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(head))
+    print(dump_yaml(cfg), end="")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.list_configs:
+        print(list_configs())
+        return 0
     overrides = list(args.overrides)
     if args.device:
         overrides.append(f"run.device={args.device}")
+    if args.print_config:
+        return print_config(args, overrides)
     if args.resume:
         return resume(args, overrides)
     try:

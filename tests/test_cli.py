@@ -204,3 +204,36 @@ def test_python_m_ppo_tbptt_lists_the_commands_instead_of_training(tmp_path):
     with pytest.raises(SystemExit) as exc:  # a command runs with the rest of the arguments
         main(["summary", "--version"])
     assert exc.value.code == 0
+
+
+def test_list_configs_names_every_shipped_config(capsys):
+    from ppo_tbptt.config import CONFIG_DIR
+    assert train_cli.main(["--list-configs"]) == 0
+    out = capsys.readouterr().out
+    names = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
+    assert names and all(f"  {n}  " in out for n in names)
+    assert "mortar_mayhem_grid.yaml  MortarMayhem-Grid-v0, 32 envs x 512 steps, GRU 512" in out
+    assert "invalid" not in out
+
+
+def test_print_config_shows_the_resolved_config_without_training(tmp_path, capsys):
+    import yaml
+    out_dir = tmp_path / "runs"
+    assert train_cli.main(["--config", "cue_recall", "--set", "ppo.lr=1e-3", "--set", f"run.out_dir={out_dir}",
+                           "--device", "cpu", "--print-config"]) == 0
+    text = capsys.readouterr().out
+    cfg = yaml.safe_load(text)  # plain YAML: usable as a --config file
+    assert cfg["ppo"]["lr"]["initial"] == 1e-3 and cfg["env"]["id"] == "CueRecall-v0"
+    assert text.startswith("# ") and "--set ppo.lr=1e-3" in text.splitlines()[0]
+    assert not out_dir.exists()  # no run folder, nothing trained
+    (tmp_path / "again.yaml").write_text(text)
+    assert train_cli.load(str(tmp_path / "again.yaml")).ppo.lr.initial == 1e-3
+    assert train_cli.main(["--config", "cue_recall", "--set", "ppo.nope=1", "--print-config"]) == 2
+    assert "ppo.nope: unknown key" in capsys.readouterr().err
+    # a resume: what it would use, with its notes
+    assert train(tmp_path, "run.total_steps=64") == 0
+    capsys.readouterr()
+    assert train_cli.main(["--resume", str(tmp_path / "r"), "--set", "run.total_steps=128", "--print-config"]) == 0
+    text = capsys.readouterr().out
+    assert "# note: run.total_steps 64 -> 128" in text and yaml.safe_load(text)["ppo"]["lr"]["steps"] == 64
+    assert [p.name for p in (tmp_path / "r" / "checkpoints").iterdir()] == ["step_000000000064.pt"]
