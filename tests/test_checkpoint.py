@@ -267,3 +267,21 @@ def test_trainer_that_cannot_restore_closes_its_envs(tmp_path, monkeypatch):
     with pytest.raises(ckpt.CheckpointError, match=r"checkpoint .*step_000000000064\.pt: .*do not fit"):
         Trainer.from_run(run, quiet=True)
     assert len(created) == 1 and created[0]._closed
+
+
+def test_checkpoints_get_the_same_file_mode_as_the_other_run_files(tmp_path):
+    """mkstemp creates 0600 files; a checkpoint must be as readable as config.yaml or metrics.jsonl
+    (0644 under the usual umask 022), e.g. for an evaluation run by another user."""
+    old = os.umask(0o022)
+    try:
+        run = tmp_path / "run"
+        train_tiny(run, "run.total_steps=64", "run.eval_every=64", "run.eval_episodes=2")
+        (run / "config.yaml").write_text("x")  # as train.py writes it
+        files = [ckpt.latest_checkpoint(run), run / "checkpoints" / "best.pt", run / "metrics.jsonl",
+                 run / "config.yaml", run / "train.log"]
+        assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: "0o644" for p in files}
+        os.umask(0o027)
+        ckpt.atomic_save({"x": 1}, run / "other.pt")
+        assert (run / "other.pt").stat().st_mode & 0o777 == 0o640  # the umask decides, as for open()
+    finally:
+        os.umask(old)
