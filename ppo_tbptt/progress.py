@@ -99,6 +99,8 @@ class UpdateProgress:
         """``phase``: ``collect`` (total env steps), ``learn`` (minibatches) or ``evaluate`` (episodes)."""
         with self._lock:
             self.phase, self.done, self.total = phase, 0, int(total)
+            if self.update is None:
+                self._update_start = time.monotonic()
             if self.bar_mode:
                 self._show_bar()
 
@@ -154,9 +156,9 @@ class UpdateProgress:
     def status(self) -> str:
         """The plain progress line of the update (or the task) in flight."""
         with self._lock:
-            if self.update is None:
+            if self.update is None and self.phase is None:
                 return f"{self.task} ({format_duration(time.monotonic() - self._update_start)})"
-            head = f"update {self.update:,}/{self.total_updates:,}"
+            head = self._head()
             what = ""
             if self.phase is not None:
                 verb, unit = PHASES[self.phase]
@@ -178,7 +180,7 @@ class UpdateProgress:
     def _show_bar(self) -> None:
         from tqdm import tqdm
         verb, unit = PHASES[self.phase]
-        desc = f"update {self.update:,}/{self.total_updates:,} {verb}"
+        desc = f"{self._head()} {verb}"
         if self._bar is None:
             self._bar = tqdm(total=self.total, desc=desc, unit=" " + unit.split()[-1], leave=False,
                              file=self.stream, dynamic_ncols=True, mininterval=0.5)
@@ -189,6 +191,11 @@ class UpdateProgress:
         if self.update_seconds is not None:
             self._bar.set_postfix_str(f"about {format_duration(self.update_seconds)} per update", refresh=False)
         self._bar.refresh()
+
+    def _head(self) -> str:
+        if self.update is None:  # (a phase outside train(): e.g. train_update() called directly)
+            return "update"
+        return f"update {self.update:,}/{self.total_updates:,}"
 
     def _close_bar(self) -> None:
         if self._bar is not None:
@@ -203,7 +210,7 @@ class UpdateProgress:
                 self.flush_notices()
                 with self._lock:
                     now = time.monotonic()
-                    if self.update is None and self.task is None:
+                    if self.update is None and self.task is None and self.phase is None:
                         continue
                     if self._bar is not None:
                         if now - last_refresh >= 1.0:

@@ -71,3 +71,16 @@ def test_bar_on_a_terminal():
         assert "a line above the bar\n" in out.getvalue()
     finally:
         p.close()
+
+
+def test_a_phase_outside_an_update_does_not_break_the_feedback():
+    """train_update() or evaluate() called directly (no update number): lines and bar still work."""
+    for bar in (False, True):
+        out = io.StringIO()
+        p = UpdateProgress(5, stream=out, bar=bar, interval=0.1)
+        try:
+            p.start_phase("evaluate", 8)
+            p.advance(3)
+            wait_for(out, "evaluating 3/8 episodes" if not bar else "3/8")
+        finally:
+            p.close()
