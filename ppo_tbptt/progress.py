@@ -8,11 +8,16 @@ output) a plain line every ``interval`` seconds. Lines written through :meth:`wr
 the bar. Once an update has finished, both show the expected time per update.
 
 A signal handler must not print (a print interrupted by another print raises), so it hands its
-message to :meth:`notice`, which the helper thread prints within a fraction of a second.
+message to :meth:`notice`, which the helper thread prints within a fraction of a second. Python
+runs a signal handler only between bytecodes of the main thread, which may sit for seconds in one
+long torch call (a big minibatch's backward pass); :meth:`watch_fd` lets the helper thread read
+``signal.set_wakeup_fd``'s pipe, to which the C-level handler writes at once, so the answer to
+Ctrl-C comes immediately even then.
 """
 from __future__ import annotations
 
 import os
+import select
 import sys
 import threading
 import time
@@ -72,6 +77,8 @@ class UpdateProgress:
         self._bar = None
         self._lock = threading.RLock()
         self._closed = threading.Event()
+        self._wake_fd: int | None = None  # see watch_fd
+        self._on_wake = None
         self._thread = threading.Thread(target=self._heartbeat, name="ppo_tbptt-progress", daemon=True)
         self._thread.start()
 
@@ -169,6 +176,12 @@ class UpdateProgress:
                 tail += f" (about {format_duration(self.update_seconds)} per update)"
             return head + what + tail
 
+    def watch_fd(self, fd: int | None, callback=None) -> None:
+        """Call ``callback(signum)`` in the helper thread for each byte arriving on ``fd`` (the
+        read end of the pipe given to ``signal.set_wakeup_fd``); None stops watching."""
+        with self._lock:
+            self._wake_fd, self._on_wake = fd, callback
+
     def close(self) -> None:
         self._closed.set()
         self._thread.join(timeout=2)
@@ -192,6 +205,21 @@ class UpdateProgress:
             self._bar.set_postfix_str(f"about {format_duration(self.update_seconds)} per update", refresh=False)
         self._bar.refresh()
 
+    def _wait(self, seconds: float) -> None:
+        """Sleep up to ``seconds``, or less when a signal arrives on the watched fd."""
+        fd, callback = self._wake_fd, self._on_wake
+        if fd is None:
+            self._closed.wait(seconds)
+            return
+        try:
+            ready, _, _ = select.select([fd], [], [], seconds)
+            data = os.read(fd, 64) if ready else b""
+        except (OSError, ValueError):  # closed under us: watching ended
+            self._closed.wait(seconds)
+            return
+        for signum in data:
+            callback(signum)
+
     def _head(self) -> str:
         if self.update is None:  # (a phase outside train(): e.g. train_update() called directly)
             return "update"
@@ -205,8 +233,9 @@ class UpdateProgress:
     def _heartbeat(self) -> None:
         """Print notices at once; keep the bar's clock moving; a plain line every ``interval``."""
         last_refresh = 0.0
-        while not self._closed.wait(0.2):
+        while not self._closed.is_set():
             try:
+                self._wait(0.2)
                 self.flush_notices()
                 with self._lock:
                     now = time.monotonic()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import random
 import signal
 import sys
@@ -168,6 +169,7 @@ class Trainer:
         self.evaluator = None
         self._stop_signal: int | None = None
         self._stop_now = False  # a signal asked to stop inside the update in flight
+        self._answered = False  # the signal's message is out
         self.time_limited = False  # train() stopped at run.max_seconds
         if resume is not None:
             self.load_state_dict(resume, resume_path or "checkpoint")
@@ -443,10 +445,26 @@ class Trainer:
             raise KeyboardInterrupt(f"second signal ({signal.Signals(signum).name}): stopping now")
         self.request_stop(signum)
         self._stop_now = True  # the update in flight stops at its next env step or minibatch
-        if self.progress is not None:  # (printing here could interrupt a print: the helper thread does it)
-            self.progress.notice(f"{signal.Signals(signum).name} received: stopping now; the update in "
-                                 "flight is discarded and the last update boundary saved (send it again "
-                                 "to stop without saving)")
+        if self.progress is not None and not self._answered:  # (printing here could interrupt a
+            self._answered = True                              # print: the helper thread does it)
+            self.progress.notice(self._signal_notice(signum))
+
+    def _signal_notice(self, signum: int) -> str:
+        learning = self.progress is not None and self.progress.phase == "learn"
+        when = "once the minibatch in progress is done" if learning else "now"
+        return (f"{signal.Signals(signum).name} received: stopping {when}; the update in flight is "
+                "discarded and the last update boundary saved (send it again to stop without saving)")
+
+    def _on_wakeup(self, signum: int) -> None:
+        """The helper thread's early view of a signal (from the wakeup fd), while the main thread
+        may still be inside a long torch call: answer at once and ask the update to stop; the
+        handler above still runs in the main thread when it can, and counts the signals."""
+        if signum not in (signal.SIGINT, signal.SIGTERM) or self._answered:
+            return
+        self._answered = True
+        self._stop_now = True
+        if self.progress is not None:
+            self.progress.write(self._signal_notice(signum))
 
     @property
     def interrupted(self) -> int | None:
@@ -491,9 +509,16 @@ class Trainer:
             self.progress = UpdateProgress(self.total_updates)
         if not self.quiet:
             self._plan()
+        wakeup = None  # (read end, write end, the wakeup fd before)
         if handle_signals and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 old_handlers[sig] = signal.signal(sig, self._on_signal)
+            if self.progress is not None:
+                r, w = os.pipe()
+                os.set_blocking(r, False)
+                os.set_blocking(w, False)
+                wakeup = (r, w, signal.set_wakeup_fd(w, warn_on_full_buffer=False))
+                self.progress.watch_fd(r, self._on_wakeup)
         try:
             path = None
             aborted = False
@@ -563,6 +588,10 @@ class Trainer:
             self.close()
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
+            if wakeup is not None:
+                signal.set_wakeup_fd(wakeup[2])
+                os.close(wakeup[0])
+                os.close(wakeup[1])
         return scalars
 
     def _boundary_or_stop(self, previous: dict | None) -> dict:

@@ -72,6 +72,25 @@ def test_second_signal_stops_at_once(tmp_path):
         trainer.close()
 
 
+def test_signal_seen_early_by_the_helper_thread_is_answered_once(tmp_path, capsys):
+    """The helper thread (wakeup fd) answers first and asks the update to stop; the main thread's
+    handler, running later, does not answer again, and a second signal still stops at once."""
+    trainer = Trainer(tiny_config(), tmp_path / "run", torch.device("cpu"))
+    try:
+        capsys.readouterr()
+        trainer._on_wakeup(signal.SIGINT)
+        assert trainer._stop_now and trainer.interrupted is None  # (the handler has not run yet)
+        trainer._on_wakeup(signal.SIGINT)  # the same signal's byte again, or a second press: no new line
+        trainer._on_signal(signal.SIGINT, None)
+        trainer.progress.flush_notices()
+        assert capsys.readouterr().out.count("SIGINT received: stopping now") == 1
+        assert trainer.interrupted == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            trainer._on_signal(signal.SIGINT, None)
+    finally:
+        trainer.close()
+
+
 def descendants(pid: int) -> set[int]:
     """All processes below ``pid`` (from /proc: children, grandchildren, ...)."""
     parent = {}

@@ -84,3 +84,32 @@ def test_a_phase_outside_an_update_does_not_break_the_feedback():
             wait_for(out, "evaluating 3/8 episodes" if not bar else "3/8")
         finally:
             p.close()
+
+
+def test_wakeup_fd_signals_reach_the_helper_thread():
+    """The C-level handler writes each signal's number to set_wakeup_fd's pipe at once; the helper
+    thread reads it there, so a signal is answered even while the main thread sits in one long
+    torch call (where Python handlers wait for the call to return)."""
+    import os
+    import signal
+    import threading
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    os.set_blocking(w, False)
+    old_handler = signal.signal(signal.SIGUSR1, lambda *a: None)
+    old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    seen = []
+    p = UpdateProgress(5, stream=io.StringIO(), bar=False, interval=60)
+    p.watch_fd(r, lambda signum: seen.append((signum, threading.current_thread().name)))
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        end = time.monotonic() + 5
+        while not seen and time.monotonic() < end:
+            time.sleep(0.02)
+        assert seen == [(signal.SIGUSR1, "ppo_tbptt-progress")]
+    finally:
+        p.close()
+        signal.set_wakeup_fd(old_fd)
+        signal.signal(signal.SIGUSR1, old_handler)
+        os.close(r)
+        os.close(w)
