@@ -85,18 +85,28 @@ class UpdateProgress:
     # ---- the update's phases --------------------------------------------------------------------
     def start_task(self, text: str) -> None:
         """Something outside an update that may take a while (starting envs, building the model):
-        printed now, and again with the seconds spent every ``interval`` until :meth:`end_task`."""
-        self.write(text)
+        printed now, and again with the seconds spent every ``interval`` until :meth:`end_task`
+        (on a terminal: one line whose clock runs)."""
         with self._lock:
+            self._close_bar(keep=True)
+            if self.bar_mode:
+                from tqdm import tqdm
+                self._bar = tqdm(total=None, desc=text, bar_format="{desc} ({elapsed})", leave=True,
+                                 file=self.stream, dynamic_ncols=True)
+            else:
+                self.write(text)
             self.task = text
             self._update_start = time.monotonic()
 
     def end_task(self) -> None:
         with self._lock:
+            self._close_bar(keep=True)
             self.task = None
 
     def start_update(self, update: int) -> None:
         with self._lock:
+            if self.task is not None:
+                self._close_bar(keep=True)
             self.task = None
             self.update = int(update)
             self._update_start = time.monotonic()
@@ -139,11 +149,11 @@ class UpdateProgress:
         """Print ``line`` (on stderr with ``err``) above the bar, and hand it to ``echo``."""
         with self._lock:
             stream = sys.stderr if err else self.stream
-            if self._bar is not None:
-                self._bar.clear()
-            print(line, file=stream, flush=True)
-            if self._bar is not None:
-                self._bar.refresh()
+            if self._bar is not None:  # tqdm clears the bar, prints the line, redraws the bar below
+                self._bar.write(line, file=stream)
+                stream.flush()
+            else:
+                print(line, file=stream, flush=True)
             self._last_output = time.monotonic()
         if self.echo is not None:
             self.echo(line)
@@ -194,6 +204,8 @@ class UpdateProgress:
         from tqdm import tqdm
         verb, unit = PHASES[self.phase]
         desc = f"{self._head()} {verb}"
+        if self._bar is not None and self._bar.total is None:  # a task's line: it stays
+            self._close_bar(keep=True)
         if self._bar is None:
             self._bar = tqdm(total=self.total, desc=desc, unit=" " + unit.split()[-1], leave=False,
                              file=self.stream, dynamic_ncols=True, mininterval=0.5)
@@ -225,8 +237,9 @@ class UpdateProgress:
             return "update"
         return f"update {self.update:,}/{self.total_updates:,}"
 
-    def _close_bar(self) -> None:
-        if self._bar is not None:
+    def _close_bar(self, keep: bool = False) -> None:
+        """Close the bar; ``keep`` only closes a task's line (it stays on the screen)."""
+        if self._bar is not None and (not keep or self._bar.total is None):
             self._bar.close()
             self._bar = None
 
@@ -246,9 +259,7 @@ class UpdateProgress:
                             self._bar.refresh()
                             last_refresh = now
                         continue
-                    # (a task shows no bar: plain lines on a terminal too, less often)
-                    every = self.interval if not self.bar_mode else (None if self.update else 10.0)
-                    if every is None or now - self._last_output < every:
+                    if self.bar_mode or now - self._last_output < self.interval:
                         continue
                     line = self.status()
                 self.write(line)

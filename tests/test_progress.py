@@ -55,6 +55,8 @@ def test_bar_on_a_terminal():
     out = io.StringIO()
     p = UpdateProgress(3, stream=out, bar=True)
     try:
+        p.start_task("starting 4 envs")  # a line whose clock runs, kept when the next one starts
+        wait_for(out, "starting 4 envs (00:0")
         p.start_update(1)
         p.start_phase("collect", 100)
         p.advance(40)
