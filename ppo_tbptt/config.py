@@ -472,6 +472,9 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"run.device: must be auto, cpu, cuda or cuda:N, got {r.device!r}")
     if r.torch_threads < 0:
         p.append(f"run.torch_threads: must be >= 0, got {r.torch_threads}")
+    if r.name and (r.name in (".", "..") or any(c in r.name for c in "/\\\0") or r.name != r.name.strip()):
+        p.append(f"run.name: a prefix of the run folder's name must not leave run.out_dir or nest "
+                 f"folders (no '/' or '\\', not '.' or '..'), got {r.name!r}")
     if r.eval_every > 0:
         n_eval = e.eval_seeds[1] - e.eval_seeds[0]
         if r.eval_episodes < 1:
