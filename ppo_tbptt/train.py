@@ -28,6 +28,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", type=device_arg, default=None,
                    help=f"training device: {DEVICE_HELP} (overrides run.device)")
     p.add_argument("--run-name", default=None, help="run folder name under run.out_dir (must not exist)")
+    p.add_argument("--exact", action="store_true",
+                   help="train --config as it is on a machine without CUDA too (by default a config with "
+                        "run.cpu_config, such as the published mortar_mayhem_grid.yaml, trains that reduced "
+                        "CPU config instead when run.device is auto and there is no GPU)")
     p.add_argument("--list-configs", action="store_true", help="list the shipped configs and exit")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config (--config or --resume, with --set) as YAML and exit "
@@ -164,6 +168,24 @@ def list_configs() -> str:
     return "\n".join(lines)
 
 
+def substitute_for_cpu(name: str, cfg, device, overrides: list[str], exact: bool):
+    """``(config name, cfg, note)``: ``run.cpu_config`` in place of ``name`` where ``run.device`` is
+    ``auto``, there is no CUDA device and ``--exact`` was not given; ``note`` says what happened
+    and why (None when nothing was substituted)."""
+    if exact or not cfg.run.cpu_config or cfg.run.device != "auto" or device.type != "cpu":
+        return name, cfg, None
+    sub = cfg.run.cpu_config
+    sub_path = resolve_path(sub)
+    about = next((line.lstrip("#").strip() for line in sub_path.read_text().splitlines()
+                  if line.startswith("#")), "")
+    new = load(sub, overrides)
+    note = (f"no CUDA device: training {sub_path.name} instead of {resolve_path(name).name} (its "
+            f"run.cpu_config). {about}\n"
+            f"The published GPU settings train at a few hundred steps/s on a CPU and need days here; "
+            f"add --exact to train {resolve_path(name).name} as it is.")
+    return sub, new, note
+
+
 def print_config(args, overrides: list[str]) -> int:
     """``--print-config``: the config a run (or a resume) would use, as YAML; nothing is trained."""
     from .checkpoint import CheckpointError
@@ -175,13 +197,16 @@ def print_config(args, overrides: list[str]) -> int:
             head = [f"# the config of a resume of {args.resume} from {plan.path} (step {plan.steps_done:,})"]
             head += [f"# note: {line}" for line in plan.notes] + [f"# warning: {line}" for line in plan.warnings]
         else:
-            cfg = load(args.config, overrides)
-            head = [f"# {resolve_path(args.config)}" + (" with " + " ".join(f"--set {o}" for o in overrides)
-                                                        if overrides else "")]
+            cfg, device = config_and_device(args.config, overrides)
+            name, cfg, note = substitute_for_cpu(args.config, cfg, device, overrides, args.exact)
+            head = [f"# {resolve_path(name)}" + (" with " + " ".join(f"--set {o}" for o in overrides)
+                                                 if overrides else "")]
+            if note:
+                head += [f"# {line}" for line in note.splitlines()]
     except ConfigError as exc:
         print(f"error: {'; '.join(exc.problems)}", file=sys.stderr)
         return 2
-    except CheckpointError as exc:
+    except (CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print("\n".join(head))
@@ -203,10 +228,13 @@ def main(argv=None) -> int:
         return resume(args, overrides)
     try:
         cfg, device = config_and_device(args.config, overrides)
+        name, cfg, note = substitute_for_cpu(args.config, cfg, device, overrides, args.exact)
     except ValueError as exc:  # ConfigError, or cuda asked for where there is none
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    prefix = cfg.run.name or resolve_path(args.config).stem
+    if note:
+        print(note, flush=True)
+    prefix = cfg.run.name or resolve_path(name).stem
     try:
         run_dir = make_run_dir(cfg.run.out_dir, args.run_name, prefix, cfg.run.seed)
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))

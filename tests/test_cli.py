@@ -238,3 +238,43 @@ def test_print_config_shows_the_resolved_config_without_training(tmp_path, capsy
     text = capsys.readouterr().out
     assert "# note: run.total_steps 64 -> 128" in text and yaml.safe_load(text)["ppo"]["lr"]["steps"] == 64
     assert [p.name for p in (tmp_path / "r" / "checkpoints").iterdir()] == ["step_000000000064.pt"]
+
+
+def test_published_grid_configs_train_their_cpu_variant_without_cuda(capsys, monkeypatch):
+    """Without CUDA, `--config mortar_mayhem_grid.yaml` (run.device auto) resolves to its
+    run.cpu_config and says so; --exact or an explicit --device cpu keep the config as it is."""
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name, sub in (("mortar_mayhem_grid.yaml", "mortar_mayhem_grid_cpu.yaml"),
+                      ("mystery_path_grid.yaml", "mystery_path_grid_cpu.yaml")):
+        assert train_cli.main(["--config", name, "--print-config"]) == 0
+        out = capsys.readouterr().out
+        assert f"no CUDA device: training {sub} instead of {name}" in out and "--exact" in out
+        assert "downsample: 4" in out and "hidden_size: 256" in out
+        for extra in (["--exact"], ["--device", "cpu"]):
+            assert train_cli.main(["--config", name, "--print-config", *extra]) == 0
+            out = capsys.readouterr().out
+            assert "no CUDA device" not in out and "hidden_size: 512" in out
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert train_cli.main(["--config", "mortar_mayhem_grid.yaml", "--print-config"]) == 0
+    assert "hidden_size: 512" in capsys.readouterr().out  # with a GPU: the published settings
+
+
+def test_cpu_substitute_trains_and_names_itself(tmp_path, capsys, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code = train_cli.main(["--config", "mortar_mayhem_grid", "--set", f"run.out_dir={tmp_path}",
+                           "--set", "env.num_envs=2", "--set", "env.vector=serial", "--set", "ppo.rollout_steps=16",
+                           "--set", "ppo.minibatches=1", "--set", "run.total_steps=32", "--set", "run.eval_every=0",
+                           "--set", "run.torch_threads=1", "--run-name", "sub"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert out.index("no CUDA device: training mortar_mayhem_grid_cpu.yaml") < out.index("run folder:")
+    saved = (tmp_path / "sub" / "config.yaml").read_text()
+    assert "downsample: 4" in saved and "command_count" in saved
+
+
+def test_a_cpu_config_that_does_not_exist_is_a_config_error():
+    from ppo_tbptt import config as C
+    with pytest.raises(C.ConfigError, match="run.cpu_config"):
+        C.load("cue_recall", ["run.cpu_config=nope.yaml"])
