@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cli import DEVICE_HELP, add_common, device_arg
 from .config import Config
 from .envs.vector import PendingSteps, StepResult, deliver_obs, split_evenly
 
@@ -367,12 +368,14 @@ def format_compare(report: dict) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m ppo_tbptt.benchmark", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m ppo_tbptt.benchmark",
+                                description="Throughput on this machine, side by side: the env-only ceiling, "
+                                            "collection with the policy, end-to-end training.")
     p.add_argument("--config", required=True, help="config name in configs/ or a path")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config field (repeatable), e.g. --set env.num_envs=8")
     p.add_argument("--seconds", type=float, default=20.0, help="seconds per measurement (default 20)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="overrides run.device")
+    p.add_argument("--device", type=device_arg, default=None, help=f"{DEVICE_HELP} (overrides run.device)")
     p.add_argument("--no-baselines", action="store_true", help="skip the gymnasium AsyncVectorEnv rows")
     p.add_argument("--only", default="", help="comma-separated subset: " + ", ".join(MEASUREMENTS))
     p.add_argument("--sweep", default="", metavar="NxT,...",
@@ -384,6 +387,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="instead: end-to-end training as this many torchrun ranks each, e.g. 1,2 "
                         "(env.num_envs in all, split over the ranks; see ppo_tbptt.benchmark_ranks)")
     p.add_argument("--json", default=None, metavar="OUT.json", help="also write the figures as JSON")
+    add_common(p)
     args = p.parse_args(argv)
     if args.seconds <= 0:
         p.error("--seconds must be > 0")

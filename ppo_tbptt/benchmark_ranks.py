@@ -48,8 +48,9 @@ def measure(config: str, overrides: list[str], world: int, seconds: float, log=p
     with tempfile.TemporaryDirectory(prefix="ppo_tbptt_ranks_") as tmp:
         sets = [*overrides, "run.total_steps=1000000000000", f"run.max_seconds={seconds}",
                 "run.checkpoint_every=0", "run.eval_every=0", f"run.out_dir={tmp}"]
+        # --exact: the config as given, not its run.cpu_config substitute on a machine without CUDA
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-               "-m", "ppo_tbptt.train", "--config", config, "--run-name", "bench",
+               "-m", "ppo_tbptt.train", "--config", config, "--exact", "--run-name", "bench",
                *[a for s in sets for a in ("--set", s)]]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             [str(PACKAGE_ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))

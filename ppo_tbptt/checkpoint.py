@@ -21,6 +21,7 @@ def atomic_save(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() gives the run's other files
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -32,6 +33,12 @@ def atomic_save(obj, path: Path) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:

@@ -217,6 +217,11 @@ class RunConfig:
     """Evaluate on held-out ``env.eval_seeds`` every this many env steps (<= 0: never)."""
     eval_episodes: int = 32
     """Episodes per periodic evaluation (one level seed each, the first seeds of ``env.eval_seeds``)."""
+    cpu_config: str = ""
+    """A config to train instead when ``run.device`` is ``auto`` and no CUDA device is present
+    (the same ``--set`` overrides apply to it): the published GPU configs of the grid envs name a
+    reduced task that learns in minutes on a CPU. ``train --exact`` trains this config as it is;
+    an explicit ``--device cpu`` does too. Empty: no substitute."""
     max_seconds: float = 0.0
     """Wall-clock budget of one training process, counted from its first update (env start-up
     and a resume's replay come before): after the update that reaches it (and that update's
@@ -470,8 +475,16 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"run.total_steps: must be >= 1, got {r.total_steps}")
     if not (r.device in ("auto", "cpu", "cuda") or r.device.startswith("cuda:")):
         p.append(f"run.device: must be auto, cpu, cuda or cuda:N, got {r.device!r}")
+    if r.cpu_config:
+        try:
+            resolve_path(r.cpu_config)
+        except ConfigError as exc:
+            p.append(f"run.cpu_config: {exc.problems[0]}")
     if r.torch_threads < 0:
         p.append(f"run.torch_threads: must be >= 0, got {r.torch_threads}")
+    if r.name and (r.name in (".", "..") or any(c in r.name for c in "/\\\0") or r.name != r.name.strip()):
+        p.append(f"run.name: a prefix of the run folder's name must not leave run.out_dir or nest "
+                 f"folders (no '/' or '\\', not '.' or '..'), got {r.name!r}")
     if r.eval_every > 0:
         n_eval = e.eval_seeds[1] - e.eval_seeds[0]
         if r.eval_episodes < 1:

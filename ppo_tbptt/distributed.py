@@ -27,7 +27,11 @@ checkpoints and evaluates; it gathers the other ranks' episode statistics and ch
 
 A rank that dies ends the others: the collective that waits for it fails (gloo notices the closed
 connection at once; a rank that hangs is given up on after :data:`TIMEOUT_ENV` seconds) and raises
-:class:`RankLost`, and torchrun stops the remaining ranks of a failed group.
+:class:`RankLost`, and torchrun stops the remaining ranks of a failed group. An env that keeps
+failing on one rank ends that rank the same way (the trainer's EnvFailure, without saving: the
+ranks keep no update-boundary copy, which would cost every update a gather of every rank's state),
+so the last periodic checkpoint is what a resume continues from. Signals, by contrast, are agreed
+on after each update (:meth:`Distributed.agree`), and all ranks save one checkpoint together.
 """
 from __future__ import annotations
 
@@ -392,9 +396,8 @@ class Distributed:
         out["distributed"] = {"world_size": self.world_size, "ranks": parts}
         return out
 
-    def rank_state(self, state: dict, path) -> dict:
-        """``state`` (a checkpoint) as this rank restores it: its own :data:`RANK_KEYS` parts.
-        Raises CheckpointError if the checkpoint was written by a run of another world size."""
+    def check_world_size(self, state: dict, path) -> None:
+        """Raise CheckpointError if ``state`` (a checkpoint) was written by a run of another world size."""
         from .checkpoint import CheckpointError
         saved = state.get("distributed")
         saved_world = 1 if saved is None else int(saved["world_size"])
@@ -406,6 +409,12 @@ class Distributed:
                 f"checkpoint {path}: written by a run of {saved_world} process{'es' if saved_world != 1 else ''} "
                 f"(ranks), this one has {self.world_size}: each rank's envs, recurrent state and random "
                 f"streams are in the checkpoint, so resume with the same number: {how} ...")
+
+    def rank_state(self, state: dict, path) -> dict:
+        """``state`` (a checkpoint) as this rank restores it: its own :data:`RANK_KEYS` parts.
+        Raises CheckpointError if the checkpoint was written by a run of another world size."""
+        self.check_world_size(state, path)
+        saved = state.get("distributed")
         if saved is None:
             return state
         out = dict(state)

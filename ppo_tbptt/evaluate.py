@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from .cli import DEVICE_HELP, add_common, device_arg
 from .config import ConfigError, from_dict
 from .evaluation import evaluate_policy, overlap, seeds_from_range
 from .utils import format_duration, resolve_device
@@ -31,7 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="half-open level seed range (default: the config's held-out env.eval_seeds)")
     p.add_argument("--deterministic", action="store_true",
                    help="take the most probable action (default: sample from the policy)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
+    p.add_argument("--device", type=device_arg, default="auto",
+                   help=f"{DEVICE_HELP} (default auto, as for training)")
     p.add_argument("--num-envs", type=int, default=None, help="envs stepped side by side (default: config's)")
     p.add_argument("--sample-seed", type=int, default=0, help="seed of the action sampler (default 0)")
     p.add_argument("--json", default=None, metavar="OUT.json", help="write the figures and the seeds used")
@@ -39,6 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--video-episodes", type=int, default=3, help="episodes in the GIF (default 3)")
     p.add_argument("--fps", type=float, default=6.0, help="GIF frames per second (default 6)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_common(p)
     return p.parse_args(argv)
 
 

@@ -110,7 +110,9 @@ def truncate_jsonl(path: Path, max_step: int) -> int:
 
 
 def progress_line(update: int, total_updates: int, step: int, total_steps: int, sps: float,
-                  scalars: dict, elapsed: float) -> str:
+                  scalars: dict, elapsed: float, update_seconds: float | None = None) -> str:
+    """The line printed after each update. ``total_steps``: the steps the run will have trained
+    when it ends (whole updates). ``update_seconds``: the expected time per update, if known."""
     ret = scalars.get("charts/episodic_return")
     succ = scalars.get("charts/success")
     eta = (total_steps - step) / sps if sps > 0 else float("inf")
@@ -118,10 +120,61 @@ def progress_line(update: int, total_updates: int, step: int, total_steps: int, 
              f"SPS {sps:,.0f}",
              f"return {ret:.3f}" if ret is not None else "return -",
              f"success {succ:.2f}" if succ is not None else "success -",
-             f"kl {scalars.get('losses/approx_kl', float('nan')):.4f}",
-             f"elapsed {format_duration(elapsed)}", f"ETA {format_duration(eta)}"]
+             f"kl {scalars.get('losses/approx_kl', float('nan')):.4f}"]
+    if update_seconds is not None:
+        parts.append(f"{update_seconds:.1f} s/update")
+    parts += [f"elapsed {format_duration(elapsed)}", f"ETA {format_duration(eta)}"]
+    return " | ".join(parts)
+
+
+def eval_line(step: int, scalars: dict) -> str:
+    """The console line of a periodic evaluation (``eval/*`` scalars)."""
+    n = scalars.get("eval/episodes")
+    parts = [f"eval at step {step:,}" + (f" ({n:.0f} held-out episodes)" if n is not None else "")]
+    if scalars.get("eval/success") is not None:
+        lo, hi = scalars.get("eval/success_low"), scalars.get("eval/success_high")
+        ci = f" (95% CI {lo:.2f}-{hi:.2f})" if lo is not None and hi is not None else ""
+        parts.append(f"success {scalars['eval/success']:.3f}{ci}")
+    if scalars.get("eval/return") is not None:
+        parts.append(f"return {scalars['eval/return']:.3f}")
+    if scalars.get("eval/length") is not None:
+        parts.append(f"length {scalars['eval/length']:.1f}")
+    if "eval/best" in scalars:
+        parts.append("new best: checkpoints/best.pt")
     return " | ".join(parts)
 
 
 def console(line: str) -> None:
     print(line, file=sys.stdout, flush=True)
+
+
+LOG_NAME = "train.log"
+
+
+class RunLog:
+    """``train.log`` in the run folder: the lines the trainer prints (not the progress bar), each
+    with a time stamp; a resumed run appends to it."""
+
+    def __init__(self, run_dir: Path):
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        self._f = open(Path(run_dir) / LOG_NAME, "a", buffering=1)
+
+    def write(self, text: str) -> None:
+        if self._f.closed:
+            return
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        self._f.write("".join(f"{stamp} {line}\n" for line in text.splitlines() or [""]))
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def append_log(run_dir: Path, text: str) -> None:
+    """Add ``text`` to ``run_dir``'s ``train.log`` (if the folder exists; never raises)."""
+    try:
+        if Path(run_dir).is_dir():
+            log = RunLog(run_dir)
+            log.write(text)
+            log.close()
+    except OSError:
+        pass

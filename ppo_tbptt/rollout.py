@@ -112,6 +112,9 @@ class Collector:
         self.episode_start = torch.ones(self.N, dtype=torch.bool, device=device)
         self._next_state: dict[int, RecurrentState] = {}
         self.wait_seconds = 0.0  # time spent waiting for env steps (not hidden behind the policy)
+        # Optional: called after each of a rollout's T steps with the env steps sent so far
+        # ((t + 1) x N), for progress feedback; it may raise to abandon the rollout.
+        self.progress = None
 
     def get_state(self) -> dict:
         """What carries over between rollouts: env states, last obs, recurrent state, episode starts."""
@@ -222,6 +225,8 @@ class Collector:
                 if t > 0:
                     self._receive(t - 1, g, sl, episodes)
                 self._act(t, g, sl)
+            if self.progress is not None:
+                self.progress((t + 1) * self.N)
         for g, sl in enumerate(self.groups):
             self._receive(self.T - 1, g, sl, episodes)
         buf.bootstrap_value.copy_(self.model.value(self.obs, self.state))

@@ -15,6 +15,7 @@ import math
 import sys
 from pathlib import Path
 
+from .cli import add_common
 from .logger import read_metrics
 
 
@@ -88,10 +89,13 @@ def format_table(summary: list[dict], every: float) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ppo_tbptt.summary", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m ppo_tbptt.summary",
+                                description="A run's progress as a text table: one row per interval of "
+                                            "training time (env steps, steps/s, success, return, eval).")
     p.add_argument("run", help="run folder (or its metrics.jsonl)")
     p.add_argument("--every", type=float, default=60.0, help="interval of training time in seconds (default 60)")
     p.add_argument("--json", default=None, metavar="OUT.json", help="also write the rows as JSON")
+    add_common(p)
     args = p.parse_args(argv)
     try:
         summary = summarize(read_metrics(Path(args.run)), args.every)

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from .cli import DEVICE_HELP, add_common, device_arg
 from .config import ConfigError, dump_yaml, load, resolve_path
 
 
@@ -28,10 +29,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="continue the run in RUN_DIR from its latest checkpoint (config from the checkpoint)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config field (repeatable), e.g. --set ppo.lr=3e-4 --set env.kwargs.delay=12")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
-                   help="training device (overrides run.device)")
+    p.add_argument("--device", type=device_arg, default=None,
+                   help=f"training device: {DEVICE_HELP} (overrides run.device)")
     p.add_argument("--run-name", default=None, help="run folder name under run.out_dir (must not exist)")
+    p.add_argument("--exact", action="store_true",
+                   help="train --config as it is on a machine without CUDA too (by default a config with "
+                        "run.cpu_config, such as the published mortar_mayhem_grid.yaml, trains that reduced "
+                        "CPU config instead when run.device is auto and there is no GPU)")
+    p.add_argument("--list-configs", action="store_true", help="list the shipped configs and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (--config or --resume, with --set) as YAML and exit "
+                        "without training")
+    add_common(p)
     args = p.parse_args(argv)
+    if args.list_configs:
+        return args
     if (args.config is None) == (args.resume is None):
         p.error("give exactly one of --config (new run) or --resume RUN_DIR")
     if args.resume and args.run_name:
@@ -47,9 +59,21 @@ def config_and_device(config: str, overrides: list[str]):
     return cfg, resolve_device(cfg.run.device)
 
 
+def check_folder_name(what: str, name: str) -> None:
+    """A run name must be one folder name: nothing that leaves run.out_dir or nests folders."""
+    bad = (not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name
+           or name != name.strip())
+    if bad:
+        raise ValueError(f"{what} {name!r}: must be a single folder name inside run.out_dir "
+                         "(no '/' or '\\', not '.' or '..', no leading or trailing spaces)")
+
+
 def make_run_dir(out_dir: str, run_name: str | None, default_prefix: str, seed: int) -> Path:
+    """Create the run folder ``out_dir/run_name`` (default name: prefix, seed, start time).
+    Raises ValueError with the message to print (an existing run, a folder that cannot be made)."""
     root = Path(out_dir)
-    if run_name:
+    if run_name is not None:
+        check_folder_name("--run-name", run_name)
         path = root / run_name
         if path.exists():
             raise FileExistsError(f"run folder {path} already exists; choose another --run-name")
@@ -59,7 +83,13 @@ def make_run_dir(out_dir: str, run_name: str | None, default_prefix: str, seed: 
         while path.exists():
             i += 1
             path = root / f"{base}-{i}"
-    path.mkdir(parents=True)
+    try:
+        path.mkdir(parents=True)
+    except OSError as exc:  # a file where a folder should be, no permission, an unreachable parent
+        blocker = next((p for p in [root, *root.parents] if p.exists()), None)
+        why = (f"{blocker} is a file, not a folder" if blocker is not None and not blocker.is_dir()
+               else exc.strerror or type(exc).__name__)
+        raise ValueError(f"run.out_dir={out_dir!r}: cannot create the run folder {path}: {why}") from None
     return path
 
 
@@ -73,8 +103,21 @@ def resume(args, overrides: list[str], dist=None) -> int:
               f"{run_dir.parent.parent if run_dir.parent.name == 'checkpoints' else run_dir.parent}",
               file=sys.stderr)
         return 2
+    from .resume import plan_resume
     try:
-        trainer = Trainer.from_run(run_dir, None, overrides, dist=dist)
+        plan = plan_resume(run_dir, overrides, dist)  # (with ranks: rank 0 reads, the others receive)
+        done, total = plan.steps_done, plan.cfg.run.total_steps
+        if done >= total:  # (every rank has the same plan: all return the same code, rank 0 says why)
+            again = f"python -m ppo_tbptt.train --resume {run_dir} --set run.total_steps=N"
+            if total == plan.previous.run.total_steps:  # a finished run, resumed as it is
+                if dist is None or dist.is_main:
+                    print(f"nothing to train: {run_dir} has trained {done:,} env steps of its run.total_steps "
+                          f"{total:,}; to train further: {again} (N > {done:,})", flush=True)
+                return 0
+            print(f"error: run.total_steps={total:,} is not above the {done:,} env steps {run_dir} has "
+                  f"trained already; to train further: {again} with N > {done:,}", file=sys.stderr)
+            return 2
+        trainer = Trainer.from_plan(plan, dist=dist)
     except ConfigError as exc:
         print(f"error: {'; '.join(exc.problems)}", file=sys.stderr)
         return 2
@@ -92,22 +135,116 @@ def _ranks(dist) -> str:
 
 
 def run(trainer) -> int:
-    from .trainer import TrainingDiverged
+    from .logger import append_log
+    from .trainer import EnvFailure, TrainingDiverged
     try:
         trainer.train()
     except KeyboardInterrupt:
         print("stopped at once (second signal); the last checkpoint on disk is intact", file=sys.stderr)
+        if trainer.dist.is_main:
+            append_log(trainer.run_dir, "stopped at once (second signal)")
         return 130
-    except TrainingDiverged as exc:
+    except (TrainingDiverged, EnvFailure) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        details = getattr(exc, "details", "")
+        # (a diverged update is seen by every rank alike: rank 0 records it; an env fails on one rank)
+        if trainer.dist.is_main or isinstance(exc, EnvFailure):
+            append_log(trainer.run_dir, f"error: {exc}" + (f"\n{details}" if details else ""))
         return 1
     if trainer.interrupted is not None:
         return 128 + trainer.interrupted
     return 0
 
 
+def list_configs() -> str:
+    """The shipped configs, one line each: name, env, layout, length, the file's first comment."""
+    from .config import CONFIG_DIR
+    rows = []
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        about = next((line.lstrip("#").strip() for line in path.read_text().splitlines()
+                      if line.startswith("#")), "")
+        try:
+            c = load(str(path))
+            what = (f"{c.env.id}, {c.env.num_envs} envs x {c.ppo.rollout_steps} steps, "
+                    f"{c.model.core.upper()} {c.model.hidden_size}, {c.run.total_steps:,} env steps")
+        except ConfigError as exc:
+            what = f"invalid: {exc.problems[0]}"
+        rows.append((path.name, what, about))
+    if not rows:
+        return f"no configs in {CONFIG_DIR}"
+    width = max(len(r[0]) for r in rows)
+    lines = [f"configs in {CONFIG_DIR} (--config NAME; --print-config shows one resolved):"]
+    for name, what, about in rows:
+        lines.append(f"  {name:<{width}}  {what}")
+        if about:
+            lines.append(f"  {'':<{width}}  {about}")
+    return "\n".join(lines)
+
+
+def substitute_for_cpu(name: str, cfg, device, overrides: list[str], exact: bool):
+    """``(config name, cfg, note)``: ``run.cpu_config`` in place of ``name`` where ``run.device`` is
+    ``auto``, there is no CUDA device and ``--exact`` was not given; ``note`` says what happened
+    and why (None when nothing was substituted)."""
+    if exact or not cfg.run.cpu_config or cfg.run.device != "auto" or device.type != "cpu":
+        return name, cfg, None
+    sub = cfg.run.cpu_config
+    sub_path = resolve_path(sub)
+    about = next((line.lstrip("#").strip() for line in sub_path.read_text().splitlines()
+                  if line.startswith("#")), "")
+    new = load(sub, overrides)
+    note = (f"no CUDA device: training {sub_path.name} instead of {resolve_path(name).name} (its "
+            f"run.cpu_config). {about}\n"
+            f"The published GPU settings train at a few hundred steps/s on a CPU and need days here; "
+            f"add --exact to train {resolve_path(name).name} as it is.")
+    return sub, new, note
+
+
+def print_config(args, overrides: list[str]) -> int:
+    """``--print-config``: the config a run (or a resume) would use, as YAML; nothing is trained."""
+    from .checkpoint import CheckpointError
+    try:
+        if args.resume:
+            from .resume import plan_resume
+            plan = plan_resume(Path(args.resume), overrides)
+            cfg = plan.cfg
+            head = [f"# the config of a resume of {args.resume} from {plan.path} (step {plan.steps_done:,})"]
+            head += [f"# note: {line}" for line in plan.notes] + [f"# warning: {line}" for line in plan.warnings]
+        else:
+            cfg, device = config_and_device(args.config, overrides)
+            name, cfg, note = substitute_for_cpu(args.config, cfg, device, overrides, args.exact)
+            head = [f"# {resolve_path(name)}" + (" with " + " ".join(f"--set {o}" for o in overrides)
+                                                 if overrides else "")]
+            if note:
+                head += [f"# {line}" for line in note.splitlines()]
+    except ConfigError as exc:
+        print(f"error: {'; '.join(exc.problems)}", file=sys.stderr)
+        return 2
+    except (CheckpointError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(head))
+    print(dump_yaml(cfg), end="")
+    return 0
+
+
+def _launched_rank() -> int:
+    """This process's RANK under torchrun (0 for a plain process), read without joining the group."""
+    import os
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.list_configs or args.print_config:  # nothing to train: no process group (rank 0 prints)
+        if _launched_rank() != 0:
+            return 0
+        if args.list_configs:
+            print(list_configs())
+            return 0
+        return print_config(args, _overrides(args))
     from .distributed import Distributed, RankLost
     try:  # one rank of a torchrun group, or a plain single process
         dist = Distributed.from_environment()
@@ -123,21 +260,30 @@ def main(argv=None) -> int:
         dist.close()
 
 
-def train_main(args, dist) -> int:
-    """:func:`main` once this process knows its rank (``dist``)."""
+def _overrides(args) -> list[str]:
     overrides = list(args.overrides)
     if args.device:
         overrides.append(f"run.device={args.device}")
+    return overrides
+
+
+def train_main(args, dist) -> int:
+    """:func:`main` once this process knows its rank (``dist``; :data:`distributed.SINGLE` for a
+    plain run)."""
+    overrides = _overrides(args)
     if args.resume:
         return resume(args, overrides, dist)
     try:
         cfg, device = config_and_device(args.config, overrides)
+        name, cfg, note = substitute_for_cpu(args.config, cfg, device, overrides, args.exact)
         dist.check_config(cfg)  # env.num_envs is the total over the ranks
         device = dist.device(device)
     except ValueError as exc:  # ConfigError, or cuda asked for where there is none
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    prefix = cfg.run.name or resolve_path(args.config).stem
+    if note and dist.is_main:
+        print(note, flush=True)
+    prefix = cfg.run.name or resolve_path(name).stem
 
     def new_run_dir() -> str:  # (rank 0 alone: the others write nothing)
         path = make_run_dir(cfg.run.out_dir, args.run_name, prefix, cfg.run.seed)
@@ -145,8 +291,8 @@ def train_main(args, dist) -> int:
         return str(path)
 
     try:
-        run_dir = Path(dist.from_main(new_run_dir, (FileExistsError,)))
-    except FileExistsError as exc:
+        run_dir = Path(dist.from_main(new_run_dir, (FileExistsError, ValueError, OSError)))
+    except (FileExistsError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from .envs import EnvConfigError

@@ -1,8 +1,11 @@
 """One readable PPO iteration: collect -> GAE -> sequences -> epochs x minibatches."""
 from __future__ import annotations
 
+import copy
+import os
 import random
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -11,13 +14,15 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from .config import Config, ConfigError, dump_yaml, from_dict
+from .config import Config, dump_yaml
 from .distributed import SINGLE, Distributed
-from .envs import make_vector_env
+from .envs import EnvError, make_vector_env
+from .envs.pool import EnvWorkerError
 from .gae import compute_gae
-from .logger import MetricsWriter, console, progress_line
+from .logger import MetricsWriter, RunLog, eval_line, progress_line
 from .model import build_model
 from .ppo import LossCoefs, ppo_loss_from_outputs
+from .progress import UpdateProgress
 from .rollout import Collector
 from .sequences import minibatch_indices
 from .truncation import make_strategy
@@ -26,6 +31,22 @@ from .utils import seed_everything
 
 class TrainingDiverged(FloatingPointError):
     """An update produced a non-finite loss or gradient: training stops before anything is saved."""
+
+
+class EnvFailure(RuntimeError):
+    """An env kept failing (a pool gives up on a worker after repeated failures; a serial env's
+    first exception): training stopped after saving the state of the last update boundary (in a
+    data-parallel run: without saving, the last periodic checkpoint stays as it is).
+    ``details`` holds what does not fit one line (e.g. the worker's traceback)."""
+
+    def __init__(self, message: str, details: str = ""):
+        super().__init__(message)
+        self.details = details
+
+
+class _StopNow(BaseException):
+    """Raised inside an update when a signal asks to stop: the update in flight is abandoned.
+    (A BaseException, so that no ``except Exception`` on the way swallows it.)"""
 
 
 def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:
@@ -107,17 +128,37 @@ class Trainer:
         self.device = device
         self.run_dir = Path(run_dir)
         self.quiet = quiet or not self.dist.is_main
+        log = log and self.dist.is_main  # the run's files: rank 0 alone writes them
+        # feedback while starting and within each update (not with quiet)
+        self.progress: UpdateProgress | None = None if self.quiet else UpdateProgress(0)
+        self._log = RunLog(self.run_dir) if log else None  # train.log: the console's lines
         if cfg.run.torch_threads > 0:
             torch.set_num_threads(cfg.run.torch_threads)
         seed_everything(cfg.run.seed)
         env_kw = self.dist.env_kwargs(cfg.env)  # {} with one process
         self.first_env = env_kw.get("first_env", 0)
-        self.envs = make_vector_env(cfg.env, cfg.run.seed, device=device.type, **env_kw)
+        t0 = time.perf_counter()
+        local = (f" ({env_kw['num_envs']} on each of {self.dist.world_size} ranks)"
+                 if self.dist.enabled else "")
+        self._task(f"starting {cfg.env.num_envs} {cfg.env.id} envs{local} (env.vector: {cfg.env.vector})")
+        try:
+            self.envs = make_vector_env(cfg.env, cfg.run.seed, device=device.type, **env_kw)
+        except BaseException:
+            self._close_feedback()
+            raise
+        if hasattr(self.envs, "on_warning"):  # a worker pool that replaced a dead worker says so
+            self.envs.on_warning = self.warn
+        self._task(f"envs ready in {time.perf_counter() - t0:.1f} s; building the model"
+                   + (f" and restoring {resume_path}" if resume is not None else ""))
         try:
             self._build(cfg, device, log, resume, resume_path)
         except BaseException:
             self.envs.close()  # a bad checkpoint or config must not leave worker processes behind
+            self._close_feedback()
             raise
+        if self.progress is not None:
+            self.progress.end_task()
+            self.progress.total_updates = self.total_updates
 
     def _build(self, cfg: Config, device: torch.device, log: bool, resume: dict | None,
                resume_path: Path | None) -> None:
@@ -129,12 +170,14 @@ class Trainer:
                                           eps=cfg.ppo.adam_eps)
         self.collector = Collector(self.envs, self.model, cfg.ppo.rollout_steps, device,
                                    cfg.model.reset_hidden_state)
+        self.collector.progress = self._on_collect_step
         self.shuffle_gen = torch.Generator().manual_seed(cfg.run.seed)
         self.truncation = make_strategy(cfg)
         self.dist.seed_rank(cfg.run.seed, [self.shuffle_gen] + [g for g in vars(self.truncation).values()
                                                                 if isinstance(g, torch.Generator)])
         self.batch_size = cfg.ppo.rollout_steps * self.envs.num_envs * self.dist.world_size  # all ranks' steps
         self.total_updates = -(-cfg.run.total_steps // self.batch_size)
+        self.planned_steps = self.total_updates * self.batch_size  # total_steps in whole updates
         self.global_step = 0
         self.update = 0
         self.elapsed = 0.0  # training wall-clock seconds, summed over resumed segments
@@ -142,10 +185,11 @@ class Trainer:
         self.evaluator = None
         self._stop_signal: int | None = None
         self._signal_seen: int | None = None  # a data-parallel rank's signal, until the ranks agree
+        self._stop_now = False  # a signal asked to stop inside the update in flight
+        self._answered = False  # the signal's message is out
         self.time_limited = False  # train() stopped at run.max_seconds
         if resume is not None:
             self.load_state_dict(resume, resume_path or "checkpoint")
-        log = log and self.dist.is_main
         self.writer = MetricsWriter(self.run_dir, resume_step=self.global_step if resume else None) if log else None
         if self.writer is not None:
             self.writer.text("config", "```\n" + dump_yaml(cfg) + "\n```")
@@ -156,25 +200,28 @@ class Trainer:
         """Continue the run in ``run_dir`` from its latest checkpoint (config from the checkpoint).
 
         ``overrides`` (``section.key=value``) may change e.g. ``run.total_steps``; ``device`` None
-        resolves ``run.device``. Raises CheckpointError or ConfigError with a one-line reason."""
-        from .config import apply_overrides
+        resolves ``run.device``. Raises CheckpointError or ConfigError with a one-line reason
+        (see :func:`resume.plan_resume`; with ``dist``, rank 0 reads the checkpoint and sends it to
+        the other ranks)."""
+        from .resume import plan_resume
+        return cls.from_plan(plan_resume(run_dir, overrides, dist=kw.get("dist")), device, **kw)
+
+    @classmethod
+    def from_plan(cls, plan, device: torch.device | None = None, **kw) -> "Trainer":
+        """The trainer of a :class:`resume.ResumePlan`."""
         from .utils import resolve_device
-        path, state = (kw.get("dist") or SINGLE).load_latest(run_dir)  # (read by rank 0 alone)
-        raw, problems = apply_overrides(state["config"], overrides)
-        if problems:
-            raise ConfigError(problems)
-        try:
-            cfg = from_dict(raw)
-        except ConfigError as exc:
-            raise ckpt.CheckpointError(f"checkpoint {path}: config invalid: " + "; ".join(exc.problems)) from None
-        for key in ("optimizer", "rng", "shuffle_generator", "collector", "global_step", "update"):
-            if key not in state:
-                raise ckpt.CheckpointError(f"checkpoint {path}: no '{key}' entry; it holds weights only "
-                                           "and cannot resume training")
         if device is None:
-            device = resolve_device(cfg.run.device)
-        trainer = cls(cfg, run_dir, device, resume=state, resume_path=path, **kw)
-        trainer.resumed_from = path
+            device = resolve_device(plan.cfg.run.device)
+        trainer = cls(plan.cfg, plan.run_dir, device, resume=plan.state, resume_path=plan.path, **kw)
+        trainer.resumed_from = plan.path
+        if kw.get("log", True) and trainer.dist.is_main:
+            from .resume import record_config
+            record_config(plan.run_dir, plan.cfg)  # the run folder records what the run now uses
+        for line in plan.notes:
+            trainer.say(f"note: {line}")
+        if trainer.dist.is_main:  # (every rank has the same plan)
+            for line in plan.warnings:
+                trainer.warn(line)
         return trainer
 
     # ---- schedules ------------------------------------------------------------------------------
@@ -196,6 +243,8 @@ class Trainer:
         t0 = time.perf_counter()
         wait0 = self.collector.wait_seconds
         self.model.eval()
+        if self.progress is not None:
+            self.progress.start_phase("collect", self.batch_size)
         rollout, episodes = self.collector.collect()
         episodes = self.dist.gather_episodes(episodes, self.first_env)  # all ranks' on rank 0
         self.global_step += self.batch_size
@@ -215,6 +264,8 @@ class Trainer:
         count = 0
         first_kl = None
         finite = torch.ones((), dtype=torch.bool, device=self.device)  # checked once, after the epochs
+        if self.progress is not None:
+            self.progress.start_phase("learn", cfg.ppo.epochs * cfg.ppo.minibatches)
         for epoch in range(cfg.ppo.epochs):
             self.truncation.before_epoch(self.model, rollout, batch, epoch)
             for mb_idx in minibatch_indices(batch.num_sequences, cfg.ppo.minibatches, self.shuffle_gen):
@@ -237,6 +288,7 @@ class Trainer:
                 for k, v in out.metrics.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
+                self._on_minibatch(count)
         sums, first_kl, finite = self.dist.reduce_update(sums, first_kl, finite)
         if not bool(finite):
             raise TrainingDiverged(
@@ -328,8 +380,10 @@ class Trainer:
         try:
             if self.evaluator is None:
                 self.evaluator = Evaluator(self.cfg.env, min(self.cfg.env.num_envs, len(seeds)))
+            if self.progress is not None:
+                self.progress.start_phase("evaluate", len(seeds))
             result = self.evaluator.run(self.model, seeds, deterministic=False, device=self.device,
-                                        sample_seed=self.cfg.run.seed)
+                                        sample_seed=self.cfg.run.seed, progress=self._on_episode)
         finally:
             set_rng_states(saved, self.device)
         scalars = result.scalars("eval/")
@@ -341,9 +395,89 @@ class Trainer:
         """What "best" means: eval success, or eval return for tasks without a success flag."""
         return float(scalars.get("eval/success", scalars.get("eval/return")))
 
+    # ---- feedback and stopping inside an update -------------------------------------------------
+    def say(self, line: str, err: bool = False) -> None:
+        """A console line (not with ``quiet``), also written to the run's ``train.log``."""
+        if not self.quiet:
+            if self.progress is not None:
+                self.progress.write(line, err)
+            else:
+                print(line, file=sys.stderr if err else sys.stdout, flush=True)
+        if self._log is not None:
+            self._log.write(line)
+
+    def warn(self, message: str) -> None:
+        """A warning (also with ``quiet``, and on every rank): stderr and ``train.log``."""
+        line = f"warning: {self._rank_prefix()}{message}"
+        if self.progress is not None:
+            self.progress.write(line, err=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
+        if self._log is not None:
+            self._log.write(line)
+
+    def _task(self, text: str) -> None:
+        """A start-up step that may take a while (repeated with its seconds while it lasts)."""
+        if self.progress is not None:
+            self.progress.start_task(text)
+        elif not self.quiet:
+            print(text, flush=True)
+        if self._log is not None:
+            self._log.write(text)
+
+    def _check_stop(self) -> None:
+        if self._stop_now:
+            raise _StopNow()
+
+    def _on_collect_step(self, steps: int) -> None:
+        self._check_stop()
+        if self.progress is not None:  # (rank 0's steps stand for every rank's: the ranks step alike)
+            self.progress.advance(steps * self.dist.world_size)
+
+    def _on_minibatch(self, done: int) -> None:
+        self._check_stop()
+        if self.progress is not None:
+            self.progress.advance(done)
+
+    def _on_episode(self, done: int, total: int, episodes: list) -> None:
+        self._check_stop()
+        if self.progress is not None:
+            self.progress.advance(done)
+
+    def _rank_prefix(self) -> str:
+        return f"rank {self.dist.rank} of {self.dist.world_size}: " if self.dist.enabled else ""
+
+    def boundary_state(self) -> dict:
+        """:meth:`state_dict` at an update boundary, detached from the live model and optimizer (a
+        copy of their tensors; everything else is plain data or copies already): what a stop in
+        the middle of the next update saves. Costs a copy of the weights and Adam's moments."""
+        state = self.state_dict()
+        state["model"] = {k: v.detach().clone() for k, v in state["model"].items()}
+        state["optimizer"] = copy.deepcopy(state["optimizer"])
+        state["truncation"] = copy.deepcopy(state["truncation"])
+        return state
+
+    def _stop_at_boundary(self, boundary: dict) -> Path:
+        """Abandon the update in flight: counters, weights and optimizer back to ``boundary``, which
+        is saved as that step's checkpoint (unless one is on disk already: then it is the same)."""
+        self.global_step = int(boundary["global_step"])
+        self.update = int(boundary["update"])
+        self.elapsed = float(boundary["elapsed"])
+        self.model.load_state_dict(boundary["model"])
+        self.optimizer.load_state_dict(boundary["optimizer"])
+        path = self.run_dir / "checkpoints" / f"step_{self.global_step:012d}.pt"
+        if not path.is_file():
+            self.save_checkpoint(boundary)
+        return path
+
     # ---- signals --------------------------------------------------------------------------------
+    # One process stops at once (the update in flight is discarded, the last boundary saved). The
+    # ranks of a data-parallel run cannot: a rank that left its update would leave the others
+    # waiting in a collective, and the boundary would need every rank's part. So there a signal
+    # finishes the update, the ranks agree after it (an all-reduce of the signals seen) and all
+    # of them save one checkpoint together.
     def request_stop(self, signum: int = signal.SIGINT) -> None:
-        """Finish the current update, save a checkpoint, close the envs and return from train()."""
+        """Stop at the next update boundary: save a checkpoint, close the envs, return from train()."""
         if self.dist.enabled:  # the ranks agree on it at the end of the update (see train())
             self._signal_seen = int(signum)
         else:
@@ -353,21 +487,71 @@ class Trainer:
         if self._stop_signal is not None or self._signal_seen is not None:
             raise KeyboardInterrupt(f"second signal ({signal.Signals(signum).name}): stopping now")
         self.request_stop(signum)
-        if self.dist.is_main:
-            console(f"\n{signal.Signals(signum).name} received: finishing this update, then saving a "
-                    "checkpoint (send it again to stop at once)")
+        if not self.dist.enabled:
+            self._stop_now = True  # the update in flight stops at its next env step or minibatch
+        if self.progress is not None and not self._answered:  # (printing here could interrupt a
+            self._answered = True                              # print: the helper thread does it)
+            self.progress.notice(self._signal_notice(signum))
+
+    def _signal_notice(self, signum: int) -> str:
+        if self.dist.enabled:
+            return (f"{signal.Signals(signum).name} received: every rank finishes this update, then one "
+                    "checkpoint is saved (send it again to stop at once, without saving)")
+        learning = self.progress is not None and self.progress.phase == "learn"
+        when = "once the minibatch in progress is done" if learning else "now"
+        return (f"{signal.Signals(signum).name} received: stopping {when}; the update in flight is "
+                "discarded and the last update boundary saved (send it again to stop without saving)")
+
+    def _on_wakeup(self, signum: int) -> None:
+        """The helper thread's early view of a signal (from the wakeup fd), while the main thread
+        may still be inside a long torch call: answer at once and ask the update to stop; the
+        handler above still runs in the main thread when it can, and counts the signals."""
+        if signum not in (signal.SIGINT, signal.SIGTERM) or self._answered or self.dist.enabled:
+            return
+        self._answered = True
+        self._stop_now = True
+        if self.progress is not None:
+            self.progress.write(self._signal_notice(signum))
 
     @property
     def interrupted(self) -> int | None:
         """The signal number that stopped training early, or None."""
         return self._stop_signal
 
+    def _plan(self) -> None:
+        """Say at the start what this process will train (and that totals round to whole updates)."""
+        cfg, batch = self.cfg, self.batch_size
+        todo = max(0, self.total_updates - self.update)
+        ranks = (f", {self.dist.world_size} ranks of {self.envs.num_envs} envs" if self.dist.enabled else "")
+        self.say(f"{batch:,} env steps per update ({cfg.env.num_envs} envs x {cfg.ppo.rollout_steps} steps{ranks}), "
+                 f"{cfg.ppo.epochs} epoch{'s' if cfg.ppo.epochs != 1 else ''} x {cfg.ppo.minibatches} "
+                 f"minibatch{'es' if cfg.ppo.minibatches != 1 else ''}; {todo:,} update{'s' if todo != 1 else ''} to go "
+                 f"(env steps {self.global_step:,} -> {self.planned_steps:,})")
+        if self.planned_steps != cfg.run.total_steps:
+            what = ("is less than one update" if cfg.run.total_steps < batch
+                    else "is not a whole number of updates")
+            self.say(f"note: run.total_steps = {cfg.run.total_steps:,} {what} of {batch:,} env steps: "
+                     f"training {self.total_updates:,} update{'s' if self.total_updates != 1 else ''} = "
+                     f"{self.planned_steps:,} steps")
+
     def train(self, handle_signals: bool = True) -> dict:
-        """Train to ``run.total_steps``, or until ``run.max_seconds`` have passed (then
-        ``time_limited`` is true; a checkpoint is saved either way). SIGINT/SIGTERM (when
-        ``handle_signals`` and in the main thread): finish the update, save a checkpoint, close the
-        envs, return (see ``interrupted``); a second signal raises KeyboardInterrupt at once (the
-        envs are still closed). A non-finite loss or gradient raises TrainingDiverged (nothing saved)."""
+        """Train to ``run.total_steps`` (rounded up to whole updates), or until ``run.max_seconds``
+        have passed (then ``time_limited`` is true; a checkpoint is saved either way).
+
+        SIGINT/SIGTERM (when ``handle_signals`` and in the main thread) stop at once: the update in
+        flight (collection, learning or its evaluation) is abandoned at its next env step,
+        minibatch or episode, the state of the last update boundary (kept as a copy at the start of
+        every update) is saved as its checkpoint, the envs are closed and train() returns (see
+        ``interrupted``); a second signal raises KeyboardInterrupt at once (the envs are still
+        closed). A non-finite loss or gradient raises TrainingDiverged (nothing saved); an env that
+        keeps failing raises EnvFailure after the last update boundary is saved.
+
+        In a data-parallel run (``dist``) a signal instead finishes the update in flight on every
+        rank; the ranks agree after each update whether to stop (any rank's signal, any rank's
+        time limit), then save one checkpoint together. No update-boundary copy is kept there (it
+        would cost every update a gather of every rank's state): an env that keeps failing on one
+        rank raises EnvFailure on that rank without saving, the other ranks' next collective fails
+        (RankLost) and the last periodic checkpoint stays as it is."""
         cfg = self.cfg
         start, start_step, elapsed0 = time.time(), self.global_step, self.elapsed
         next_ckpt = next_multiple(self.global_step, cfg.run.checkpoint_every)
@@ -376,24 +560,54 @@ class Trainer:
         self.time_limited = False
         scalars: dict = {}
         old_handlers = {}
+        if self.progress is None and not self.quiet:  # (closed by an earlier train())
+            self.progress = UpdateProgress(self.total_updates)
+        if not self.quiet:
+            self._plan()
+        wakeup = None  # (read end, write end, the wakeup fd before)
         if handle_signals and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 old_handlers[sig] = signal.signal(sig, self._on_signal)
+            if self.progress is not None and not self.dist.enabled:
+                r, w = os.pipe()
+                os.set_blocking(r, False)
+                os.set_blocking(w, False)
+                wakeup = (r, w, signal.set_wakeup_fd(w, warn_on_full_buffer=False))
+                self.progress.watch_fd(r, self._on_wakeup)
         try:
             path = None
+            aborted = False
+            boundary = self._boundary_or_stop(None)  # what a stop inside the next update saves (None: ranks)
             while self.global_step < cfg.run.total_steps and self._stop_signal is None:
-                scalars = self.train_update()
-                if next_eval is not None and self.global_step >= next_eval:
-                    if self.dist.is_main:  # (the other ranks wait for its score)
-                        scalars.update(self.evaluate())
+                if self.progress is not None:
+                    self.progress.start_update(self.update + 1)
+                evaluated = False
+                try:
+                    scalars = self.train_update()
+                    if next_eval is not None and self.global_step >= next_eval:
+                        evaluated = True
+                        if self.dist.is_main:  # (the other ranks wait for its score)
+                            scalars.update(self.evaluate())
+                except _StopNow:
+                    phase = self._phase_text()
+                    if self.progress is not None:
+                        self.progress.abandon_update()
+                        self.progress.flush_notices()  # the signal's own line first
+                    path = self._stop_at_boundary(boundary)
+                    aborted = True
+                    self.say(f"stopped during update {self.update + 1:,}{phase}: that update is discarded")
+                    break
+                except (EnvWorkerError, EnvError) as exc:
+                    self._env_failure(exc, boundary)
+                update_seconds = self.progress.end_update() if self.progress is not None else None
+                new_best = False
+                if evaluated:
                     next_eval = next_multiple(self.global_step, cfg.run.eval_every)
                     score = self.dist.broadcast_object(self.eval_score(scalars) if self.dist.is_main else None)
                     if self.best_eval is None or score > self.best_eval:
                         self.best_eval = score
                         scalars["eval/best"] = score
-                        state = self.state_dict()
-                        if self.dist.is_main:
-                            ckpt.atomic_save(state, self.run_dir / "checkpoints" / "best.pt")
+                        new_best = True
                 elapsed = time.time() - start
                 self.elapsed = elapsed0 + elapsed
                 sps = (self.global_step - start_step) / max(elapsed, 1e-9)
@@ -401,11 +615,17 @@ class Trainer:
                 scalars["time/elapsed_seconds"] = self.elapsed
                 if self.writer is not None:
                     self.writer.scalars(self.global_step, scalars)
-                if not self.quiet:
-                    console(progress_line(self.update, self.total_updates, self.global_step,
-                                          cfg.run.total_steps, sps, scalars, self.elapsed))
+                self.say(progress_line(self.update, self.total_updates, self.global_step,
+                                       self.planned_steps, sps, scalars, self.elapsed, update_seconds))
+                if evaluated:
+                    self.say(eval_line(self.global_step, scalars))
+                boundary = self._boundary_or_stop(boundary)
+                if new_best:
+                    state = self.state_dict() if boundary is None else boundary  # (all ranks: a gather)
+                    if self.dist.is_main:
+                        ckpt.atomic_save(state, self.run_dir / "checkpoints" / "best.pt")
                 if next_ckpt is not None and self.global_step >= next_ckpt:
-                    path = self.save_checkpoint()
+                    path = self.save_checkpoint(boundary)
                     next_ckpt = next_multiple(self.global_step, cfg.run.checkpoint_every)
                 over = limit > 0 and time.monotonic() - clock0 >= limit
                 if self.dist.enabled:  # every rank stops after the same update (signals, clocks differ)
@@ -414,22 +634,72 @@ class Trainer:
                     self.time_limited = True
                     break
             if path is None or path.stem != f"step_{self.global_step:012d}":
-                path = self.save_checkpoint()
-            if not self.quiet:
-                if self._stop_signal is not None:
-                    console(f"interrupted at {self.global_step:,} steps; checkpoint {path}\n"
-                            f"resume with: python -m ppo_tbptt.train --resume {self.run_dir}")
-                elif self.time_limited:
-                    console(f"time limit run.max_seconds={limit:g} reached at {self.global_step:,} of "
-                            f"{cfg.run.total_steps:,} steps; checkpoint {path}\n"
-                            f"resume with: python -m ppo_tbptt.train --resume {self.run_dir}")
-                else:
-                    console(f"done: {self.global_step:,} steps in {time.time() - start:.1f}s; checkpoint {path}")
+                path = self.save_checkpoint(boundary)
+            if self._stop_signal is not None:
+                self.say(f"interrupted at {self.global_step:,} steps; checkpoint {path}"
+                         f"{' (the last update boundary)' if aborted else ''}\n"
+                         f"resume with: python -m ppo_tbptt.train --resume {self.run_dir}")
+            elif self.time_limited:
+                self.say(f"time limit run.max_seconds={limit:g} reached at {self.global_step:,} of "
+                         f"{cfg.run.total_steps:,} steps; checkpoint {path}\n"
+                         f"resume with: python -m ppo_tbptt.train --resume {self.run_dir}")
+            else:
+                self.say(f"done: {self.global_step:,} steps in {time.time() - start:.1f}s; checkpoint {path}")
         finally:
             self.close()
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
+            if wakeup is not None:
+                signal.set_wakeup_fd(wakeup[2])
+                os.close(wakeup[0])
+                os.close(wakeup[1])
         return scalars
+
+    def _boundary_or_stop(self, previous: dict | None) -> dict | None:
+        """:meth:`boundary_state` now; if the envs fail to report their states, stop as below with
+        the previous boundary. None in a data-parallel run (see :meth:`train`)."""
+        if self.dist.enabled:
+            return None
+        try:
+            return self.boundary_state()
+        except (EnvWorkerError, EnvError) as exc:
+            self._env_failure(exc, previous)
+
+    def _env_failure(self, exc: Exception, boundary: dict | None):
+        """An env failed for good: save ``boundary`` (if any) and raise EnvFailure (one line; the
+        rest of the message, e.g. a worker's traceback, goes to ``details``)."""
+        if self.progress is not None:
+            self.progress.abandon_update()
+        first, _, details = str(exc).partition("\n")
+        if self.dist.enabled:  # no boundary kept; a checkpoint would need every rank (see train())
+            files = ckpt.checkpoint_files(self.run_dir / "checkpoints")  # (if on this machine)
+            kept = (f"the last periodic checkpoint {files[-1]} is intact" if files else
+                    f"the run's periodic checkpoints (rank 0 writes them, in {self.run_dir}) are intact")
+            raise EnvFailure(f"{self._rank_prefix()}{first}; training stopped on every rank without saving: "
+                             f"{kept}; resume with the same ranks and --resume {self.run_dir}",
+                             details) from None
+        if boundary is None:
+            raise EnvFailure(f"{first}; training stopped before its first update", details) from None
+        path = self._stop_at_boundary(boundary)
+        raise EnvFailure(f"{first}; training stopped: checkpoint {path} holds the last update boundary "
+                         f"(step {self.global_step:,}); resume with: python -m ppo_tbptt.train --resume "
+                         f"{self.run_dir}", details) from None
+
+    def _phase_text(self) -> str:
+        p = self.progress
+        if p is None or p.phase is None:
+            return ""
+        from .progress import PHASES
+        verb, unit = PHASES[p.phase]
+        return f" ({verb}: {p.done:,} of {p.total:,} {unit})"
+
+    def _close_feedback(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def close(self) -> None:
         if self.evaluator is not None:
@@ -439,3 +709,4 @@ class Trainer:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        self._close_feedback()

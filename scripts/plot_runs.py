@@ -43,6 +43,16 @@ def series(rows: list[dict], tag: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return np.asarray(steps, float), np.asarray(secs, float), np.asarray(vals, float)
 
 
+def steps_label(x: float, pos=None) -> str:
+    """An env-step tick label: 950, 50k, 200k, 1.5M (raw numbers overlap from six digits on)."""
+    a = abs(x)
+    if a >= 1e6:
+        return f"{x / 1e6:.3g}M"
+    if a >= 1e3:
+        return f"{x / 1e3:.3g}k"
+    return f"{x:.3g}"
+
+
 def smooth(v: np.ndarray, window: int) -> np.ndarray:
     """Trailing moving average over up to ``window`` points (the first points average fewer)."""
     if window <= 1 or len(v) == 0:
@@ -58,6 +68,7 @@ def plot(runs: list[Path], labels: list[str], out: Path, window: int = 5, title:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter
     except ImportError:
         raise RuntimeError("plotting needs matplotlib: pip install 'ppo_tbptt[plot]'") from None
     data = [read_metrics(r) for r in runs]
@@ -80,6 +91,7 @@ def plot(runs: list[Path], labels: list[str], out: Path, window: int = 5, title:
                 ax.grid(alpha=0.3)
     for row in range(len(panels)):
         axes[row, 0].set_xlabel("env steps")
+        axes[row, 0].xaxis.set_major_formatter(FuncFormatter(steps_label))
         axes[row, 1].set_xlabel("wall-clock seconds")
     handles, names = axes[0, 0].get_legend_handles_labels()
     if not handles:

@@ -147,7 +147,22 @@ def _train_and_resume(dist, out: Path, extra: list[str]) -> None:
     part.train(handle_signals=False)
     report["interrupted"], report["stopped_at"] = part.interrupted, part.global_step
 
-    resumed = Trainer.from_run(out / "part", quiet=True, dist=dist)
+    from ppo_tbptt import checkpoint as ckpt
+    from ppo_tbptt.config import ConfigError
+    try:  # a resume's config-field checks (resume.plan_resume) hold on every rank
+        Trainer.from_run(out / "part", overrides=["env.num_envs=8"], quiet=True, dist=dist)
+        report["frozen"] = "resumed"
+    except ConfigError as exc:
+        report["frozen"] = "; ".join(exc.problems)
+    real_load = ckpt.load_checkpoint
+    if dist.rank != 0:  # rank 0 reads the checkpoint and sends it: the others never open it
+        def no_load(*a, **k):
+            raise AssertionError(f"rank {dist.rank} read a checkpoint file")
+        ckpt.load_checkpoint = no_load
+    try:
+        resumed = Trainer.from_run(out / "part", quiet=True, dist=dist)
+    finally:
+        ckpt.load_checkpoint = real_load
     report["resumed_at"] = resumed.global_step
     resumed.train(handle_signals=False)
     torch.save(resumed.model.state_dict(), out / f"params_resumed_{dist.rank}.pt")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -71,6 +72,25 @@ def test_second_signal_stops_at_once(tmp_path):
         trainer.close()
 
 
+def test_signal_seen_early_by_the_helper_thread_is_answered_once(tmp_path, capsys):
+    """The helper thread (wakeup fd) answers first and asks the update to stop; the main thread's
+    handler, running later, does not answer again, and a second signal still stops at once."""
+    trainer = Trainer(tiny_config(), tmp_path / "run", torch.device("cpu"))
+    try:
+        capsys.readouterr()
+        trainer._on_wakeup(signal.SIGINT)
+        assert trainer._stop_now and trainer.interrupted is None  # (the handler has not run yet)
+        trainer._on_wakeup(signal.SIGINT)  # the same signal's byte again, or a second press: no new line
+        trainer._on_signal(signal.SIGINT, None)
+        trainer.progress.flush_notices()
+        assert capsys.readouterr().out.count("SIGINT received: stopping now") == 1
+        assert trainer.interrupted == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            trainer._on_signal(signal.SIGINT, None)
+    finally:
+        trainer.close()
+
+
 def descendants(pid: int) -> set[int]:
     """All processes below ``pid`` (from /proc: children, grandchildren, ...)."""
     parent = {}
@@ -113,7 +133,7 @@ def test_signal_saves_checkpoint_and_exits_cleanly(tmp_path, sig, vector):
     try:
         deadline = time.time() + 60
         for line in proc.stdout:
-            if line.startswith("update "):
+            if re.match(r"update \d+/\d+ \| step", line):  # an update's line (not its progress)
                 break
             assert time.time() < deadline, "no update line within 60 s"
         else:
@@ -161,6 +181,60 @@ def test_signal_saves_checkpoint_and_exits_cleanly(tmp_path, sig, vector):
     assert metric_rows(run) == metric_rows(tmp_path / "full")
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX signals")
+def test_signal_in_the_middle_of_a_long_collection_stops_at_once(tmp_path):
+    """An update whose collection alone takes seconds (4 envs x 500 steps of an env that sleeps
+    1 ms a step, in this process only): SIGINT while it collects stops training within a second,
+    not at the end of the update; the checkpoint holds the last update boundary, and resuming from
+    it logs exactly what an uninterrupted run logs (the partial rollout left no trace)."""
+    tests = str(ROOT / "tests")
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{tests}", SDL_VIDEODRIVER="dummy",
+               SDL_AUDIODRIVER="dummy", PYGAME_HIDE_SUPPORT_PROMPT="1", PYTHONUNBUFFERED="1",
+               PPO_TBPTT_PROGRESS_SECONDS="0.2", SLOW_ENV_DELAY="0.001")
+    long = ["env.id=pool_envs:Slow-v0", "env.kwargs={}", "ppo.rollout_steps=500",
+            "ppo.minibatches=2", "ppo.epochs=1", "tbptt.sequence_length=8"]
+    over = [a for o in TINY + long if not o.startswith("run.total_steps") for a in ("--set", o)]
+    cmd = [sys.executable, "-m", "ppo_tbptt.train", "--config", "cue_recall", *over,
+           "--set", "run.total_steps=4000", "--set", f"run.out_dir={tmp_path}", "--run-name", "r"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + 120
+        for line in proc.stdout:  # a progress line of the second update's collection
+            if re.match(r"update 2/2: collecting [\d,]+/2,000 env steps", line):
+                break
+            assert time.time() < deadline, "no progress line of update 2's collection within 120 s"
+        else:
+            pytest.fail(f"training ended before update 2 collected: {proc.stderr.read()}")
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, took = "", None
+        for line in proc.stdout:  # (each line as it comes: the stop is timed by its message)
+            out += line
+            if took is None and line.startswith("stopped during update 2"):
+                took = time.monotonic() - sent
+        err = proc.stderr.read()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    # the rest of the collection alone would sleep for 2 s and more
+    assert took is not None and took < 1.0, f"the stop took {took} s"
+    assert "SIGINT received: stopping now" in out
+    assert re.search(r"stopped during update 2 \(collecting: [\d,]+ of 2,000 env steps\)", out), out
+    run = tmp_path / "r"
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run))
+    assert state["global_step"] == 2000 and state["update"] == 1
+    assert [r["global_step"] for r in metric_rows(run)] == [2000]
+    assert train_cli.main(["--resume", str(run)]) == 0
+    full = tiny_config(*long, "run.total_steps=4000")
+    Trainer(full, tmp_path / "full", torch.device("cpu"), quiet=True).train(handle_signals=False)
+    assert metric_rows(run) == metric_rows(tmp_path / "full")
+
+
 @pytest.mark.parametrize("poison", ["loss", "gradient"])
 def test_non_finite_loss_stops_training_without_saving(tmp_path, monkeypatch, capsys, poison):
     """A NaN loss, or a finite loss with NaN gradients (injected in the last minibatch of the second
@@ -205,7 +279,28 @@ def test_trainer_that_cannot_restore_closes_its_envs(tmp_path, monkeypatch):
         return created[-1]
 
     monkeypatch.setattr(trainer_mod, "make_vector_env", recording)
+    latest = ckpt.latest_checkpoint(run)
+    state = torch.load(latest, weights_only=True)  # a config that no longer fits its weights
+    state["config"] = tiny_config("model.hidden_size=24", "env.vector=pool", "env.envs_per_worker=2").to_dict()
+    ckpt.atomic_save(state, latest)
     with pytest.raises(ckpt.CheckpointError, match=r"checkpoint .*step_000000000064\.pt: .*do not fit"):
-        Trainer.from_run(run, overrides=["model.hidden_size=24", "env.vector=pool", "env.envs_per_worker=2"],
-                         quiet=True)
+        Trainer.from_run(run, quiet=True)
     assert len(created) == 1 and created[0]._closed
+
+
+def test_checkpoints_get_the_same_file_mode_as_the_other_run_files(tmp_path):
+    """mkstemp creates 0600 files; a checkpoint must be as readable as config.yaml or metrics.jsonl
+    (0644 under the usual umask 022), e.g. for an evaluation run by another user."""
+    old = os.umask(0o022)
+    try:
+        run = tmp_path / "run"
+        train_tiny(run, "run.total_steps=64", "run.eval_every=64", "run.eval_episodes=2")
+        (run / "config.yaml").write_text("x")  # as train.py writes it
+        files = [ckpt.latest_checkpoint(run), run / "checkpoints" / "best.pt", run / "metrics.jsonl",
+                 run / "config.yaml", run / "train.log"]
+        assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: "0o644" for p in files}
+        os.umask(0o027)
+        ckpt.atomic_save({"x": 1}, run / "other.pt")
+        assert (run / "other.pt").stat().st_mode & 0o777 == 0o640  # the umask decides, as for open()
+    finally:
+        os.umask(old)

@@ -5,7 +5,8 @@
 - identical parameters on every rank; interrupted + resumed == uninterrupted; world-size errors;
 - a signal to one rank (in-process) or to torchrun's group stops all ranks after the same update,
   with one checkpoint, every rank exiting 128 + signal;
-- a killed rank ends the others (torchrun and bare gloo), nothing left behind;
+- a killed rank ends the others (torchrun and bare gloo), nothing left behind; so does an env that
+  keeps failing on one rank, and the last periodic checkpoint stays intact;
 - env slices draw the levels of their global env indices.
 """
 from __future__ import annotations
@@ -50,9 +51,26 @@ def test_env_share_and_config_problems():
     assert Distributed.from_environment({"WORLD_SIZE": "1", "RANK": "0"}).enabled is False
 
 
+def test_list_and_print_config_under_torchrun_print_once_and_join_no_group(monkeypatch, capsys):
+    """--list-configs and --print-config train nothing: rank 0 prints, the other ranks print
+    nothing, and no process group is joined (WORLD_SIZE 2 without MASTER_ADDR would fail to)."""
+    for var in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, printed in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        assert train_cli.main(["--list-configs"]) == 0
+        assert train_cli.main(["--config", "cue_recall", "--print-config"]) == 0
+        out, err = capsys.readouterr()
+        assert ("cue_recall.yaml" in out and "num_envs:" in out) == printed and (out == "") != printed, out
+        assert err == ""
+
+
 @pytest.mark.parametrize("vector", ["serial", "pool"])
 def test_an_env_slice_draws_the_levels_of_its_global_indices(vector):
-    """Rank 1 of 2 stepping envs 2 and 3 plays the levels a single process plays in its envs 2 and 3."""
+    """Rank 1 of 2 stepping envs 2 and 3 plays the levels a single process plays in its envs 2 and 3;
+    with a pool also after one of its workers was killed and replaced (the replacement rebuilds the
+    envs of the same global indices)."""
     cfg = tiny_config(f"env.vector={vector}", "env.envs_per_worker=1")
     rng = np.random.default_rng(0)
     actions = [rng.integers(0, 3, 4) for _ in range(12)]
@@ -60,9 +78,13 @@ def test_an_env_slice_draws_the_levels_of_its_global_indices(vector):
         whole.reset()
         part.reset()
         seen_whole, seen_part = [], []
-        for a in actions:
+        for t, a in enumerate(actions):
+            if vector == "pool" and t == 6:
+                part.on_warning = lambda message: None
+                os.kill(part.pids[1], signal.SIGKILL)
             seen_whole += [(e.env_index, e.seed) for e in whole.step(a).episodes if e.env_index >= 2]
             seen_part += [(e.env_index + 2, e.seed) for e in part.step(a[2:]).episodes]
+        assert vector != "pool" or part.restarts == 1
     assert seen_part == seen_whole and len(seen_whole) >= 4
 
 
@@ -144,7 +166,9 @@ def test_ranks_stay_identical_and_an_interrupted_run_resumes_bit_exact(two_ranks
     """Two ranks (random truncation: per-rank cut samplers; periodic evaluation on rank 0): after 5
     updates their parameters are bit-identical; a run that one rank's signal stops after update 2
     (both ranks stop there, one checkpoint), resumed, logs exactly what the uninterrupted run logs
-    and ends with the same parameters; a single-process checkpoint refuses to resume on 2 ranks."""
+    and ends with the same parameters (rank 0 alone reads the checkpoint); a resume that changes
+    env.num_envs is refused by field on both ranks; a single-process checkpoint refuses to resume
+    on 2 ranks."""
     tmp_path = two_ranks[0]
     full = [torch.load(tmp_path / f"params_full_{r}.pt") for r in range(2)]
     resumed = [torch.load(tmp_path / f"params_resumed_{r}.pt") for r in range(2)]
@@ -155,6 +179,7 @@ def test_ranks_stay_identical_and_an_interrupted_run_resumes_bit_exact(two_ranks
     for rep in reports:
         assert rep["interrupted"] == signal.SIGTERM and rep["stopped_at"] == 128 == rep["resumed_at"]
         assert "written by a run of 1 process (ranks), this one has 2" in rep["single"]
+        assert rep["frozen"].startswith("env.num_envs: the run has 4, the resume asks for 8; a resume cannot change it")
     rows = metric_rows(tmp_path / "full")
     assert [r["global_step"] for r in rows] == [64, 128, 192, 256, 320]  # one row per update, rank 0's
     assert metric_rows(tmp_path / "part") == rows
@@ -295,6 +320,61 @@ def test_a_killed_rank_stops_the_others_and_leaves_nothing_behind(tmp_path, laun
         assert top[0].returncode == 1, err[-3000:]
         lines = [line for line in err.splitlines() if line.startswith("error:")]
         assert lines and "rank 0 of 2" in lines[-1] and "another rank died or stopped answering" in lines[-1], err
+    end = time.time() + 15
+    while any(alive(p) for p in everything) and time.time() < end:
+        time.sleep(0.1)
+    assert not [p for p in everything if alive(p)], "processes outlived the run"
+    end = time.time() + 10
+    while _shm() - shm_before and time.time() < end:
+        time.sleep(0.1)
+    assert not (_shm() - shm_before), _shm() - shm_before
+
+
+@POSIX
+def test_an_env_that_keeps_failing_on_one_rank_stops_every_rank_and_keeps_the_last_checkpoint(tmp_path):
+    """From some update on, every episode's second step raises in rank 1's env workers only. Rank
+    1's pool replaces the worker twice (warnings), then gives up: rank 1 exits 1 with one
+    ``error: rank 1 of 2: ...`` line and saves nothing (a checkpoint needs every rank, and no
+    update-boundary copy is kept under torchrun); rank 0's next collective fails and it exits 1
+    with the one-line lost-rank error, within seconds, never a hang. The periodic checkpoint of the
+    last whole update stays intact and matches the last metrics row; no process or shared memory
+    is left behind."""
+    shm_before = _shm()
+    port = free_port()
+    poison = tmp_path / "poison"
+    args = _train_args(tmp_path, "pool") + ["--set", "env.id=pool_envs:Exploding-v0",
+             "--set", f"env.kwargs={{explode_at: 2, poison: '{poison}', rank: 1}}", "--set", "run.checkpoint_every=64"]
+    pythonpath = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
+    top = [subprocess.Popen([sys.executable, *args], cwd=tmp_path, env=dict(_env(**rank_environ(r, 2, port)),
+                                                                             PYTHONPATH=pythonpath),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+           for r in range(2)]
+    try:
+        _wait_for_update(top[0])
+        everything = set().union(*(descendants(p.pid) | {p.pid} for p in top))
+        t0 = time.monotonic()
+        poison.touch()
+        errs = [p.communicate(timeout=90)[1] for p in top]
+        took = time.monotonic() - t0
+    finally:
+        for p in top:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    assert [p.returncode for p in top] == [1, 1] and took < 60, (took, errs[0][-2000:], errs[1][-2000:])
+    lines1 = [line for line in errs[1].splitlines() if not line.startswith("warning:")]
+    assert len(lines1) == 1 and lines1[0].startswith("error: rank 1 of 2: ") and "Traceback" not in errs[1], errs[1]
+    assert "step raised ValueError: boom" in lines1[0] and "the same worker failed 3 times in a row" in lines1[0]
+    assert "without saving" in lines1[0] and "is intact" in lines1[0]
+    assert errs[1].count("warning: rank 1 of 2: ") == 2 and "replacing it" in errs[1]
+    lines0 = [line for line in errs[0].splitlines() if line.startswith("error:")]
+    assert len(lines0) == 1 and "rank 0 of 2" in lines0[0] and "another rank died or stopped answering" in lines0[0], \
+        errs[0]
+    run = tmp_path / "r"
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run))  # intact, and the last whole update's
+    assert state["distributed"]["world_size"] == 2
+    assert state["global_step"] == metric_rows(run)[-1]["global_step"] >= 64
+    assert not list((run / "checkpoints").glob("*.tmp"))
     end = time.time() + 15
     while any(alive(p) for p in everything) and time.time() < end:
         time.sleep(0.1)

@@ -73,3 +73,22 @@ def test_plot_runs_bad_input_exit_2(tmp_path, capsys):
     a = _fake_run(tmp_path / "a", 0.05, with_eval=False)
     assert mod.main([str(a), "--labels", "x", "y", "--out", str(tmp_path / "x.png")]) == 2
     assert not (tmp_path / "x.png").exists()
+
+
+def test_step_axis_labels_are_short(tmp_path, monkeypatch):
+    """At 200k steps raw tick labels (200000) overlapped: they read 50k, 200k, 1.5M."""
+    pytest.importorskip("matplotlib")
+    mod = _load_script()
+    assert [mod.steps_label(x) for x in (0, 950, 50_000, 200_000, 1_500_000, 163_840_000)] == \
+        ["0", "950", "50k", "200k", "1.5M", "164M"]
+    import matplotlib.pyplot as plt
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to look at its axes
+    mod.plot([_fake_run(tmp_path / "a", 0.05, with_eval=True)], ["a"], tmp_path / "c.png")
+    (fig,) = figures
+    step_axes = [ax for ax in fig.axes if ax.get_xlabel() == "env steps"]
+    assert len(step_axes) == 2
+    for ax in step_axes:
+        assert ax.xaxis.get_major_formatter()(200_000, 0) == "200k"
+    labels = [t.get_text() for t in step_axes[0].get_xticklabels()]
+    assert any(label.endswith("k") for label in labels), labels

@@ -23,6 +23,7 @@ from ppo_tbptt.envs.vector import split_evenly
 from ppo_tbptt.envs.wrappers import EnvStateError
 from ppo_tbptt.model import build_model
 from ppo_tbptt.rollout import Collector
+from ppo_tbptt.trainer import Trainer
 
 
 @contextmanager
@@ -208,30 +209,166 @@ def test_step_protocol_misuse_is_an_error(vector):
             venv.step_async(np.zeros(3, np.int64), 0)
 
 
-def test_env_exception_names_env_and_seed():
+def test_env_that_keeps_raising_names_env_and_seed_and_gives_up():
+    """An env that raises at the same step however often its worker is replaced: two replacements
+    (each replaying the episode to that step), then an error naming the env and its level seed."""
     cfg = tiny_config("env.id=pool_envs:Exploding-v0", "env.kwargs={explode_at: 2}", "env.vector=pool",
                       "env.num_envs=4", "env.envs_per_worker=2", "env.train_seeds=5:6")
+    warnings = []
     with deadline(60), make_vector_env(cfg.env, 0) as pool:
+        pool.on_warning = warnings.append
         pool.reset()
         pool.step(np.zeros(4, np.int64))
         with pytest.raises(EnvWorkerError, match=r"worker \d \(envs \d\.\.\d, level seeds \[5, 5\]\) failed: "
-                                                 r"EnvError: env \d \(level seed 5\): step raised ValueError: boom"):
+                                                 r"EnvError: env \d \(level seed 5\): step raised ValueError: boom; "
+                                                 r"the same worker failed 3 times in a row, giving up") as ei:
             pool.step(np.zeros(4, np.int64))
+        assert "worker traceback:" in str(ei.value).partition("\n")[2]  # for the log, not the one line
+        assert len(warnings) == 2 and all("replacing it" in w and "level seeds [5, 5]" in w for w in warnings)
         pids = pool.pids
     assert all(gone(p) for p in pids)
 
 
-def test_killed_worker_is_an_error_not_a_hang():
+def _same_steps(a, b, steps, rng, n, before_step=None):
+    for i in range(steps):
+        if before_step is not None:
+            before_step(i)
+        act = rng.integers(0, 2, n)
+        ra, rb = a.step(act), b.step(act)
+        assert np.array_equal(ra.obs, rb.obs) and np.array_equal(ra.reward, rb.reward)
+        assert np.array_equal(ra.terminated, rb.terminated)
+        assert [(e.env_index, e.seed, e.ret, e.length) for e in ra.episodes] == \
+            [(e.env_index, e.seed, e.ret, e.length) for e in rb.episodes]
+
+
+def test_killed_worker_is_replaced_and_its_episodes_go_on():
+    """SIGKILL between steps and while a step is in flight: the replacement restores the episodes
+    (level seed, the actions since the pool's last state snapshot) and the envs step exactly as the
+    envs of a pool nobody killed, seed draws of later episodes included."""
+    cfg = tiny_config("env.id=pool_envs:Slow-v0", "env.kwargs={delay: 0.02}", "env.vector=pool",
+                      "env.num_envs=6", "env.envs_per_worker=2")
+    rng = np.random.default_rng(0)
+    warnings = []
+    with deadline(120), make_vector_env(cfg.env, 0) as pool, make_vector_env(cfg.env, 0) as ref:
+        pool.on_warning = warnings.append
+        pool.refresh_every = 7  # a snapshot mid-way too: replays start from it
+        assert np.array_equal(pool.reset(), ref.reset())
+        _same_steps(pool, ref, 9, rng, 6)
+        old = pool.pids[1]
+        os.kill(old, signal.SIGKILL)  # idle: noticed when the next step is sent
+        assert gone(old)
+        _same_steps(pool, ref, 8, rng, 6)
+        assert pool.restarts == 1 and pool.pids[1] != old
+        act = rng.integers(0, 2, 6)
+        pool.step_async(act, 0)  # in flight: each worker sleeps 2 x 20 ms in this step
+        os.kill(pool.pids[2], signal.SIGKILL)
+        ra, rb = pool.step_wait(0), ref.step(act)
+        assert pool.restarts == 2
+        assert np.array_equal(ra.obs, rb.obs) and np.array_equal(ra.reward, rb.reward)
+        _same_steps(pool, ref, 8, rng, 6)
+        assert len(warnings) == 2 and "worker 1 (envs 2..3, level seeds [" in warnings[0]
+        assert all("died: the process was killed by SIGKILL; replacing it" in w for w in warnings)
+        pids = pool.pids
+    assert all(gone(p) for p in pids)
+
+
+def test_transient_env_exception_is_replaced(tmp_path):
+    """An env that raises once (a flaky simulator): its worker is replaced, the episode replayed,
+    the step retried, and nothing differs from a pool where it never raised."""
+    marker = tmp_path / "raised"
+    flaky = tiny_config("env.id=pool_envs:Flaky-v0", f"env.kwargs={{marker: '{marker}', explode_at: 3}}",
+                        "env.vector=pool", "env.num_envs=4", "env.envs_per_worker=2")
+    calm = tiny_config("env.id=pool_envs:Flaky-v0", f"env.kwargs={{marker: '{tmp_path / 'never'}'}}",
+                       "env.vector=pool", "env.num_envs=4", "env.envs_per_worker=2")
+    (tmp_path / "never").touch()
+    rng = np.random.default_rng(0)
+    warnings = []
+    with deadline(60), make_vector_env(flaky.env, 0) as pool, make_vector_env(calm.env, 0) as ref:
+        pool.on_warning = warnings.append
+        assert np.array_equal(pool.reset(), ref.reset())
+        _same_steps(pool, ref, 12, rng, 4)
+    assert marker.exists() and pool.restarts == 1
+    assert len(warnings) == 1 and "step raised ValueError: transient failure; replacing it" in warnings[0]
+
+
+def test_killed_worker_gives_up_after_max_failures():
+    """Replacement has a limit: with max_failures 1 a death is an error naming the worker's envs
+    and level seeds, never a hang."""
     with deadline(60), make_vector_env(cue_cfg("env.vector=pool").env, 0) as pool:
+        pool.max_failures = 1
         pool.reset()
         pool.step(np.zeros(6, np.int64))
         os.kill(pool.pids[1], signal.SIGKILL)
         with pytest.raises(EnvWorkerError, match=r"CueRecall-v0 worker 1 \(envs 2\.\.3, level seeds \[\d+, \d+\]\) "
-                                                 r"died: the process was killed by SIGKILL"):
+                                                 r"died: the process was killed by SIGKILL; .*giving up"):
             for _ in range(3):
                 pool.step(np.zeros(6, np.int64))
         pids = pool.pids
     assert all(gone(p) for p in pids)
+
+
+def test_trainer_with_a_worker_killed_mid_rollout_logs_what_an_undisturbed_run_logs(tmp_path, capfd):
+    """The issue's case: SIGKILL one env worker in the middle of the second update's collection;
+    training goes on and finishes, and metrics.jsonl holds exactly the undisturbed run's values."""
+    extra = ("env.vector=pool", "env.envs_per_worker=2", "run.total_steps=192")
+    train_tiny(tmp_path / "calm", *extra)
+    trainer = Trainer(tiny_config(*extra), tmp_path / "killed", torch.device("cpu"), quiet=True)
+    real = trainer.collector.progress
+    killed = []
+
+    def kill_mid_rollout(steps):
+        real(steps)
+        if trainer.update == 1 and steps == 5 * trainer.envs.num_envs and not killed:
+            killed.append(trainer.envs.pids[1])
+            os.kill(killed[0], signal.SIGKILL)
+
+    trainer.collector.progress = kill_mid_rollout
+    trainer.train(handle_signals=False)
+    assert killed and gone(killed[0]) and trainer.envs.restarts == 1
+    assert trainer.global_step == 192
+    assert metric_rows(tmp_path / "killed") == metric_rows(tmp_path / "calm")
+    err = capfd.readouterr().err
+    assert "warning: CueRecall-v0 worker 1 (envs 2..3, level seeds [" in err and "killed by SIGKILL" in err
+    assert "killed by SIGKILL; replacing it" in (tmp_path / "killed" / "train.log").read_text()
+
+
+@pytest.mark.parametrize("vector", ["pool", "serial"])
+def test_env_that_keeps_failing_stops_training_with_one_line_and_a_checkpoint(tmp_path, capsys, monkeypatch, vector):
+    """From the second update on every episode's second step raises: a pool replaces the worker
+    twice, then training stops (a serial env at once) with a one-line error and exit code 1, after
+    saving the last update boundary; the worker's traceback goes to train.log only."""
+    import ppo_tbptt.rollout as rollout_mod
+    from ppo_tbptt import checkpoint as ckpt
+    from ppo_tbptt import train as train_cli
+    poison = tmp_path / "poison"
+    real = rollout_mod.Collector.collect
+    calls = {"n": 0}
+
+    def collect(self):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            poison.touch()
+        return real(self)
+
+    monkeypatch.setattr(rollout_mod.Collector, "collect", collect)
+    over = ["env.id=pool_envs:Exploding-v0", f"env.kwargs={{explode_at: 2, poison: '{poison}'}}",
+            f"env.vector={vector}", "env.envs_per_worker=2", "run.total_steps=448", "env.num_envs=4",
+            "model.hidden_size=16", "model.hidden_layer=16", "ppo.rollout_steps=16", "ppo.epochs=2",
+            "ppo.minibatches=2", "tbptt.sequence_length=8", "run.torch_threads=1", "run.device=cpu",
+            f"run.out_dir={tmp_path}"]
+    rc = train_cli.main(["--config", "cue_recall", *[a for o in over for a in ("--set", o)], "--run-name", "r"])
+    out, err = capsys.readouterr()
+    assert rc == 1
+    lines = [line for line in err.splitlines() if not line.startswith("warning:")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    assert "(level seed" in lines[0] and "step raised ValueError: boom" in lines[0]
+    assert "holds the last update boundary (step 64)" in lines[0] and "--resume" in lines[0]
+    if vector == "pool":
+        assert "the same worker failed 3 times in a row" in lines[0]
+        assert err.count("warning: ") == 2
+        assert "worker traceback:" in (tmp_path / "r" / "train.log").read_text()
+    assert ckpt.latest_checkpoint(tmp_path / "r").name == f"step_{64:012d}.pt"
+    assert [r["global_step"] for r in metric_rows(tmp_path / "r")] == [64]
 
 
 def test_close_leaves_no_processes_even_if_the_learner_is_killed(tmp_path):

@@ -38,6 +38,9 @@ def test_cli_smoke_two_updates(tmp_path):
     assert state["global_step"] == 64 and state["update"] == 2
     assert state["config"]["env"]["id"] == "MortarMayhem-Grid-v0"
     assert "update 2/2" in r.stdout and "SPS" in r.stdout and "ETA" in r.stdout
+    assert r.stdout.splitlines()[1] == "starting 2 MortarMayhem-Grid-v0 envs (env.vector: pool)"
+    log = (run / "train.log").read_text()  # the console's lines, time-stamped
+    assert " update 2/2 | step 64/64 (100.0%) | SPS " in log and " done: 64 steps" in log
     # never overwrite an existing run
     again = run_cli(tmp_path, "--run-name", "smoke")
     assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr

@@ -20,10 +20,12 @@ finalizer does the same if the pool is garbage collected.
 """
 from __future__ import annotations
 
+import copy
 import multiprocessing as mp
 import os
 import pickle
 import signal
+import sys
 import time
 import traceback
 import weakref
@@ -43,6 +45,11 @@ OK, DATA, ERR = b"k", b"d", b"e"
 
 class EnvWorkerError(RuntimeError):
     """A worker's env raised, or a worker process died; the message names the envs and level seeds."""
+
+
+class WorkerFailed(EnvWorkerError):
+    """One worker died or its env raised (raised by the messaging layer; the pool replaces the
+    worker where it can, see :meth:`WorkerPoolVectorEnv._recover`)."""
 
 
 def usable_cpus() -> int:
@@ -141,6 +148,10 @@ def _worker_main(index: int, lo: int, hi: int, env_cfg, run_seed: int, seed_rang
             elif cmd == "set_state":
                 runner.set_state(args[0])
                 conn.send_bytes(OK)
+            elif cmd == "replay":  # steps the learner has seen already: results stay here
+                for a in args[0]:  # [n, D] as the learner wrote them, viewed as the envs take them
+                    runner.step(np.asarray(a).reshape(actions.shape))
+                conn.send_bytes(OK)
             else:
                 raise ValueError(f"unknown pool command {cmd!r}")
     except (EOFError, BrokenPipeError, ConnectionResetError):
@@ -215,14 +226,11 @@ class WorkerPoolVectorEnv(VectorEnv):
         self._pending = PendingSteps()
         self._closed = False
         self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._conns, None)
+        self._worker_args = (ctx, env_cfg, run_seed, tuple(seed_range), int(first_env))
+        self._init_recovery()
         try:
-            for w, sl in enumerate(self.workers):
-                parent, child = ctx.Pipe()
-                p = ctx.Process(target=_worker_main, name=f"ppo_tbptt-env-{w}", daemon=True,
-                                args=(w, sl.start, sl.stop, env_cfg, run_seed, tuple(seed_range), child,
-                                      first_env))
-                p.start()
-                child.close()  # only the worker holds its end now, so its death closes the pipe
+            for w in range(len(self.workers)):
+                p, parent = self._spawn(w)
                 self._procs.append(p)
                 self._conns.append(parent)
             spaces = [self._recv(w) for w in range(len(self.workers))]
@@ -233,6 +241,7 @@ class WorkerPoolVectorEnv(VectorEnv):
             self._finalizer.detach()
             self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._conns, self._shm)
             self._arrays = _views(self._shm.buf, layout)
+            self._layout = layout
             for w in range(len(self.workers)):
                 self._command(w, "attach", self._shm.name, layout)
             for w in range(len(self.workers)):
@@ -258,7 +267,7 @@ class WorkerPoolVectorEnv(VectorEnv):
             code = p.exitcode
             how = (f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0 and
                    -code in signal.valid_signals() else f"exited with code {code}")
-            raise EnvWorkerError(f"{self._describe(w)} died: the process {how}") from None
+            raise WorkerFailed(f"{self._describe(w)} died: the process {how}") from None
         tag = msg[:1]
         if tag == OK:
             return None
@@ -270,8 +279,8 @@ class WorkerPoolVectorEnv(VectorEnv):
             raise EnvStateError(report["message"])
         if report["type"] == "EnvConfigError":  # the config names an env that cannot be built
             raise EnvConfigError(report["message"])
-        raise EnvWorkerError(f"{self._describe(w)} failed: {report['type']}: {report['message']}\n"
-                             f"worker traceback:\n{report['traceback']}")
+        raise WorkerFailed(f"{self._describe(w)} failed: {report['type']}: {report['message']}\n"
+                           f"worker traceback:\n{report['traceback']}")
 
     def _check_open(self) -> None:
         if self._closed:
@@ -291,6 +300,8 @@ class WorkerPoolVectorEnv(VectorEnv):
             self._command(w, "reset")
         for w in range(len(self.workers)):
             self._recv(w)
+        for w in range(len(self.workers)):
+            self._new_base(w, self._ask(w, "get_state"))
         return self._arrays["obs"].copy()
 
     def step_async(self, actions: np.ndarray, group: int = 0) -> None:
@@ -301,23 +312,38 @@ class WorkerPoolVectorEnv(VectorEnv):
         sl = self.groups[group]
         self._arrays["actions"][sl] = np.asarray(actions).reshape(sl.stop - sl.start, -1)
         for w in self._group_workers[group]:
+            self._log[w].append(self._arrays["actions"][self.workers[w]].copy())
+            self._inflight.add(w)
             try:
                 self._conns[w].send_bytes(STEP)
             except OSError:
-                self._recv(w)
-                raise
+                try:
+                    self._recv(w)  # raises with the worker's fate
+                except WorkerFailed as exc:
+                    self._recover(w, str(exc))  # (re-sends the step)
 
     def step_wait(self, group: int = 0, obs_out: np.ndarray | None = None) -> StepResult:
-        """Wait for the group's workers; ``obs_out`` receives the observations (else a new array)."""
+        """Wait for the group's workers; ``obs_out`` receives the observations (else a new array).
+        A worker that died or whose env raised is replaced first (see :meth:`_recover`)."""
         self._check_open()
         self._pending.finish(group)
         final_obs: dict = {}
         episodes: list = []
         for w in self._group_workers[group]:
-            data = self._recv(w)
+            while True:
+                try:
+                    data = self._recv(w)
+                    break
+                except WorkerFailed as exc:
+                    self._recover(w, str(exc))
+            self._inflight.discard(w)
+            self._failures[w] = 0
             if data is not None:
                 final_obs.update(data[0])
                 episodes.extend(data[1])
+        for w in self._group_workers[group]:
+            if len(self._log[w]) >= self.refresh_every:  # bound the replay a replacement needs
+                self._new_base(w, self._ask(w, "get_state"))
         sl = self.groups[group]
         a = self._arrays
         return StepResult(deliver_obs(a["obs"][sl], obs_out), a["reward"][sl].copy(), a["terminated"][sl].copy(),
@@ -325,20 +351,117 @@ class WorkerPoolVectorEnv(VectorEnv):
 
     def get_state(self) -> dict:
         self._check_open()
-        for w in range(len(self.workers)):
-            self._command(w, "get_state")
-        parts = [self._recv(w) for w in range(len(self.workers))]
+        parts = [self._ask(w, "get_state") for w in range(len(self.workers))]
+        for w, part in enumerate(parts):
+            self._new_base(w, part)
         return {"envs": [e for p in parts for e in p["envs"]], "ret": [x for p in parts for x in p["ret"]],
                 "len": [x for p in parts for x in p["len"]]}
 
     def set_state(self, state: dict) -> np.ndarray:
         self._check_open()
         envs = env_states(state, self.num_envs)
-        for w, sl in enumerate(self.workers):
-            self._command(w, "set_state", {"envs": envs[sl], "ret": state["ret"][sl], "len": state["len"][sl]})
+        parts = [{"envs": envs[sl], "ret": state["ret"][sl], "len": state["len"][sl]} for sl in self.workers]
+        for w, part in enumerate(parts):
+            self._command(w, "set_state", part)
         for w in range(len(self.workers)):
             self._recv(w)
+        for w, part in enumerate(parts):
+            self._new_base(w, part)
         return self._arrays["obs"].copy()
+
+    # ---- replacing a dead worker ---------------------------------------------------------------
+    # The pool keeps, per worker, its envs' replayable states as of some moment (a "base": after
+    # reset or set_state, at every get_state, and at the latest every ``refresh_every`` steps) and
+    # the actions it was sent since. A replacement worker rebuilds the envs, restores the base
+    # (each episode replayed from level seed and actions, as a resume does), then steps through the
+    # logged actions without reporting, so its envs stand exactly where the dead worker's stood
+    # after its last step the learner received; a step in flight is then sent again.
+
+    #: Failures of one worker in a row (without a step received in between) that end the pool.
+    max_failures = 3
+    #: Logged steps after which a worker's base is refreshed (bounds replay time and memory).
+    refresh_every = 1024
+
+    def _init_recovery(self) -> None:
+        n = len(self.workers)
+        self._base: list[dict | None] = [None] * n
+        self._log: list[list[np.ndarray]] = [[] for _ in range(n)]
+        self._inflight: set[int] = set()
+        self._failures = [0] * n
+        self.restarts = 0  # workers replaced so far
+        self.on_warning = None  # callable(message); default: a "warning: ..." line on stderr
+
+    def _spawn(self, w: int):
+        """Start worker ``w``'s process -> (process, the learner's end of its pipe)."""
+        ctx, env_cfg, run_seed, seed_range, first_env = self._worker_args
+        sl = self.workers[w]
+        parent, child = ctx.Pipe()
+        p = ctx.Process(target=_worker_main, name=f"ppo_tbptt-env-{w}", daemon=True,
+                        args=(w, sl.start, sl.stop, env_cfg, run_seed, seed_range, child, first_env))
+        p.start()
+        child.close()  # only the worker holds its end now, so its death closes the pipe
+        return p, parent
+
+    def _new_base(self, w: int, part: dict) -> None:
+        self._base[w] = copy.deepcopy(part)
+        self._log[w] = []
+
+    def _ask(self, w: int, name: str, *args):
+        """Send a command to an idle worker and return its answer, replacing the worker if needed."""
+        while True:
+            try:
+                self._command(w, name, *args)
+                return self._recv(w)
+            except WorkerFailed as exc:
+                self._recover(w, str(exc))
+
+    def _warn(self, message: str) -> None:
+        if self.on_warning is not None:
+            self.on_warning(message)
+        else:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    def _recover(self, w: int, cause: str) -> None:
+        """Replace worker ``w`` (dead, or its env raised: ``cause``) and bring its envs back to where
+        the learner expects them; raises EnvWorkerError when it failed ``max_failures`` times in a
+        row or never had a base (it failed before its envs were reset)."""
+        while True:
+            first, _, details = cause.partition("\n")
+            self._failures[w] += 1
+            if self._failures[w] >= self.max_failures or self._base[w] is None:
+                times = (f"the same worker failed {self._failures[w]} times in a row"
+                         if self._base[w] is not None else "its envs had not been reset yet")
+                raise EnvWorkerError(f"{first}; {times}, giving up" + (f"\n{details}" if details else "")) from None
+            self._warn(f"{first}; replacing it: its envs are rebuilt and their episodes restored from "
+                       "level seed and actions, training goes on")
+            old, conn = self._procs[w], self._conns[w]
+            conn.close()
+            old.join(timeout=1)
+            if old.is_alive():  # an env raised: the worker is on its way out, or stuck
+                old.kill()
+                old.join(timeout=5)
+            self._procs[w], self._conns[w] = self._spawn(w)
+            try:
+                self._recv(w)  # its spaces
+                self._command(w, "attach", self._shm.name, self._layout)
+                self._recv(w)
+                self._command(w, "set_state", self._base[w])
+                self._recv(w)
+                pending = w in self._inflight
+                replay = self._log[w][:-1] if pending else self._log[w]
+                if replay:
+                    self._command(w, "replay", replay)
+                    self._recv(w)
+                if pending:
+                    self._conns[w].send_bytes(STEP)
+            except WorkerFailed as exc:
+                cause = str(exc)
+                continue
+            except OSError as exc:
+                cause = f"{self._describe(w)}: its replacement could not be reached ({exc})"
+                continue
+            self.restarts += 1
+            return
 
     @property
     def pids(self) -> list[int]:
