@@ -159,13 +159,17 @@ def collection(cfg: Config, device: torch.device, seconds: float, instant: bool 
     from .envs import make_vector_env
     from .model import build_model
     from .rollout import Collector
+    from .trainer import collect_threads
     from .utils import seed_everything
     seed_everything(cfg.run.seed)
+    threads = torch.get_num_threads()
     envs = InstantVectorEnv(cfg.env, device.type) if instant else make_vector_env(cfg.env, cfg.run.seed, device=device.type)
     try:
         model = build_model(envs.single_observation_space, envs.single_action_space, cfg.model).to(device)
         model.eval()
         col = Collector(envs, model, cfg.ppo.rollout_steps, device, cfg.model.reset_hidden_state)
+        if not instant:  # the threads training collects with (run.collect_threads)
+            torch.set_num_threads(collect_threads(cfg, device, torch.get_num_threads()))
         col.collect()  # warm-up
         steps, rollouts, wait0, t0 = 0, 0, col.wait_seconds, time.perf_counter()
         while rollouts == 0 or time.perf_counter() - t0 < seconds:
@@ -176,6 +180,7 @@ def collection(cfg: Config, device: torch.device, seconds: float, instant: bool 
         return {"steps_per_second": steps / elapsed, "steps": steps, "seconds": elapsed, "rollouts": rollouts,
                 "env_wait_fraction": (col.wait_seconds - wait0) / elapsed}
     finally:
+        torch.set_num_threads(threads)
         envs.close()
 
 

@@ -213,6 +213,11 @@ class RunConfig:
     """Run name prefix (default: the config's file name)."""
     torch_threads: int = 0
     """torch CPU threads (0 = torch's default)."""
+    collect_threads: int = 0
+    """torch CPU threads while collecting a rollout (then back to ``torch_threads`` for learning).
+    0 = auto: 1 when the envs step in worker processes (``pool``, ``gym_async``) on a CPU device,
+    where the policy's per-step batches are small and extra threads only take cores from the
+    workers; otherwise as for learning."""
     eval_every: int = 0
     """Evaluate on held-out ``env.eval_seeds`` every this many env steps (<= 0: never)."""
     eval_episodes: int = 32
@@ -482,6 +487,8 @@ def validate(cfg: Config) -> list[str]:
             p.append(f"run.cpu_config: {exc.problems[0]}")
     if r.torch_threads < 0:
         p.append(f"run.torch_threads: must be >= 0, got {r.torch_threads}")
+    if r.collect_threads < 0:
+        p.append(f"run.collect_threads: must be >= 0, got {r.collect_threads}")
     if r.name and (r.name in (".", "..") or any(c in r.name for c in "/\\\0") or r.name != r.name.strip()):
         p.append(f"run.name: a prefix of the run folder's name must not leave run.out_dir or nest "
                  f"folders (no '/' or '\\', not '.' or '..'), got {r.name!r}")

@@ -109,6 +109,15 @@ def next_multiple(step: int, every: int) -> int | None:
     return (step // every + 1) * every if every > 0 else None
 
 
+def collect_threads(cfg: Config, device: torch.device, learn_threads: int) -> int:
+    """torch threads while collecting (``run.collect_threads``; 0 = auto, see its docstring)."""
+    if cfg.run.collect_threads > 0:
+        return cfg.run.collect_threads
+    if device.type == "cpu" and cfg.env.vector in ("pool", "gym_async"):
+        return 1
+    return learn_threads
+
+
 class Trainer:
     """Owns the envs, model, optimizer and counters of one run.
 
@@ -134,6 +143,8 @@ class Trainer:
         self._log = RunLog(self.run_dir) if log else None  # train.log: the console's lines
         if cfg.run.torch_threads > 0:
             torch.set_num_threads(cfg.run.torch_threads)
+        self.learn_threads = torch.get_num_threads()
+        self.collect_threads = collect_threads(cfg, device, self.learn_threads)
         seed_everything(cfg.run.seed)
         env_kw = self.dist.env_kwargs(cfg.env)  # {} with one process
         self.first_env = env_kw.get("first_env", 0)
@@ -245,7 +256,11 @@ class Trainer:
         self.model.eval()
         if self.progress is not None:
             self.progress.start_phase("collect", self.batch_size)
-        rollout, episodes = self.collector.collect()
+        torch.set_num_threads(self.collect_threads)
+        try:
+            rollout, episodes = self.collector.collect()
+        finally:
+            torch.set_num_threads(self.learn_threads)
         episodes = self.dist.gather_episodes(episodes, self.first_env)  # all ranks' on rank 0
         self.global_step += self.batch_size
         t1 = time.perf_counter()

@@ -114,3 +114,35 @@ def test_cli_unbuildable_env_exit_2_and_no_run_folder(tmp_path, bad, vector):
     err = r.stderr.strip().splitlines()
     assert err[-1].startswith("error: cannot build env") and "Traceback" not in r.stderr, r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_collect_threads_auto_gives_worker_envs_the_cores_and_a_setting_wins():
+    import torch
+    from ppo_tbptt.trainer import collect_threads
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    pool, serial = C.load("cue_recall", ["env.vector=pool"]), C.load("cue_recall", ["env.vector=serial"])
+    assert collect_threads(pool, cpu, 4) == 1  # the policy's small batches would take the workers' cores
+    assert collect_threads(C.load("cue_recall", ["env.vector=gym_async"]), cpu, 4) == 1
+    assert collect_threads(serial, cpu, 4) == 4  # nothing else runs: as for learning
+    assert collect_threads(pool, cuda, 4) == 4
+    assert collect_threads(C.load("cue_recall", ["env.vector=pool", "run.collect_threads=3"]), cpu, 4) == 3
+    with pytest.raises(C.ConfigError, match="run.collect_threads: must be >= 0"):
+        C.load("cue_recall", ["run.collect_threads=-1"])
+
+
+def test_the_trainer_collects_with_its_collect_threads_and_learns_with_torch_threads(tmp_path):
+    import torch
+    from ppo_tbptt.trainer import Trainer
+    cfg = C.load("cue_recall", ["env.num_envs=2", "ppo.rollout_steps=8", "ppo.minibatches=1",
+                                "run.torch_threads=2", "run.collect_threads=1", "run.device=cpu"])
+    before = torch.get_num_threads()
+    tr = Trainer(cfg, tmp_path / "run", torch.device("cpu"), log=False, quiet=True)
+    seen = []
+    collect = tr.collector.collect
+    tr.collector.collect = lambda: (seen.append(torch.get_num_threads()), collect())[1]
+    try:
+        tr.train_update()
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        tr.close()
+        torch.set_num_threads(before)
