@@ -355,15 +355,16 @@ class Trainer:
         ready = self.dist.broadcast_object(p.ready() if self.dist.is_main else None,
                                            "sharing the curriculum's decision")
         if ready:
-            won = p.window_success()
+            won = p.window_success()  # (rank 0's: the others hold no window)
             stage = p.advance(self.global_step, self.elapsed)
             self.envs.set_stage(stage)
             n = curriculum.num_stages(self.cfg)
             self._stage_note = (
                 f"curriculum: stage {stage} of 0..{n - 1}{' (the target task)' if p.final else ''} "
-                f"reached at step {self.global_step:,}, {{elapsed}} of training (stage {stage - 1}: "
-                f"success {won:.3f} over its last {p.window} episodes): "
-                f"{curriculum.describe(curriculum.stage_params(self.cfg, stage))}")
+                f"reached at step {self.global_step:,}, {{elapsed}} of training"
+                + (f" (stage {stage - 1}: success {won:.3f} over its last {p.window} episodes)"
+                   if won is not None else "")
+                + f": {curriculum.describe(curriculum.stage_params(self.cfg, stage))}")
         return scalars
 
     def _announce_stage(self) -> None:

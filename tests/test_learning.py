@@ -42,12 +42,22 @@ def test_cue_recall_learns_with_a_bfloat16_encoder(tmp_path):
 STEPS = 600_000  # MortarMayhem-Grid's learning test: about 10 minutes on 2 cores
 
 
+#: Stage 0 of configs/mortar_mayhem_grid_cpu.yaml: MortarMayhem-Grid-v0 with one command, paying 1.0.
+ONE_COMMAND = {"command_count": [1], "reward_command_success": 1.0}
+
+
 def mortar_mayhem_cpu_success(tmp_path, steps: int, *extra: str, episodes: int = 100) -> dict:
-    """Train configs/mortar_mayhem_grid_cpu.yaml (MortarMayhem-Grid-v0, one command) for ``steps``
-    steps, then evaluate ``episodes`` held-out levels (eval seeds, sampled actions)."""
+    """Train configs/mortar_mayhem_grid_cpu.yaml on its first stage alone (MortarMayhem-Grid-v0,
+    one command; the curriculum off, so the task never changes) for ``steps`` steps, then
+    evaluate ``episodes`` held-out levels of that task (eval seeds, sampled actions)."""
+    from ppo_tbptt import curriculum
     from ppo_tbptt.evaluation import evaluate_policy, seeds_from_range
+    assert curriculum.stage_params(C.load("mortar_mayhem_grid_cpu.yaml"), 0) == ONE_COMMAND
     cfg = C.load("mortar_mayhem_grid_cpu.yaml", [f"run.total_steps={steps}", "run.eval_every=0",
-                                                 "run.checkpoint_every=0", "run.device=cpu", *extra])
+                                                 "run.checkpoint_every=0", "run.device=cpu",
+                                                 "curriculum.stages=null",
+                                                 f"env.reset_params={ONE_COMMAND}", *extra])
+    assert cfg.env.reset_params == ONE_COMMAND
     tr = Trainer(cfg, tmp_path / f"mm_{len(extra)}", torch.device("cpu"), log=False, quiet=True)
     try:
         tr.train(handle_signals=False)
