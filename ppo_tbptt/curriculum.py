@@ -127,15 +127,18 @@ class Promotion:
     def final(self) -> bool:
         return self.stage >= self.num_stages - 1
 
-    def observe(self, episodes: list) -> None:
-        """One update's finished training episodes: those of the current stage enter the window."""
+    def observe(self, episodes: list) -> int:
+        """One update's finished training episodes: those of the current stage enter the window (an
+        episode without a success flag as a failure). Returns how many of them had no flag."""
         self.updates_in_stage += 1
+        missing = 0
         for e in episodes:
             if e.stage != self.stage:
                 continue
-            if e.success is None:
-                self.missing_success += 1
+            missing += e.success is None
             self.successes.append(0.0 if e.success is None else float(e.success))
+        self.missing_success += missing
+        return missing
 
     def window_success(self) -> float | None:
         return float(np.mean(self.successes)) if self.successes else None

@@ -348,10 +348,11 @@ class Trainer:
         p = self.promotion
         if p is None:
             return {}
-        p.observe(episodes)
+        missing = p.observe(episodes)
         scalars = p.scalars()
-        if p.missing_success == len(p.successes) > 0 and p.updates_in_stage == 1:
-            self.warn(f"curriculum: {self.cfg.env.id} episodes report no success; they count as failures")
+        if missing and p.missing_success == missing:  # (once: the first such episodes)
+            self.warn(f"curriculum: {missing} {self.cfg.env.id} episodes reported no success: they "
+                      "count as failures, so the stage may never advance")
         ready = self.dist.broadcast_object(p.ready() if self.dist.is_main else None,
                                            "sharing the curriculum's decision")
         if ready:

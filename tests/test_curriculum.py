@@ -62,12 +62,14 @@ def test_promotion_needs_a_full_window_of_the_stage_own_episodes_at_the_threshol
     p.observe([ep(2, 1)] * 10)
     p.observe([ep(2, 1)] * 10)
     assert p.final and not p.ready()  # the target is the last stage
+    assert p.observe([EpisodeStats(0, 0, 0.0, 3, None, {}, 2), ep(1, 1)]) == 1  # no flag: a failure
+    assert list(p.successes)[-1] == 0.0 and p.missing_success == 1
     state = json.loads(json.dumps(p.state_dict()))  # plain data
     r = cur.Promotion(C.CurriculumConfig(stages=C.StageList([{}, {}, {}]), window=4), 3)
     r.load_state_dict(state)
     assert r.state_dict() == p.state_dict() and r.scalars() == p.scalars()
     assert p.scalars() == {"curriculum/stage": 2.0, "curriculum/window_episodes": 4.0,
-                           "curriculum/window_success": 1.0}
+                           "curriculum/window_success": 0.75}
 
 
 # ---- mixing ------------------------------------------------------------------------------------------
