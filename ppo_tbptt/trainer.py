@@ -601,11 +601,13 @@ class Trainer:
                  f"(env steps {self.global_step:,} -> {self.planned_steps:,})")
         if self.promotion is not None:
             p, n = self.promotion, curriculum.num_stages(cfg)
+            c = cfg.curriculum
             self.say(f"curriculum: stage {p.stage} of 0..{n - 1}"
                      f"{' (the target task)' if p.final else ''}: "
-                     f"{curriculum.describe(curriculum.stage_params(cfg, p.stage))}; the next stage at a "
-                     f"success of {cfg.curriculum.threshold:g} over {cfg.curriculum.window} episodes"
-                     + (f", earlier stages in {cfg.curriculum.share:.0%} of episodes" if cfg.curriculum.share else ""))
+                     f"{curriculum.describe(curriculum.stage_params(cfg, p.stage))}"
+                     + ("" if p.final else f"; the next stage at a success of {c.threshold:g} over "
+                                           f"{c.window} episodes")
+                     + (f"; earlier stages in {c.share:.0%} of episodes" if c.share and p.stage else ""))
         if self.planned_steps != cfg.run.total_steps:
             what = ("is less than one update" if cfg.run.total_steps < batch
                     else "is not a whole number of updates")
