@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,6 +235,31 @@ class RunConfig:
     the budget again. <= 0: no limit."""
 
 
+class StageList(tuple):
+    """A curriculum's stages: a tuple of mappings (overrides of ``env.reset_params``)."""
+
+
+@dataclass(frozen=True)
+class CurriculumConfig:
+    stages: StageList | None = None
+    """Ordered stages, each a mapping of overrides of ``env.reset_params`` (a stage plays
+    ``env.reset_params`` updated by its own mapping, not by the stages before it); the last stage
+    is the target task, the one evaluation reports. Absent or null: no curriculum. Every env
+    switches at the same update boundary (see :mod:`ppo_tbptt.curriculum`)."""
+    window: int = 500
+    """Promotion window: the last this many finished training episodes of the current stage
+    (over all envs and ranks; episodes of earlier stages drawn by ``share`` do not count). A stage
+    is left only once it has played this many episodes of its own."""
+    threshold: float = 0.9
+    """Promote when the mean true ``success`` over the window reaches this, in (0, 1]."""
+    min_updates: int = 0
+    """Updates a stage is trained for at least before it can be left."""
+    share: float = 0.0
+    """Probability, per episode reset, that an env plays an earlier stage (drawn uniformly among
+    them) instead of the current one, so earlier stages are not forgotten; in [0, 1). Each env
+    draws from its own generator (seeded by ``run.seed`` and the env index, checkpointed)."""
+
+
 @dataclass(frozen=True)
 class Config:
     env: EnvConfig = EnvConfig()
@@ -241,6 +267,7 @@ class Config:
     tbptt: TBPTTConfig = TBPTTConfig()
     ppo: PPOConfig = PPOConfig()
     run: RunConfig = RunConfig()
+    curriculum: CurriculumConfig = CurriculumConfig()
 
     def to_dict(self) -> dict:
         return _to_plain(self)
@@ -266,6 +293,18 @@ _MISSING = object()
 
 
 def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp):
+        if value is None:
+            return None
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if tp is StageList:
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{where}: expected a list of mappings (reset-parameter overrides), got {value!r}")
+            return _MISSING
+        bad = [i for i, v in enumerate(value) if not isinstance(v, Mapping)]
+        for i in bad:
+            problems.append(f"{where}[{i}]: expected a mapping of reset parameters, got {value[i]!r}")
+        return _MISSING if bad else StageList(dict(v) for v in value)
     if tp is Schedule:
         return _coerce_schedule(value, where, problems)
     if tp is bool:
@@ -499,6 +538,40 @@ def validate(cfg: Config) -> list[str]:
         elif n_eval > 0 and r.eval_episodes > n_eval:
             p.append(f"run.eval_episodes: {r.eval_episodes} episodes but env.eval_seeds "
                      f"[{e.eval_seeds[0]}, {e.eval_seeds[1]}) holds only {n_eval} level seeds")
+    p.extend(_validate_curriculum(cfg.curriculum, e))
+    return p
+
+
+def _validate_curriculum(c: CurriculumConfig, e: EnvConfig) -> list[str]:
+    """Problems of the curriculum section (none without stages)."""
+    if c.stages is None:
+        return []
+    p: list[str] = []
+    if len(c.stages) == 0:
+        p.append("curriculum.stages: empty; give at least one stage (the last is the target task), "
+                 "or leave the curriculum out (curriculum.stages: null)")
+    if c.window < 1:
+        p.append(f"curriculum.window: must be >= 1 episode, got {c.window}")
+    if not 0.0 < c.threshold <= 1.0:
+        p.append(f"curriculum.threshold: a success rate in (0, 1], got {c.threshold}")
+    if not 0.0 <= c.share < 1.0:
+        p.append(f"curriculum.share: a probability in [0, 1), got {c.share}")
+    if c.min_updates < 0:
+        p.append(f"curriculum.min_updates: must be >= 0, got {c.min_updates}")
+    from .envs import reset_param_defaults
+    defaults = reset_param_defaults(e.id)
+    if defaults is None:
+        p.append(f"curriculum: stages override reset parameters, and {e.id} declares none "
+                 "(MemoryGym ids and CueRecall-v0 do: an env class's default_reset_parameters)")
+        return p
+    named = [("env.reset_params", e.reset_params)] + [(f"curriculum.stages[{i}]", s) for i, s in enumerate(c.stages)]
+    for where, params in named:
+        for key, value in params.items():
+            if key not in defaults:
+                p.append(f"{where}.{key}: not a reset parameter of {e.id} (known: {', '.join(defaults)})")
+            elif isinstance(defaults[key], list) and not (isinstance(value, list) and value):
+                p.append(f"{where}.{key}: {e.id} samples it per episode from a list; give a non-empty "
+                         f"list such as [{value!r}], got {value!r}")
     return p
 
 

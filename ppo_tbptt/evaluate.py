@@ -2,7 +2,8 @@
 
 PATH is a run folder (its latest checkpoint) or a checkpoint file; the config comes from the
 checkpoint. Level seeds default to the held-out ``env.eval_seeds``; a range that overlaps
-``env.train_seeds`` gives a warning. Exit code 2 on bad input (missing, truncated or mismatched
+``env.train_seeds`` gives a warning. A run with a curriculum is evaluated on its target task (the
+last stage) unless ``--stage N`` names another. Exit code 2 on bad input (missing, truncated or mismatched
 checkpoint, bad seed range).
 """
 from __future__ import annotations
@@ -30,6 +31,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="episodes, one level seed each (default 100, or all of a smaller --seeds range)")
     p.add_argument("--seeds", default=None, metavar="A:B",
                    help="half-open level seed range (default: the config's held-out env.eval_seeds)")
+    p.add_argument("--stage", type=int, default=None, metavar="N",
+                   help="with a curriculum: evaluate stage N (0 = the first) instead of the target task, "
+                        "the last stage")
     p.add_argument("--deterministic", action="store_true",
                    help="take the most probable action (default: sample from the policy)")
     p.add_argument("--device", type=device_arg, default="auto",
@@ -111,6 +115,10 @@ def format_summary(s: dict, cfg, file: Path, seed_range: tuple[int, int]) -> str
     lines = [f"checkpoint: {file}  (env {cfg.env.id}, step {s.get('global_step', '?'):,})",
              f"episodes:   {s['episodes']} on level seeds {seed_range[0]}:{seed_range[1]} "
              f"({'deterministic' if s['deterministic'] else 'sampled'} actions)"]
+    if "stage" in s:
+        what = "the target task" if s["target"] else "not the target task"
+        lines.append(f"stage:      {s['stage']} ({what}; training was in stage {s['training_stage']}): "
+                     + ", ".join(f"{k}: {v}" for k, v in s["reset_params"].items()))
     if s["success_rate"] is not None:
         lo, hi = s["success_ci95"]
         lines.append(f"success:    {s['success_rate']:.3f}  (95% CI {lo:.3f} - {hi:.3f}, Wilson)")
@@ -146,6 +154,12 @@ def main(argv=None) -> int:
         return fail(str(exc))
     if args.num_envs is not None and args.num_envs < 1:
         return fail(f"--num-envs must be >= 1, got {args.num_envs}")
+    from . import curriculum
+    stage = curriculum.target_stage(cfg) if args.stage is None else args.stage
+    try:
+        env_cfg = curriculum.stage_env(cfg, stage)
+    except ValueError as exc:
+        return fail(f"--stage: {exc}")
     used = (seeds[0], seeds[-1] + 1)
     common = overlap(used, tuple(cfg.env.train_seeds))
     if common:
@@ -159,12 +173,15 @@ def main(argv=None) -> int:
             _require_pillow()
         except RuntimeError as exc:
             return fail(str(exc))
-    result = evaluate_policy(model, cfg.env, seeds, deterministic=args.deterministic, device=device,
+    result = evaluate_policy(model, env_cfg, seeds, deterministic=args.deterministic, device=device,
                              num_envs=args.num_envs, sample_seed=args.sample_seed, record=record,
                              progress=Progress(len(seeds), enabled=not args.quiet))
     summary = result.summary()
     summary = {"checkpoint": str(file), "env_id": cfg.env.id, "global_step": int(state.get("global_step", 0)),
-               "seed_range": list(used), **summary}
+               "seed_range": list(used), "reset_params": env_cfg.reset_params, **summary}
+    if curriculum.enabled(cfg):
+        summary.update(stage=stage, target=stage == curriculum.target_stage(cfg),
+                       training_stage=(state.get("curriculum") or {}).get("stage"))
     print(format_summary(summary, cfg, file, used))
     if args.json:
         out = Path(args.json)

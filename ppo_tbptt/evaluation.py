@@ -139,9 +139,12 @@ class Evaluator:
     @torch.no_grad()
     def run(self, model: RecurrentActorCritic, seeds: Sequence[int], deterministic: bool = False,
             device: torch.device | str = "cpu", sample_seed: int = 0, record: int = 0,
-            progress: Callable[[int, int, list], None] | None = None) -> EvalResult:
+            progress: Callable[[int, int, list], None] | None = None,
+            reset_params: dict | None = None) -> EvalResult:
         """One episode per level seed. Episode i runs on env ``i % k``; its frames are kept if
-        ``i < record`` (needs ``render=True``). ``progress(done, total, episodes)`` after each episode."""
+        ``i < record`` (needs ``render=True``). ``progress(done, total, episodes)`` after each episode.
+        ``reset_params``: play these reset parameters in this run instead of the env config's
+        (e.g. a curriculum stage; the envs need not be rebuilt)."""
         device = torch.device(device)
         if record and not self.render:
             raise ValueError("recording frames needs an Evaluator built with render=True")
@@ -153,6 +156,10 @@ class Evaluator:
         gen = torch.Generator(device=device).manual_seed(int(sample_seed))
         was_training = model.training
         model.eval()
+        own_params = [env.reset_params for env in envs]
+        if reset_params is not None:
+            for env in envs:
+                env.reset_params = dict(reset_params)
 
         obs = np.zeros((k, *model.obs_shape), dtype=envs[0].observation_space.dtype)
         current = [-1] * k
@@ -210,6 +217,8 @@ class Evaluator:
                 state = new_state.masked(~ended.to(device))
         finally:
             model.train(was_training)
+            for env, params in zip(envs, own_params):
+                env.reset_params = params
         episodes = [done_eps[i] for i in range(total)]
         for i, e in enumerate(episodes):
             e.env_index = i

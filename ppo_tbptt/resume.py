@@ -35,10 +35,12 @@ FROZEN = {
     "model.num_layers": "the weights and the saved recurrent states depend on it",
     "model.hidden_layer": "the weights depend on it",
     "model.encoder": "the weights depend on it",
+    "curriculum.stages": "each env's stage and the episodes in flight depend on it",
 }
 
 ALLOWED = ("run.*, ppo.*, tbptt.*, env.vector, env.envs_per_worker, env.groups, env.eval_seeds, "
-           "model.encoder_dtype, model.reset_hidden_state")
+           "model.encoder_dtype, model.reset_hidden_state, curriculum.window, curriculum.threshold, "
+           "curriculum.min_updates, curriculum.share")
 
 
 @dataclasses.dataclass

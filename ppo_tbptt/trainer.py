@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from . import curriculum
 from .config import Config, dump_yaml
 from .distributed import SINGLE, Distributed
 from .envs import EnvError, make_vector_env
@@ -153,7 +154,8 @@ class Trainer:
                  if self.dist.enabled else "")
         self._task(f"starting {cfg.env.num_envs} {cfg.env.id} envs{local} (env.vector: {cfg.env.vector})")
         try:
-            self.envs = make_vector_env(cfg.env, cfg.run.seed, device=device.type, **env_kw)
+            self.envs = make_vector_env(cfg.env, cfg.run.seed, device=device.type,
+                                        curriculum=cfg.curriculum, **env_kw)
         except BaseException:
             self._close_feedback()
             raise
@@ -199,6 +201,10 @@ class Trainer:
         self._stop_now = False  # a signal asked to stop inside the update in flight
         self._answered = False  # the signal's message is out
         self.time_limited = False  # train() stopped at run.max_seconds
+        # the curriculum's promotion rule (None without one); a stage reached, to announce
+        self.promotion = (curriculum.Promotion(cfg.curriculum, curriculum.num_stages(cfg))
+                          if curriculum.enabled(cfg) else None)
+        self._stage_note: str | None = None
         if resume is not None:
             self.load_state_dict(resume, resume_path or "checkpoint")
         self.writer = MetricsWriter(self.run_dir, resume_step=self.global_step if resume else None) if log else None
@@ -329,10 +335,47 @@ class Trainer:
         })
         scalars.update(self.dist.rollout_scalars(rollout, batch))  # over all ranks ({} with one)
         scalars.update(self.truncation.metrics())
+        scalars.update(self._curriculum_step(episodes))
         if self.writer is not None:
             for tag, curve in self.truncation.curves().items():
                 self.writer.curve(tag, curve, self.global_step)
         return scalars
+
+    def _curriculum_step(self, episodes: list) -> dict:
+        """After an update: the curriculum sees its finished episodes (rank 0 holds every rank's)
+        and decides, on rank 0 for all ranks, whether every env moves to the next stage now, at
+        this update boundary. Returns the ``curriculum/*`` scalars of the stage this update trained."""
+        p = self.promotion
+        if p is None:
+            return {}
+        missing = p.observe(episodes)
+        scalars = p.scalars()
+        if missing and p.missing_success == missing:  # (once: the first such episodes)
+            self.warn(f"curriculum: {missing} {self.cfg.env.id} episodes reported no success: they "
+                      "count as failures, so the stage may never advance")
+        ready = self.dist.broadcast_object(p.ready() if self.dist.is_main else None,
+                                           "sharing the curriculum's decision")
+        if ready:
+            won = p.window_success()  # (rank 0's: the others hold no window)
+            stage = p.advance(self.global_step, self.elapsed)
+            self.envs.set_stage(stage)
+            n = curriculum.num_stages(self.cfg)
+            self._stage_note = (
+                f"curriculum: stage {stage} of 0..{n - 1}{' (the target task)' if p.final else ''} "
+                f"reached at step {self.global_step:,}, {{elapsed}} of training"
+                + (f" (stage {stage - 1}: success {won:.3f} over its last {p.window} episodes)"
+                   if won is not None else "")
+                + f": {curriculum.describe(curriculum.stage_params(self.cfg, stage))}")
+        return scalars
+
+    def _announce_stage(self) -> None:
+        """The console line of a stage reached in the last update (with the run's wall clock)."""
+        if self._stage_note is None:
+            return
+        from .utils import format_duration
+        self.promotion.history[-1]["elapsed"] = self.elapsed
+        self.say(self._stage_note.format(elapsed=format_duration(self.elapsed)))
+        self._stage_note = None
 
     # ---- the loop -------------------------------------------------------------------------------
     def save_checkpoint(self, state: dict | None = None) -> Path:
@@ -363,6 +406,7 @@ class Trainer:
             "shuffle_generator": self.shuffle_gen.get_state(),
             "collector": self.collector.get_state(),
             "truncation": self.truncation.state_dict(),
+            **({"curriculum": self.promotion.state_dict()} if self.promotion is not None else {}),
         }, self.model)
 
     def load_state_dict(self, state: dict, path: Path | str = "checkpoint") -> None:
@@ -380,28 +424,41 @@ class Trainer:
         trunc = state.get("truncation")
         if trunc is not None and trunc.get("name") == self.truncation.name:
             self.truncation.load_state_dict(trunc)  # (a strategy changed on resume starts afresh)
+        if self.promotion is not None and state.get("curriculum") is not None:
+            self.promotion.load_state_dict(state["curriculum"])
         set_rng_states(state["rng"], self.device)
 
     # ---- evaluation -----------------------------------------------------------------------------
     def evaluate(self) -> dict:
         """Evaluate on the first ``run.eval_episodes`` held-out level seeds -> ``eval/*`` scalars.
 
+        With a curriculum, ``eval/*`` is the target task (the last stage), and while training is
+        in an earlier stage, the same levels are played in that stage too (``eval_stage/*``).
         Uses a private sampling generator, so training's RNG streams are untouched."""
         from .evaluation import Evaluator, seeds_from_range
         r = self.cfg.run
         seeds = seeds_from_range(self.cfg.env.eval_seeds, r.eval_episodes)
+        p = self.promotion
+        runs = [("eval/", None)]  # (prefix, reset params: None = the evaluator's, the target's)
+        if p is not None and p.stage != curriculum.target_stage(self.cfg):
+            runs.append(("eval_stage/", curriculum.stage_params(self.cfg, p.stage)))
         t0 = time.perf_counter()
+        scalars: dict = {}
         saved = rng_states(self.device)  # env construction must not shift training's RNG streams
         try:
             if self.evaluator is None:
-                self.evaluator = Evaluator(self.cfg.env, min(self.cfg.env.num_envs, len(seeds)))
-            if self.progress is not None:
-                self.progress.start_phase("evaluate", len(seeds))
-            result = self.evaluator.run(self.model, seeds, deterministic=False, device=self.device,
-                                        sample_seed=self.cfg.run.seed, progress=self._on_episode)
+                self.evaluator = Evaluator(curriculum.stage_env(self.cfg), min(self.cfg.env.num_envs, len(seeds)))
+            for prefix, params in runs:
+                if self.progress is not None:
+                    self.progress.start_phase("evaluate", len(seeds))
+                result = self.evaluator.run(self.model, seeds, deterministic=False, device=self.device,
+                                            sample_seed=self.cfg.run.seed, progress=self._on_episode,
+                                            reset_params=params)
+                scalars.update(result.scalars(prefix))
         finally:
             set_rng_states(saved, self.device)
-        scalars = result.scalars("eval/")
+        if len(runs) > 1:
+            scalars["eval_stage/stage"] = float(p.stage)
         scalars["time/eval_seconds"] = time.perf_counter() - t0
         return scalars
 
@@ -542,6 +599,15 @@ class Trainer:
                  f"{cfg.ppo.epochs} epoch{'s' if cfg.ppo.epochs != 1 else ''} x {cfg.ppo.minibatches} "
                  f"minibatch{'es' if cfg.ppo.minibatches != 1 else ''}; {todo:,} update{'s' if todo != 1 else ''} to go "
                  f"(env steps {self.global_step:,} -> {self.planned_steps:,})")
+        if self.promotion is not None:
+            p, n = self.promotion, curriculum.num_stages(cfg)
+            c = cfg.curriculum
+            self.say(f"curriculum: stage {p.stage} of 0..{n - 1}"
+                     f"{' (the target task)' if p.final else ''}: "
+                     f"{curriculum.describe(curriculum.stage_params(cfg, p.stage))}"
+                     + ("" if p.final else f"; the next stage at a success of {c.threshold:g} over "
+                                           f"{c.window} episodes")
+                     + (f"; earlier stages in {c.share:.0%} of episodes" if c.share and p.stage else ""))
         if self.planned_steps != cfg.run.total_steps:
             what = ("is less than one update" if cfg.run.total_steps < batch
                     else "is not a whole number of updates")
@@ -632,6 +698,7 @@ class Trainer:
                     self.writer.scalars(self.global_step, scalars)
                 self.say(progress_line(self.update, self.total_updates, self.global_step,
                                        self.planned_steps, sps, scalars, self.elapsed, update_seconds))
+                self._announce_stage()
                 if evaluated:
                     self.say(eval_line(self.global_step, scalars))
                 boundary = self._boundary_or_stop(boundary)

@@ -190,12 +190,46 @@ def _learn(dist, out: Path) -> None:
         (out / "success.json").write_text(json.dumps(history))
 
 
+#: A curriculum for the session's ranks: CueRecall with delays 0, 1, 3 (tests/test_curriculum.py),
+#: promoted at a success of 0.2 over 40 episodes (more than both ranks finish in their first update).
+CURRICULUM = ["curriculum.stages=[{delay: 0}, {delay: 1}, {}]", "curriculum.window=40",
+              "curriculum.threshold=0.2", "curriculum.share=0.5"]
+
+
+def _curriculum(dist, out: Path, extra: list[str]) -> None:
+    """Train a curriculum update by update; record per update the stage after it, every env's
+    stage, the promotion window's size (rank 0's decides) and the rank's own episodes of the stage."""
+    from eval_helpers import tiny_config
+    from ppo_tbptt.trainer import Trainer
+    tr = Trainer(tiny_config(*extra), out / f"cur{dist.rank}", torch.device("cpu"), log=False, quiet=True,
+                 dist=dist)
+    rep: dict = {"stages": [], "env_stages": [], "window": [], "local": []}
+    collect = tr.collector.collect
+
+    def counting():
+        rollout, episodes = collect()
+        rep["local"].append(sum(e.stage == tr.promotion.stage for e in episodes))
+        return rollout, episodes
+
+    tr.collector.collect = counting
+    try:
+        while tr.global_step < tr.cfg.run.total_steps:
+            scalars = tr.train_update()
+            rep["window"].append(scalars["curriculum/window_episodes"])
+            rep["stages"].append(tr.promotion.stage)
+            rep["env_stages"].append([e.stages.stage for e in tr.envs.envs])
+    finally:
+        tr.close()
+    (out / f"curriculum_{dist.rank}.json").write_text(json.dumps(rep))
+
+
 def _session(dist, out: Path, extra: list[str]) -> None:
     """The equivalence update, then training and resume, in one start of the ranks (each start
     costs seconds of imports)."""
     _equivalence(dist, out)
     _train_and_resume(dist, out, extra)
+    _curriculum(dist, out, CURRICULUM)
 
 
 TASKS = {"equivalence": _equivalence, "train_and_resume": _train_and_resume, "session": _session,
-         "learn": _learn}
+         "learn": _learn, "curriculum": _curriculum}

@@ -7,7 +7,8 @@
   with one checkpoint, every rank exiting 128 + signal;
 - a killed rank ends the others (torchrun and bare gloo), nothing left behind; so does an env that
   keeps failing on one rank, and the last periodic checkpoint stays intact;
-- env slices draw the levels of their global env indices.
+- env slices draw the levels of their global env indices;
+- a curriculum's promotion is decided once, from every rank's episodes, for all ranks.
 """
 from __future__ import annotations
 
@@ -192,6 +193,21 @@ def test_ranks_stay_identical_and_an_interrupted_run_resumes_bit_exact(two_ranks
     assert all(len(p["collector"]["envs"]["envs"]) == 2 for p in parts)  # each rank's own 2 envs
     assert not torch.equal(parts[0]["rng"]["torch"], parts[1]["rng"]["torch"])  # per-rank streams
     assert parts[0]["truncation"]["generator"].tolist() != parts[1]["truncation"]["generator"].tolist()
+
+
+def test_two_ranks_take_one_curriculum_decision_from_all_their_episodes(two_ranks):
+    """A curriculum on two ranks (dist_helpers.CURRICULUM, in the same start of the ranks): rank 0's
+    promotion window holds every rank's episodes of the stage, and both ranks (their promotion
+    state and every env) move to the next stage after the same update."""
+    out = two_ranks[0]
+    reps = [json.loads((out / f"curriculum_{r}.json").read_text()) for r in range(2)]
+    assert reps[0]["stages"] == reps[1]["stages"] and reps[0]["env_stages"] == reps[1]["env_stages"]
+    assert reps[0]["stages"][0] == 0 and reps[0]["stages"][-1] == 2  # promoted twice, in step
+    for rep in reps:
+        assert all(set(s) == {t} for s, t in zip(rep["env_stages"], rep["stages"]))
+    # the first update (stage 0, 16 two-step episodes per rank): rank 0's window holds both ranks'
+    assert reps[0]["window"][0] == reps[0]["local"][0] + reps[1]["local"][0] > reps[0]["local"][0]
+    assert set(reps[1]["window"]) == {0}  # rank 1 holds no window: it follows rank 0's decision
 
 
 def test_a_two_rank_checkpoint_refuses_a_single_process_resume(tmp_path, capsys):

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import functools
+import importlib
 import os
 from typing import Callable
 
@@ -34,6 +36,31 @@ def make_base_env(env_id: str, kwargs: dict | None = None, render_mode: str | No
         raise ValueError(f"unknown env id {env_id!r} ({exc}); known: {CUE_RECALL_ID}, "
                          f"{PENDULUM_NO_VELOCITY_ID}, " + ", ".join(MEMORY_GYM_IDS)
                          + ", any registered gymnasium id, or module:EnvId") from None
+
+
+@functools.lru_cache(maxsize=None)
+def _reset_param_defaults(env_id: str) -> dict | None:
+    if env_id == CUE_RECALL_ID:
+        return dict(CueRecall.default_reset_parameters)
+    if env_id in MEMORY_GYM_IDS:
+        import memory_gym  # noqa: F401  (registers the MemoryGym ids)
+    try:
+        entry = gym.spec(env_id).entry_point
+        if isinstance(entry, str):
+            module, _, name = entry.partition(":")
+            entry = getattr(importlib.import_module(module), name)
+    except Exception:  # unknown id, or an entry point that does not import: nothing declared
+        return None
+    defaults = getattr(entry, "default_reset_parameters", None)
+    return dict(defaults) if isinstance(defaults, dict) else None
+
+
+def reset_param_defaults(env_id: str) -> dict | None:
+    """The reset parameters an env id declares, with their defaults (an env class's
+    ``default_reset_parameters``, MemoryGym's convention; CueRecall-v0 declares ``delay``), read
+    without building the env; None if it declares none."""
+    found = _reset_param_defaults(env_id)
+    return None if found is None else copy.deepcopy(found)
 
 
 class SeedStream:
@@ -119,10 +146,12 @@ def make_env(env_cfg, render_mode: str | None = None) -> gym.Env:
     return env
 
 
-def env_fn(env_cfg, next_seed: Callable[[], int], render_mode: str | None = None) -> Callable[[], gym.Env]:
-    """A picklable-enough thunk building one seeded, reset-param-applying env (:func:`make_env`)."""
+def env_fn(env_cfg, next_seed: Callable[[], int], render_mode: str | None = None,
+           stages=None) -> Callable[[], gym.Env]:
+    """A picklable-enough thunk building one seeded, reset-param-applying env (:func:`make_env`);
+    ``stages``: its curriculum stage sampler (see :class:`LevelSeedWrapper`), if any."""
     def thunk() -> gym.Env:
-        return LevelSeedWrapper(make_env(env_cfg, render_mode), next_seed, env_cfg.reset_params)
+        return LevelSeedWrapper(make_env(env_cfg, render_mode), next_seed, env_cfg.reset_params, stages)
     return thunk
 
 
@@ -137,7 +166,8 @@ def env_groups(env_cfg, device: str | None = None) -> int:
 
 
 def make_vector_env(env_cfg, run_seed: int, num_envs: int | None = None, seed_range=None,
-                    device: str | None = None, first_env: int = 0, workers: int | None = None):
+                    device: str | None = None, first_env: int = 0, workers: int | None = None,
+                    curriculum=None):
     """The training vector env: ``env_cfg.num_envs`` envs, level seeds from ``env_cfg.train_seeds``.
 
     ``env_cfg.vector``: ``serial`` (this process), ``pool`` (worker processes, shared memory) or
@@ -146,15 +176,20 @@ def make_vector_env(env_cfg, run_seed: int, num_envs: int | None = None, seed_ra
     resolves ``env.groups: 0`` (see :func:`env_groups`). ``first_env``: the global index of this
     vector env's first env, when it holds one slice of a larger set (one rank of a distributed
     run): its env ``i`` draws the level seeds of global env ``first_env + i``. ``workers``: the
-    pool's process count for ``env.envs_per_worker: 0`` (default: the usable CPU cores)."""
+    pool's process count for ``env.envs_per_worker: 0`` (default: the usable CPU cores).
+    ``curriculum`` (a config's ``curriculum`` section): with stages, env ``i`` gets the stage
+    sampler of global env ``first_env + i`` (:func:`ppo_tbptt.curriculum.stage_sampler`) and the
+    vector env's ``set_stage`` moves them all."""
+    from ..curriculum import stage_sampler
     n = env_cfg.num_envs if num_envs is None else num_envs
     rng = env_cfg.train_seeds if seed_range is None else seed_range
     groups = env_groups(env_cfg, device)
     if env_cfg.vector == "pool":
         from .pool import WorkerPoolVectorEnv
         return WorkerPoolVectorEnv(env_cfg, run_seed, n, rng, env_cfg.envs_per_worker, groups,
-                                   first_env=first_env, workers=workers)
-    fns = [env_fn(env_cfg, seed_stream(rng, run_seed, first_env + i)) for i in range(n)]
+                                   first_env=first_env, workers=workers, curriculum=curriculum)
+    fns = [env_fn(env_cfg, seed_stream(rng, run_seed, first_env + i),
+                  stages=stage_sampler(curriculum, env_cfg, run_seed, first_env + i)) for i in range(n)]
     if env_cfg.vector == "gym_async":
         from .gym_async import GymAsyncVectorEnv
         return GymAsyncVectorEnv(fns)
@@ -163,4 +198,4 @@ def make_vector_env(env_cfg, run_seed: int, num_envs: int | None = None, seed_ra
 
 __all__ = ["CueRecall", "PendulumNoVelocity", "PENDULUM_NO_VELOCITY_ID", "DownsampleObservation", "MortarMayhemTrueSuccess", "MEMORY_GYM_IDS", "MORTAR_MAYHEM_IDS", "make_env", "EnvConfigError", "EnvError", "EpisodeStats", "SerialVectorEnv", "StepResult", "VectorEnv", "LevelSeedWrapper", "EnvStateError",
            "SeedStream", "SeedSequence", "FlatBox", "FlattenObservation", "UnsupportedSpaceError",
-           "env_groups", "make_base_env", "make_vector_env", "seed_stream", "seed_sequence", "env_fn", "CUE_RECALL_ID"]
+           "env_groups", "make_base_env", "reset_param_defaults", "make_vector_env", "seed_stream", "seed_sequence", "env_fn", "CUE_RECALL_ID"]

@@ -7,6 +7,9 @@ an agent whose gradients reach back ``delay + 1`` steps from the query can learn
 agent succeeds with probability ``1 / num_cues``.
 
 Observation: uint8 vector of size ``num_cues + 1`` (cue one-hot, then the query flag).
+
+Reset option (``reset(options={"delay": d})``, e.g. a curriculum stage's ``env.reset_params``):
+``delay`` sets this episode's delay (default: the constructor's).
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ import numpy as np
 
 class CueRecall(gym.Env):
     metadata = {"render_modes": ["rgb_array"]}
+    #: Reset options and their defaults (MemoryGym's convention; None: the constructor's value).
+    default_reset_parameters = {"delay": None}
 
     def __init__(self, num_cues: int = 4, delay: int = 8, render_mode: str | None = None):
         if num_cues < 2:
@@ -23,7 +28,7 @@ class CueRecall(gym.Env):
         if delay < 0:
             raise ValueError(f"CueRecall: delay must be >= 0, got {delay}")
         self.num_cues = int(num_cues)
-        self.delay = int(delay)
+        self.delay = self._default_delay = int(delay)
         self.render_mode = render_mode
         self.observation_space = gym.spaces.Box(0, 1, (self.num_cues + 1,), np.uint8)
         self.action_space = gym.spaces.Discrete(self.num_cues)
@@ -40,6 +45,14 @@ class CueRecall(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
+        unknown = set(options or {}) - set(self.default_reset_parameters)
+        if unknown:
+            raise ValueError(f"CueRecall: unknown reset options {sorted(unknown)} (known: delay)")
+        delay = (options or {}).get("delay")
+        if delay is not None:
+            if isinstance(delay, bool) or not isinstance(delay, (int, np.integer)) or delay < 0:
+                raise ValueError(f"CueRecall: the delay option must be an integer >= 0, got {delay!r}")
+        self.delay = self._default_delay if delay is None else int(delay)
         self._cue = int(self.np_random.integers(self.num_cues))
         self._t = 0
         return self._obs(), {}

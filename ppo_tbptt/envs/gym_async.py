@@ -61,6 +61,9 @@ class GymAsyncVectorEnv(VectorEnv):
         return {"envs": list(self.venv.call("get_state")), "ret": [float(x) for x in self._ret],
                 "len": [int(x) for x in self._len]}
 
+    def set_stage(self, stage: int) -> None:
+        self.venv.call("set_stage", stage)
+
     def set_state(self, state: dict) -> np.ndarray:
         raise EnvStateError("env.vector: gym_async cannot restore env states; resume with "
                             "--set env.vector=pool or serial")

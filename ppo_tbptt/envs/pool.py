@@ -102,20 +102,22 @@ def _views(buf, layout: dict) -> dict:
 
 
 def _worker_main(index: int, lo: int, hi: int, env_cfg, run_seed: int, seed_range, conn,
-                 first_env: int = 0) -> None:
+                 first_env: int = 0, curriculum=None) -> None:
     """A worker process: build envs lo..hi-1, attach the shared arrays, serve commands until closed.
-    Env ``i`` draws the level seeds of global env ``first_env + i``."""
+    Env ``i`` draws the level seeds (and curriculum stages) of global env ``first_env + i``."""
     # Ctrl-C and a service manager's stop signal the whole process group: the learner handles
     # them (finish the update, save, close the pool); a worker outlives them until it is closed.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from ..curriculum import stage_sampler
     from . import env_fn, seed_stream
 
     envs: list = []
     runner = shm = arrays = None
     try:
         for i in range(lo, hi):
-            envs.append(env_fn(env_cfg, seed_stream(seed_range, run_seed, first_env + i))())
+            envs.append(env_fn(env_cfg, seed_stream(seed_range, run_seed, first_env + i),
+                               stages=stage_sampler(curriculum, env_cfg, run_seed, first_env + i))())
         conn.send_bytes(DATA + pickle.dumps((envs[0].observation_space, envs[0].action_space)))
         msg = conn.recv_bytes()
         if msg[:1] != CMD:
@@ -147,6 +149,9 @@ def _worker_main(index: int, lo: int, hi: int, env_cfg, run_seed: int, seed_rang
                 conn.send_bytes(DATA + pickle.dumps(runner.get_state()))
             elif cmd == "set_state":
                 runner.set_state(args[0])
+                conn.send_bytes(OK)
+            elif cmd == "set_stage":
+                runner.set_stage(args[0])
                 conn.send_bytes(OK)
             elif cmd == "replay":  # steps the learner has seen already: results stay here
                 for a in args[0]:  # [n, D] as the learner wrote them, viewed as the envs take them
@@ -207,12 +212,13 @@ class WorkerPoolVectorEnv(VectorEnv):
     ``forkserver`` (default on Linux: children start from a clean process, not a copy of a learner
     that holds CUDA and thread pools) or ``spawn``. ``first_env``: the global index of env 0 (its
     level seeds; see :func:`ppo_tbptt.envs.make_vector_env`); ``workers``: the process count for
-    ``envs_per_worker`` 0 (default: the usable CPU cores).
+    ``envs_per_worker`` 0 (default: the usable CPU cores); ``curriculum``: a config's curriculum
+    section (each env's stage sampler is built in its worker).
     """
 
     def __init__(self, env_cfg, run_seed: int, num_envs: int, seed_range, envs_per_worker: int = 0,
                  groups: int = 1, start_method: str | None = None, first_env: int = 0,
-                 workers: int | None = None):
+                 workers: int | None = None, curriculum=None):
         self.env_id = env_cfg.id
         self.num_envs = int(num_envs)
         self.groups, self.workers, self._group_workers = worker_layout(self.num_envs, envs_per_worker, groups,
@@ -226,7 +232,7 @@ class WorkerPoolVectorEnv(VectorEnv):
         self._pending = PendingSteps()
         self._closed = False
         self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._conns, None)
-        self._worker_args = (ctx, env_cfg, run_seed, tuple(seed_range), int(first_env))
+        self._worker_args = (ctx, env_cfg, run_seed, tuple(seed_range), int(first_env), curriculum)
         self._init_recovery()
         try:
             for w in range(len(self.workers)):
@@ -369,6 +375,14 @@ class WorkerPoolVectorEnv(VectorEnv):
             self._new_base(w, part)
         return self._arrays["obs"].copy()
 
+    def set_stage(self, stage: int) -> None:
+        """Move every env to curriculum stage ``stage`` (between steps). Each worker's base is
+        renewed after it (a replacement worker restores the stage with the envs' states)."""
+        self._check_open()
+        for w in range(len(self.workers)):
+            self._ask(w, "set_stage", stage)
+            self._new_base(w, self._ask(w, "get_state"))
+
     # ---- replacing a dead worker ---------------------------------------------------------------
     # The pool keeps, per worker, its envs' replayable states as of some moment (a "base": after
     # reset or set_state, at every get_state, and at the latest every ``refresh_every`` steps) and
@@ -393,11 +407,12 @@ class WorkerPoolVectorEnv(VectorEnv):
 
     def _spawn(self, w: int):
         """Start worker ``w``'s process -> (process, the learner's end of its pipe)."""
-        ctx, env_cfg, run_seed, seed_range, first_env = self._worker_args
+        ctx, env_cfg, run_seed, seed_range, first_env, curriculum = self._worker_args
         sl = self.workers[w]
         parent, child = ctx.Pipe()
         p = ctx.Process(target=_worker_main, name=f"ppo_tbptt-env-{w}", daemon=True,
-                        args=(w, sl.start, sl.stop, env_cfg, run_seed, seed_range, child, first_env))
+                        args=(w, sl.start, sl.stop, env_cfg, run_seed, seed_range, child, first_env,
+                              curriculum))
         p.start()
         child.close()  # only the worker holds its end now, so its death closes the pipe
         return p, parent

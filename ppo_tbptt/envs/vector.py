@@ -9,6 +9,8 @@ group; ``obs_out [n_g, ...]``, if given, receives the observations: one copy, no
 ``groups``: contiguous env slices that can be stepped independently; a collector that alternates
 between them overlaps the policy's work for one group with the envs' stepping of another
 ``get_state() -> plain data`` and ``set_state(state) -> obs [N, ...]`` (for bit-exact resume)
+``set_stage(stage)``: every env plays curriculum stage ``stage`` from its next reset on (envs built
+with a curriculum; called between steps, at an update boundary)
 ``close()``
 
 ``StepResult.obs`` already holds the first observation of a new episode for every env whose
@@ -47,6 +49,7 @@ class EpisodeStats:
     length: int
     success: float | None = None
     extra: dict = dataclasses.field(default_factory=dict)
+    stage: int | None = None  # the curriculum stage it played (None without a curriculum)
 
 
 @dataclasses.dataclass
@@ -75,8 +78,10 @@ class StepResult:
 def episode_stats(env_index: int, seed, ret: float, length: int, info: dict) -> EpisodeStats:
     success = info.get("success")
     extra = {k: float(info[k]) for k in TASK_STAT_KEYS if k in info}
+    stage = info.get("curriculum_stage")
     return EpisodeStats(env_index, seed, float(ret), int(length),
-                        None if success is None else float(success), extra)
+                        None if success is None else float(success), extra,
+                        None if stage is None else int(stage))
 
 
 def split_evenly(n: int, parts: int) -> list[slice]:
@@ -161,6 +166,11 @@ class EnvRunner:
                 self._len[i] = 0
             self.obs[i] = obs
         return final_obs, episodes
+
+    def set_stage(self, stage: int) -> None:
+        """Move every env to curriculum stage ``stage`` (from its next reset on)."""
+        for env in self.envs:
+            env.set_stage(stage)
 
     def get_state(self) -> dict:
         """Plain data: each env's replayable state plus the running episode returns and lengths."""
@@ -292,6 +302,10 @@ class SerialVectorEnv(VectorEnv):
 
     def get_state(self) -> dict:
         return self.runner.get_state()
+
+    def set_stage(self, stage: int) -> None:
+        """Move every env to curriculum stage ``stage`` (from its next reset on)."""
+        self.runner.set_stage(stage)
 
     def set_state(self, state: dict) -> np.ndarray:
         """Restore what :meth:`get_state` returned; returns the current observations ``[N, ...]``."""

@@ -29,19 +29,38 @@ class LevelSeedWrapper(gym.Wrapper):
     :meth:`get_state` returns plain data (level seed, reset options, the seed generator's state,
     the actions) from which :meth:`set_state` rebuilds the same episode by resetting and replaying.
     A worker process can forward both calls unchanged.
+
+    ``stages`` (a :class:`ppo_tbptt.curriculum.StageSampler`, for a curriculum): each reset plays
+    the reset parameters of the stage it draws instead of ``reset_params``; the episode's stage is
+    ``episode_stage`` and goes into the info of its last step as ``curriculum_stage``;
+    :meth:`set_stage` moves the env to another stage (from its next reset on). The sampler's state
+    is part of :meth:`get_state`.
     """
 
-    def __init__(self, env: gym.Env, next_seed: Callable[[], int], reset_params: dict | None = None):
+    def __init__(self, env: gym.Env, next_seed: Callable[[], int], reset_params: dict | None = None,
+                 stages=None):
         super().__init__(env)
         self._next_seed = next_seed
-        self._reset_params = dict(reset_params or {})
+        self.reset_params = dict(reset_params or {})
+        self.stages = stages
+        self.episode_stage: int | None = None
         self.current_seed: int | None = None
         self._options: dict | None = None
         self._actions: list = []
 
+    def set_stage(self, stage: int) -> None:
+        """Play curriculum stage ``stage`` from the next reset on (the episode running keeps its own)."""
+        if self.stages is None:
+            raise RuntimeError("set_stage: this env was built without curriculum stages")
+        self.stages.set_stage(stage)
+
     def reset(self, *, seed=None, options=None):
         self.current_seed = int(self._next_seed()) if seed is None else int(seed)
-        opts = dict(self._reset_params)
+        if self.stages is not None:
+            self.episode_stage, params = self.stages.draw()
+            opts = dict(params)
+        else:
+            opts = dict(self.reset_params)
         if options:
             opts.update(options)
         self._options = opts or None
@@ -50,14 +69,22 @@ class LevelSeedWrapper(gym.Wrapper):
 
     def step(self, action):
         self._actions.append(_plain_action(action))
-        return self.env.step(action)
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        if (terminated or truncated) and self.episode_stage is not None:
+            info = dict(info)
+            info["curriculum_stage"] = self.episode_stage
+        return obs, reward, terminated, truncated, info
 
     # ---- replayable state ------------------------------------------------------------------------
     def get_state(self) -> dict:
         """Plain data (ints, lists, dicts) that :meth:`set_state` turns back into this exact episode."""
         gen = self._next_seed.get_state() if hasattr(self._next_seed, "get_state") else None
-        return {"seed": self.current_seed, "options": self._options, "actions": list(self._actions),
-                "seed_generator": gen}
+        out = {"seed": self.current_seed, "options": self._options, "actions": list(self._actions),
+               "seed_generator": gen}
+        if self.stages is not None:
+            out["stages"] = self.stages.get_state()
+            out["episode_stage"] = self.episode_stage
+        return out
 
     def set_state(self, state: dict):
         """Restore the seed generator, reset to the recorded level and replay the recorded actions.
@@ -75,6 +102,12 @@ class LevelSeedWrapper(gym.Wrapper):
                 raise EnvStateError("env state carries a seed generator state, but this env's "
                                     "seed source cannot be restored")
             self._next_seed.set_state(gen)
+        if state.get("stages") is not None:
+            if self.stages is None:
+                raise EnvStateError("env state carries curriculum stages, but this env has none")
+            self.stages.set_state(state["stages"])
+        if self.stages is not None and "stages" in state:
+            self.episode_stage = state.get("episode_stage")
         if seed is None:
             self.current_seed, self._options, self._actions = None, None, []
             return None
