@@ -146,42 +146,48 @@ def export_onnx(model: RecurrentActorCritic, sample_obs: np.ndarray, path: str |
 
 # ---- side by side ---------------------------------------------------------------------------------
 def record_episodes(model: RecurrentActorCritic, env_cfg, num_envs: int, steps: int, first_seed: int,
-                    reset_on_start: bool = True):
-    """Drive ``num_envs`` envs for ``steps`` steps with the greedy actions of the torch policy
-    (:class:`ExportedPolicy`), the state carried through; each episode on the next level seed from
-    ``first_seed`` on.
+                    reset_on_start: bool = True) -> dict:
+    """Drive ``num_envs`` envs for ``steps`` steps with the torch model's greedy actions, as the
+    collector steps it: the state carried from step to step and zeroed after an episode ends (if
+    ``reset_on_start``); each episode on the next level seed from ``first_seed`` on.
 
-    Returns ``inputs`` (one tuple of numpy arrays per step: obs, h[, c], episode_start, as fed)
-    and ``outputs`` (torch's outputs per step, as numpy)."""
+    Returns numpy arrays over the steps: ``obs [T, B, ...]``, ``episode_start [T, B]`` (float32),
+    and torch's ``action``, ``logits`` (Box: ``mean`` and ``log_std``), ``value`` and the state
+    after each step, ``h_out`` (and ``c_out``) ``[T, K, B, H]``."""
     import itertools
     from .envs import make_env
     from .envs.vector import env_actions
     from .envs.wrappers import LevelSeedWrapper
     from .evaluation import no_seed
-    policy = ExportedPolicy(model.cpu().eval(), reset_on_start).eval()
+    model = model.cpu().eval()
     seeds = itertools.count(int(first_seed))
     envs = [LevelSeedWrapper(make_env(env_cfg), no_seed, env_cfg.reset_params) for _ in range(num_envs)]
+    rec: dict[str, list] = {}
     try:
         obs = np.stack([env.reset(seed=next(seeds))[0] for env in envs])
-        state = [s.numpy() for s in model.initial_state(num_envs, "cpu").tensors()]
-        start = np.ones(num_envs, np.float32)
-        inputs, outputs = [], []
+        state = model.initial_state(num_envs, "cpu")
+        start = np.ones(num_envs, bool)
         with torch.no_grad():
             for _ in range(steps):
-                x = (obs.copy(), *state, start.copy())
-                out = tuple(o.numpy() for o in policy(*[torch.from_numpy(a) for a in x]))
-                inputs.append(x)
-                outputs.append(out)
-                state = list(out[-len(state):])  # the next state, fed back
-                acts = env_actions(out[0], envs[0].action_space)
+                logits, values, new = model(torch.from_numpy(obs)[:, None], state)  # [B, 1, ...]
+                action = model.dist(logits[:, 0]).mode()
+                heads = ({"mean": logits[:, 0], "log_std": model.log_std.expand_as(logits[:, 0])}
+                         if model.continuous else {"logits": logits[:, 0]})
+                names = ["h_out", "c_out"][:len(new.tensors())]
+                step = {"obs": obs.copy(), "episode_start": start.astype(np.float32), "action": action,
+                        **heads, "value": values[:, 0], **dict(zip(names, new.tensors()))}
+                for k, v in step.items():
+                    rec.setdefault(k, []).append(v.numpy().copy() if torch.is_tensor(v) else v)
+                acts = env_actions(action.numpy(), envs[0].action_space)
                 for j, env in enumerate(envs):
                     o, _, term, trunc, _ = env.step(acts[j])
-                    start[j] = float(term or trunc)
-                    obs[j] = env.reset(seed=next(seeds))[0] if term or trunc else o
+                    start[j] = term or trunc
+                    obs[j] = env.reset(seed=next(seeds))[0] if start[j] else o
+                state = new.masked(torch.from_numpy(~start)) if reset_on_start else new
     finally:
         for env in envs:
             env.close()
-    return inputs, outputs
+    return {k: np.stack(v) for k, v in rec.items()}
 
 
 def onnx_session(path: str | Path):
@@ -192,26 +198,31 @@ def onnx_session(path: str | Path):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def compare(path: str | Path, inputs, outputs) -> dict:
-    """Run the ONNX graph at ``path`` on each recorded step's ``inputs`` and compare with torch's
-    ``outputs``: ``max_abs`` (largest difference over every float output and step, keyed by
-    output name), ``action_mismatches`` (greedy actions that differ) and ``steps``."""
+def compare(path: str | Path, rec: dict) -> dict:
+    """Run the ONNX graph at ``path`` over :func:`record_episodes`' steps, its own state carried
+    from each step to the next (``h_out`` fed back as ``h``, starting from zeros) and the recorded
+    observations and episode starts: ``max_abs`` (per output, the largest difference from torch
+    over every step and env), ``action_mismatches`` (entries whose greedy action differs), ``steps``."""
     sess = onnx_session(path)
-    names = [i.name for i in sess.get_inputs()]
     out_names = [o.name for o in sess.get_outputs()]
+    state_names = [n for n in ("h", "c") if n in [i.name for i in sess.get_inputs()]]
+    steps, batch = rec["episode_start"].shape
+    state = {n: np.zeros_like(rec["h_out"][0]) for n in state_names}
     worst = {n: 0.0 for n in out_names if n != "action"}
     mismatches = 0
-    for x, ref in zip(inputs, outputs):
-        got = sess.run(None, dict(zip(names, x)))
-        for name, g, r in zip(out_names, got, ref):
-            if g.shape != r.shape:
-                raise AssertionError(f"{name}: ONNX shape {g.shape}, torch {r.shape}")
+    for t in range(steps):
+        got = dict(zip(out_names, sess.run(None, {"obs": rec["obs"][t], "episode_start": rec["episode_start"][t],
+                                                  **state})))
+        for name, g in got.items():
+            ref = rec[name][t]
+            if g.shape != ref.shape:
+                raise AssertionError(f"{name}: ONNX gives shape {g.shape}, torch {ref.shape}")
             if name == "action" and g.dtype.kind == "i":
-                mismatches += int((g != r).any(axis=-1).sum())
+                mismatches += int((g != ref).sum())
             else:
-                worst.setdefault(name, 0.0)
-                worst[name] = max(worst[name], float(np.max(np.abs(g.astype(np.float64) - r))))
-    return {"max_abs": worst, "action_mismatches": mismatches, "steps": len(inputs)}
+                worst[name] = max(worst.get(name, 0.0), float(np.max(np.abs(g.astype(np.float64) - ref))))
+        state = {n: got[f"{n}_out"] for n in state_names}
+    return {"max_abs": worst, "action_mismatches": mismatches, "steps": steps, "envs": batch}
 
 
 # ---- command line -----------------------------------------------------------------------------------
@@ -263,8 +274,7 @@ def main(argv=None) -> int:
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) from {file}: inputs "
           f"{', '.join(policy.input_names)}; outputs {', '.join(policy.output_names)}")
     if not args.no_check:
-        inputs, outputs = record_episodes(model, cfg.env, 4, 64, cfg.env.eval_seeds[0], reset)
-        res = compare(out, inputs, outputs)
+        res = compare(out, record_episodes(model, cfg.env, 4, 64, cfg.env.eval_seeds[0], reset))
         worst = max(res["max_abs"].values())
         print(f"checked: onnxruntime against torch over {res['steps']} steps of 4 envs (held-out levels): "
               f"max |difference| {worst:.2e}, greedy actions differing: {res['action_mismatches']}")
