@@ -82,6 +82,15 @@ def test_a_trial_behind_is_pruned_and_keeps_its_folder(tmp_path, capsys):
     assert "history.png: not drawn, it needs 1 completed trial (0 so far)" in out
 
 
+def test_the_value_is_an_evaluation_at_the_end_of_the_run(tmp_path):
+    # 4 updates of 128 steps, evaluations every 300: at 384, then none due at the end (512)
+    args = study_args(tmp_path, 1, "--set", "run.total_steps=512", "--set", "run.eval_every=300",
+                      "--no-baseline", "--pruner", "none")
+    assert T.main(args) == 0
+    t = load_study(tmp_path).trials[0]
+    assert sorted(t.intermediate_values) == [384, 512] and t.value == t.intermediate_values[512]
+
+
 def test_median_pruner_compares_trials_at_the_same_step(tmp_path):
     """The default pruner, wired to what the trials report: a trial below the median of the
     completed ones at its first evaluation stops there."""
@@ -99,6 +108,7 @@ def test_trial_values_go_through_the_command_lines_validation():
     cfg = T.trial_config(raw, {"ppo.lr.initial": 1e-5, "tbptt.strategy": "random", "model.hidden_size": 32})
     assert cfg.ppo.lr.initial == 1e-5 and cfg.ppo.lr.final == 1e-4  # a schedule keeps its final value
     assert cfg.tbptt.strategy == "random" and cfg.model.hidden_size == 32
+    assert T.trial_config(raw, {"ppo.lr.final": None}).ppo.lr.final is None  # YAML's null, not 'None'
     with pytest.raises(C.ConfigError, match="ppo.minibatches"):
         T.trial_config(raw, {"ppo.minibatches": 10_000})
 
