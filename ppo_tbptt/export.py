@@ -33,6 +33,7 @@ onnxruntime side by side and reports the largest difference (``--no-check`` skip
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import sys
@@ -114,8 +115,7 @@ def export_onnx(model: RecurrentActorCritic, sample_obs: np.ndarray, path: str |
     import warnings
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = model.cpu().eval()
-    bf16 = model.encoder_bf16
+    model = copy.deepcopy(model).cpu().eval()  # (the caller's model stays where it is)
     model.encoder_bf16 = False
     policy = ExportedPolicy(model, reset_on_start).eval()
     batch = torch.export.Dim("batch")
@@ -134,7 +134,6 @@ def export_onnx(model: RecurrentActorCritic, sample_obs: np.ndarray, path: str |
                               dynamic_shapes=({0: batch}, (*state, {0: batch})), opset_version=opset,
                               external_data=False, verbose=False)
     finally:
-        model.encoder_bf16 = bf16
         quiet.setLevel(level)
     graph = onnx.load(str(path))
     onnx.checker.check_model(graph)
@@ -159,7 +158,7 @@ def record_episodes(model: RecurrentActorCritic, env_cfg, num_envs: int, steps: 
     from .envs.vector import env_actions
     from .envs.wrappers import LevelSeedWrapper
     from .evaluation import no_seed
-    model = model.cpu().eval()
+    model = copy.deepcopy(model).cpu().eval()
     seeds = itertools.count(int(first_seed))
     envs = [LevelSeedWrapper(make_env(env_cfg), no_seed, env_cfg.reset_params) for _ in range(num_envs)]
     rec: dict[str, list] = {}
@@ -268,6 +267,10 @@ def main(argv=None) -> int:
     finally:
         env.close()
     reset = bool(cfg.model.reset_hidden_state)
+    if model.encoder_bf16:
+        print("note: the encoder runs in float32 in the exported graph (model.encoder_dtype bfloat16 is an "
+              "autocast in torch); the check compares it with torch in float32 too")
+        model.encoder_bf16 = False
     meta = metadata(model, cfg, file, int(state.get("global_step", 0)), space_dtype)
     out = export_onnx(model, np.asarray(obs)[None], args.onnx, reset, meta, args.opset)
     policy = ExportedPolicy(model, reset)

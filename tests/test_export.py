@@ -89,9 +89,13 @@ def test_trained_cue_recall_agent_runs_alike_in_onnxruntime_and_torch(cue_run, c
     assert set(res["max_abs"]) == {"logits", "value", "h_out", "c_out"}
 
 
-@pytest.mark.parametrize("core", ["gru", pytest.param("lstm", marks=pytest.mark.slow)])
-def test_memorygym_grid_agent_runs_alike_in_onnxruntime_and_torch(core, tmp_path):
-    model, cfg, obs = untrained("mortar_mayhem_grid_cpu", ["env.vector=serial", f"model.core={core}"])
+@pytest.mark.parametrize("core,reset", [("gru", "true"), pytest.param("lstm", "true", marks=pytest.mark.slow),
+                                        pytest.param("gru", "false", marks=pytest.mark.slow)])
+def test_memorygym_grid_agent_runs_alike_in_onnxruntime_and_torch(core, reset, tmp_path):
+    """MortarMayhem-Grid's CPU model, untrained (GRU as configured, and LSTM); with
+    ``model.reset_hidden_state: false`` the state carries over episode starts in both."""
+    model, cfg, obs = untrained("mortar_mayhem_grid_cpu", ["env.vector=serial", f"model.core={core}",
+                                                           f"model.reset_hidden_state={reset}"])
     assert obs.dtype == np.uint8 and obs.shape == (1, 21, 21, 3)  # frames as the env gives them
     check_parity(model, cfg, obs, tmp_path / f"grid_{core}.onnx", envs=2, steps=40)
 
@@ -101,6 +105,9 @@ def test_structured_observations_and_other_action_spaces_export(act, tmp_path):
     import space_envs  # noqa: F401  (registers Spaces-v0)
     model, cfg, obs = untrained("cue_recall", ["env.id=space_envs:Spaces-v0", "env.kwargs={}",
                                                f"env.kwargs.act={act}", "env.kwargs.obs=dict"])
+    if act == "box":
+        with torch.no_grad():
+            model.log_std.copy_(torch.tensor([-0.5, 0.3]))  # (it starts at 0, the std of 1)
     res = check_parity(model, cfg, obs, tmp_path / f"{act}.onnx", envs=2, steps=30)
     assert set(res["max_abs"]) >= ({"mean", "log_std"} if act == "box" else {"logits"})
     sess = E.onnx_session(tmp_path / f"{act}.onnx")
