@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import socket
 import sys
 import time
@@ -60,6 +61,10 @@ DEFAULT_SPACE = {
 }
 
 OBJECTIVES = {"success": "eval/success", "return": "eval/return"}
+
+
+class ObjectiveError(ValueError):
+    """The evaluation does not report what ``--objective`` asks for."""
 
 
 class SearchSpaceError(ValueError):
@@ -257,8 +262,8 @@ def objective_value(scalars: dict, objective: str) -> float:
         return Trainer.eval_score(scalars)
     key = OBJECTIVES[objective]
     if scalars.get(key) is None:
-        raise RuntimeError(f"--objective {objective}: the evaluation reports no {key} (this env has no "
-                           "success flag: use --objective return or auto)")
+        raise ObjectiveError(f"--objective {objective}: the evaluation reports no {key} (this env has no "
+                             "success flag: use --objective return or auto)")
     return float(scalars[key])
 
 
@@ -409,10 +414,10 @@ def summary_table(study, top: int = 5) -> str:
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     best = done[0]
     lines.append(f"best: trial {best.number}, value {best.value:.3f}, run {best.user_attrs.get('run_dir', '?')}")
-    sets = " ".join(f"--set {o}" for o in best.user_attrs.get("overrides", []))
-    config = study.user_attrs.get("config", "CONFIG")
-    base_sets = " ".join(f"--set {o}" for o in study.user_attrs.get("overrides", []))
-    lines.append(f"train it: python -m ppo_tbptt.train --config {config} {base_sets} {sets}".replace("  ", " "))
+    sets = study.user_attrs.get("overrides", []) + best.user_attrs.get("overrides", [])
+    config = shlex.quote(study.user_attrs.get("config_arg", "CONFIG"))
+    lines.append(" ".join(["train it: python -m ppo_tbptt.train --config", config]
+                          + [f"--set {shlex.quote(o)}" for o in sets]))
     return "\n".join(lines)
 
 
@@ -455,7 +460,7 @@ def write_plots(study, folder: Path) -> list[str]:
             fig.savefig(folder / name, dpi=100)
             plt.close(fig)
             out.append(f"wrote {folder / name}")
-        except (ValueError, RuntimeError, ZeroDivisionError) as exc:  # e.g. no parameter varies
+        except Exception as exc:  # e.g. no parameter varies: the study's results stand without the plot
             out.append(f"{name}: not drawn: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             plt.close("all")
     return out
@@ -559,7 +564,7 @@ def main(argv=None) -> int:
     sampler = optuna.samplers.TPESampler(seed=args.sampler_seed)
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", sampler=sampler,
                                 pruner=make_pruner(args.pruner), load_if_exists=True)
-    identity = {"config": str(args.config), "overrides": list(args.overrides), "space": json.dumps(space, sort_keys=True),
+    identity = {"config": resolve_path(args.config).stem, "overrides": list(args.overrides), "space": json.dumps(space, sort_keys=True),
                 "objective": args.objective}
     if "space" in study.user_attrs:
         differ = [k for k, v in identity.items() if study.user_attrs.get(k) != v]
@@ -571,6 +576,7 @@ def main(argv=None) -> int:
     else:
         for k, v in identity.items():
             study.set_user_attr(k, v)
+        study.set_user_attr("config_arg", str(args.config))  # (for the summary's command line)
         print(f"new study {name!r} in {url}")
         if not args.no_baseline:
             base = base_values(space, base_raw)
@@ -600,6 +606,9 @@ def main(argv=None) -> int:
         from .trainer import EnvFailure, TrainingDiverged
         study.optimize(objective, n_trials=args.trials, callbacks=callbacks, gc_after_trial=True,
                        catch=(TrainingDiverged, EnvFailure, EnvConfigError, ModelConfigError))
+    except ObjectiveError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = 2
     except KeyboardInterrupt:
         print(f"stopped: the trial in progress is marked failed and its values queued again; continue with "
               f"the same command (storage {url})", file=sys.stderr)

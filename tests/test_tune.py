@@ -91,6 +91,16 @@ def test_the_value_is_an_evaluation_at_the_end_of_the_run(tmp_path):
     assert sorted(t.intermediate_values) == [384, 512] and t.value == t.intermediate_values[512]
 
 
+def test_an_objective_the_env_does_not_report_is_an_error_exit_2(tmp_path, capsys):
+    args = study_args(tmp_path, 1, "--set", "env.id=PendulumNoVelocity-v0", "--set", "env.kwargs={}",
+                      "--objective", "success", "--no-baseline")
+    assert T.main(args) == 2
+    assert "error: --objective success: the evaluation reports no eval/success" in capsys.readouterr().err
+    args[args.index("success")] = "return"
+    args[args.index("--storage") + 1] = f"sqlite:///{tmp_path / 'other.db'}"
+    assert T.main(args) == 0
+
+
 def test_median_pruner_compares_trials_at_the_same_step(tmp_path):
     """The default pruner, wired to what the trials report: a trial below the median of the
     completed ones at its first evaluation stops there."""
