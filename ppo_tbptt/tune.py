@@ -523,7 +523,8 @@ def main(argv=None) -> int:
     except SearchSpaceError as exc:
         return fail("; ".join(exc.problems))
     if args.print_search:
-        print(yaml.safe_dump(space, sort_keys=False, default_flow_style=None), end="")
+        print("\n".join(f"{k}: {yaml.safe_dump(v, default_flow_style=True, sort_keys=False).strip()}"
+                        for k, v in space.items()))
         return 0
     try:
         import optuna

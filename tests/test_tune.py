@@ -212,3 +212,15 @@ def test_ctrl_c_or_a_killed_process_fail_the_trial_and_queue_its_values_again(tm
     trials = load_study(tmp_path).trials
     assert trials[2].state == S.FAIL  # found stale ...
     assert trials[3].params == trials[2].params and trials[3].state == S.COMPLETE  # ... and run again
+
+
+@pytest.mark.slow
+def test_two_processes_work_on_one_study_through_its_storage(tmp_path):
+    procs = [_start(tmp_path, 2, "--no-baseline") for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    trials = load_study(tmp_path).trials
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert len({t.user_attrs["run_dir"] for t in trials}) == 4  # a run folder each
+    assert [sum(f"trial {n}: " in o for o in outs) for n in range(4)] == [1, 1, 1, 1]  # each ran once
