@@ -101,6 +101,20 @@ def test_an_objective_the_env_does_not_report_is_an_error_exit_2(tmp_path, capsy
     assert T.main(args) == 0
 
 
+def test_a_combination_the_config_refuses_is_pruned_without_training(tmp_path):
+    import torch
+    raw = C.load("cue_recall").to_dict()
+    space = T.parse_space({"tbptt.strategy": ["fixed", "overlap"], "tbptt.sequence_length": [0, 16]})
+    T.check_space(space, raw)  # each value alone is fine; overlap needs a window length >= 1
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial({"tbptt.strategy": "overlap", "tbptt.sequence_length": 0})
+    study.optimize(lambda t: T.run_trial(t, raw, space, tmp_path / "runs", torch.device("cpu"), "auto", print),
+                   n_trials=1)
+    t = study.trials[0]
+    assert t.state == optuna.trial.TrialState.PRUNED and "overlap needs a window length" in t.user_attrs["error"]
+    assert not (tmp_path / "runs").exists()
+
+
 def test_median_pruner_compares_trials_at_the_same_step(tmp_path):
     """The default pruner, wired to what the trials report: a trial below the median of the
     completed ones at its first evaluation stops there."""
