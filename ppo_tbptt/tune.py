@@ -370,14 +370,15 @@ def storage_for(url: str, heartbeat: int):
                          f"{str(exc).splitlines()[0]}") from None
 
 
-def make_pruner(spec: str):
+def make_pruner(spec: str, warmup_steps: int = 0):
+    """``median``, ``none`` or ``threshold:X``; no trial is pruned before env step ``warmup_steps``."""
     import optuna
     if spec == "none":
         return optuna.pruners.NopPruner()
     if spec == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=warmup_steps)
     if spec.startswith("threshold:"):
-        return optuna.pruners.ThresholdPruner(lower=float(spec.split(":", 1)[1]))
+        return optuna.pruners.ThresholdPruner(lower=float(spec.split(":", 1)[1]), n_warmup_steps=warmup_steps)
     raise ValueError(spec)
 
 
@@ -485,6 +486,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pruner", type=pruner_arg, default="median",
                    help="median (default: below the median of earlier trials at the same step, after 2 "
                         "completed trials), none, or threshold:X")
+    p.add_argument("--prune-after", type=float, default=0.5, metavar="FRACTION",
+                   help="no pruning in the first FRACTION of a run (default 0.5: on memory tasks the early "
+                        "evaluations are at chance for every setting and say nothing); 0 prunes from the first")
     p.add_argument("--sampler-seed", type=int, default=None,
                    help="seed of the TPE sampler (leave unset when several processes share a study: they "
                         "would draw the same values)")
@@ -506,6 +510,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--config and --trials are required")
     if args.trials < 0:
         p.error(f"--trials must be >= 0, got {args.trials}")
+    if not 0 <= args.prune_after <= 1:
+        p.error(f"--prune-after must be in [0, 1], got {args.prune_after}")
     if args.heartbeat < 1:
         p.error(f"--heartbeat must be >= 1, got {args.heartbeat}")
     return args
@@ -564,7 +570,8 @@ def main(argv=None) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=args.sampler_seed)
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", sampler=sampler,
-                                pruner=make_pruner(args.pruner), load_if_exists=True)
+                                pruner=make_pruner(args.pruner, int(args.prune_after * cfg.run.total_steps)),
+                                load_if_exists=True)
     identity = {"config": resolve_path(args.config).stem, "overrides": list(args.overrides), "space": json.dumps(space, sort_keys=True),
                 "objective": args.objective}
     if "space" in study.user_attrs:
@@ -588,7 +595,8 @@ def main(argv=None) -> int:
     for line in notes:
         print(f"note: {line}")
     print(f"trial runs in {root}; objective: held-out {args.objective} of the last evaluation; "
-          f"pruner: {args.pruner}", flush=True)
+          f"pruner: {args.pruner}" + (f" from step {int(args.prune_after * cfg.run.total_steps):,}"
+                                      if args.pruner != "none" else ""), flush=True)
 
     def say(line: str) -> None:
         print(line, flush=True)

@@ -70,7 +70,7 @@ def test_a_stopped_study_continues_from_its_storage(tmp_path, capsys):
 
 def test_a_trial_behind_is_pruned_and_keeps_its_folder(tmp_path, capsys):
     # no score reaches 2: the pruner stops each trial at its first evaluation
-    assert T.main(study_args(tmp_path, 1, "--pruner", "threshold:2", "--no-baseline")) == 0
+    assert T.main(study_args(tmp_path, 1, "--pruner", "threshold:2", "--prune-after", "0", "--no-baseline")) == 0
     out = capsys.readouterr().out
     t = load_study(tmp_path).trials[0]
     assert t.state == optuna.trial.TrialState.PRUNED and list(t.intermediate_values) == [128]
@@ -117,13 +117,22 @@ def test_a_combination_the_config_refuses_is_pruned_without_training(tmp_path):
 
 def test_median_pruner_compares_trials_at_the_same_step(tmp_path):
     """The default pruner, wired to what the trials report: a trial below the median of the
-    completed ones at its first evaluation stops there."""
-    study = optuna.create_study(direction="maximize", pruner=T.make_pruner("median"))
+    completed ones at an evaluation stops there, but not before its warm-up steps."""
+    study = optuna.create_study(direction="maximize", pruner=T.make_pruner("median", 128))
+
+    def completed(tr):
+        x = tr.suggest_float("x", 0, 1)
+        tr.report(x, 64)
+        tr.report(x, 192)
+        return x
+
     for value in (0.9, 0.8):
         study.enqueue_trial({"x": value})
-        study.optimize(lambda tr: (tr.report(tr.suggest_float("x", 0, 1), 128), tr.params["x"])[1], n_trials=1)
+        study.optimize(completed, n_trials=1)
     trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
-    trial.report(0.1, 128)
+    trial.report(0.1, 64)
+    assert not trial.should_prune()  # below the median, but within the warm-up
+    trial.report(0.1, 192)
     assert trial.should_prune()
 
 
