@@ -15,6 +15,8 @@ COMMANDS = {
     "evaluate": "evaluate a checkpoint on held-out levels",
     "summary": "a run's progress as a text table",
     "benchmark": "env, collection and training throughput on this machine",
+    "export": "a trained policy with its recurrent state as an ONNX graph",
+    "tune": "hyperparameter search with Optuna (pruned on the periodic evaluation)",
 }
 
 

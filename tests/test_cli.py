@@ -149,7 +149,7 @@ def test_run_names_that_leave_the_out_dir_are_refused(tmp_path, capsys):
     assert not (tmp_path / "escaped").exists() and not out.exists()  # nothing was created anywhere
 
 
-ENTRY_POINTS = ["train", "evaluate", "summary", "benchmark"]
+ENTRY_POINTS = ["train", "evaluate", "summary", "benchmark", "export", "tune"]
 
 
 @pytest.mark.parametrize("command", ENTRY_POINTS)
