@@ -177,9 +177,8 @@ class Trainer:
         self.model = build_model(self.envs.single_observation_space, self.envs.single_action_space,
                                  cfg.model).to(device)
         self.dist.broadcast_model(self.model)  # every rank starts from rank 0's weights
-        # on a CPU, the fused kernel: one pass over each parameter instead of a dozen ops
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.ppo.lr.initial,
-                                          eps=cfg.ppo.adam_eps, fused=device.type == "cpu" or None)
+                                          eps=cfg.ppo.adam_eps)
         self.collector = Collector(self.envs, self.model, cfg.ppo.rollout_steps, device,
                                    cfg.model.reset_hidden_state)
         self.collector.progress = self._on_collect_step
