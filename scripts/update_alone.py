@@ -8,7 +8,8 @@ mid-episode), runs GAE, then times whole updates (every epoch and minibatch: for
 backward, gradient clipping, Adam, the metrics) from the same weights, optimizer state and
 shuffle seed each time. ``--episode-length L`` rewrites the rollout's episode starts to every L
 steps (for timing only: it gives the sequence structure of a policy that lives L steps). Each
-``--variant`` names a set of overrides that are measured in turn against the config as it is,
+``--variant`` names a set of overrides (config fields, and ``adam.fused=true`` / ``adam.foreach=true`` for
+torch.optim.Adam) that are measured in turn against the config as it is,
 round-robin, so that the machine's drift hits every variant alike; the table gives the median and
 the spread (min-max) of the repeats.
 """
@@ -123,11 +124,17 @@ def main(argv=None) -> None:
     print(f"rollout: {rollout.num_steps} x {rollout.num_envs} steps, {int(rollout.episode_start.sum())} episode "
           f"starts, sequence lengths mean {lengths.float().mean():.1f} max {int(lengths.max())}; "
           f"torch threads {torch.get_num_threads()}")
-    variants = {"as configured": base}
-    for v in args.variant:
+    variants = {"as configured": (base, {})}
+    for v in args.variant:  # config overrides, and adam.KEY=VALUE for torch.optim.Adam's arguments
         name, _, sets = v.partition("=")
-        variants[name] = C.load(args.config, args.set + [s for s in sets.split(",") if s])
-    trainers = {name: make_trainer(cfg, weights) for name, cfg in variants.items()}
+        sets = [s for s in sets.split(",") if s]
+        adam = {s[5:].split("=")[0]: s.split("=")[1] == "true" for s in sets if s.startswith("adam.")}
+        variants[name] = (C.load(args.config, args.set + [s for s in sets if not s.startswith("adam.")]), adam)
+    trainers = {}
+    for name, (cfg, adam) in variants.items():
+        trainers[name] = tr = make_trainer(cfg, weights)
+        if adam:
+            tr.optimizer = torch.optim.Adam(tr.model.parameters(), lr=cfg.ppo.lr.initial, eps=cfg.ppo.adam_eps, **adam)
     states = {name: (copy.deepcopy(tr.model.state_dict()), copy.deepcopy(tr.optimizer.state_dict()))
               for name, tr in trainers.items()}
     times = {name: [] for name in variants}
