@@ -110,6 +110,10 @@ class ModelConfig:
     in the update alike, and hands float32 features on; the recurrent core, the heads and the loss
     stay float32 (so the carried state keeps its precision). Faster where bfloat16 matmuls and
     convolutions are (CPUs with AVX512-BF16 or AMX, recent GPUs)."""
+    core_kernel: str = "auto"
+    """``auto``: a GRU trained on a CPU runs ppo_tbptt's sequence kernel (``ppo_tbptt/gru.py``: the
+    same function with a hand-written backward pass; see the README, Throughput); ``torch``: ``nn.GRU``
+    everywhere (packed sequences). Collection, evaluation, LSTMs and GPUs always use ``nn.GRU``/``nn.LSTM``."""
     reset_hidden_state: bool = True
     """Zero the recurrent state of an env when its episode ends."""
     memoryless: bool = False
@@ -475,6 +479,8 @@ def validate(cfg: Config) -> list[str]:
     if m.memoryless and (t.strategy != "fixed" or t.refresh_states):
         p.append(f"model.memoryless: an ablation for tbptt.strategy 'fixed' without "
                  f"tbptt.refresh_states (got strategy {t.strategy!r}, refresh_states {t.refresh_states})")
+    if m.core_kernel not in ("auto", "torch"):
+        p.append(f"model.core_kernel: must be 'auto' or 'torch', got {m.core_kernel!r}")
     if m.encoder_dtype not in ("float32", "bfloat16"):
         p.append(f"model.encoder_dtype: must be 'float32' or 'bfloat16', got {m.encoder_dtype!r}")
     for name in ("hidden_size", "num_layers", "hidden_layer"):

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import gru
 from .envs.spaces import FlatBox, ObsPart, action_layout
 
 
@@ -276,6 +277,7 @@ class RecurrentActorCritic(nn.Module):
             self.encoder = MLPEncoder(int(np.prod(self.obs_shape)), width)
         self.encoder_bf16 = getattr(model_cfg, "encoder_dtype", "float32") == "bfloat16"
         self.memoryless = bool(getattr(model_cfg, "memoryless", False))
+        self.core_kernel = getattr(model_cfg, "core_kernel", "auto")
         rnn = nn.LSTM if self.core_type == "lstm" else nn.GRU
         self.core = rnn(width, self.hidden_size, self.num_layers, batch_first=True)
         for name, p in self.core.named_parameters():
@@ -351,6 +353,11 @@ class RecurrentActorCritic(nn.Module):
         With ``model.memoryless`` (an ablation) every step starts from the zero state: the core
         runs on ``[B * L, 1, F]`` and the "final state" is that of the last step alone."""
         if not self.memoryless:
+            if self.core_kernel == "auto" and x.device.type == "cpu" and torch.is_grad_enabled() \
+                    and gru.supported(self.core):  # training a GRU on a CPU: see ppo_tbptt/gru.py
+                lengths = valid.sum(1) if valid is not None and x.shape[1] > 1 else None
+                out, h = gru.gru_sequence(self.core, x, state.h, lengths)
+                return out, RecurrentState(h)
             if valid is not None and x.shape[1] > 1:
                 lengths = valid.sum(1)
                 if bool((lengths < x.shape[1]).any()):  # one host sync; the padding is worth skipping

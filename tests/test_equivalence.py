@@ -53,13 +53,19 @@ def collect_twice(cfg: C.Config, seed: int = 0, device: str = "cpu", sharp_heads
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("core", ["lstm", "gru"])
 @pytest.mark.parametrize("seq_len", [1, 3, 0])
-def test_stepping_equals_sequence_forward(core, seq_len, device):
+@pytest.mark.parametrize("training", [False, True], ids=["no-grad", "training"])
+def test_stepping_equals_sequence_forward(core, seq_len, device, training):
+    """``training``: the update's forward (gradients on, train mode, the real steps marked), which
+    on a CPU runs a GRU through ppo_tbptt/gru.py's kernel."""
     model, rollout = collect_twice(tiny_cue_config(core), device=device)
     assert not rollout.episode_start[0].all(), "second rollout should start mid-episode"
     assert rollout.episode_start[1:].any(), "episodes should end inside the rollout"
     b = build_sequences(rollout, seq_len)
-    with torch.no_grad():
-        logits, values, _ = model(b.obs, b.init_state)
+    model.train(training)
+    with torch.set_grad_enabled(training):
+        logits, values, _ = model(b.obs, b.init_state, b.valid if training else None)
+        assert values.requires_grad == training
+        logits, values = logits.detach(), values.detach()
         logp = model.dist(logits).log_prob(b.actions)
     m = b.mask.bool()
     torch.testing.assert_close(logp[m], b.logprobs[m], atol=TOL, rtol=0)
@@ -96,22 +102,25 @@ def test_stepping_equals_sequence_forward_memorygym_cnn(device, encoder_dtype):
     torch.testing.assert_close(values[m], b.values[m], atol=TOL, rtol=0)
 
 
-def grid_fast_config(memoryless: bool = False, core: str = "gru") -> C.Config:
+def grid_fast_config(memoryless: bool = False, core: str = "gru", core_kernel: str = "auto") -> C.Config:
     """The grid envs' CPU path: 4x-pooled 21x21x3 frames into the MLP encoder."""
     return C.from_dict({"env": {"id": "MortarMayhem-Grid-v0", "num_envs": 3, "downsample": 4,
                                 "reset_params": {"command_count": [2], "explosion_delay": [3]}},
                         "model": {"core": core, "hidden_size": 16, "hidden_layer": 16, "encoder": "auto",
-                                  "memoryless": memoryless},
+                                  "memoryless": memoryless, "core_kernel": core_kernel},
                         "tbptt": {"sequence_length": 0},
                         "ppo": {"rollout_steps": 24, "minibatches": 1}})
 
 
-@pytest.mark.parametrize("memoryless", [False, True])
-@pytest.mark.parametrize("core", ["gru", "lstm"])
-def test_stepping_equals_sequence_forward_grid_fast_path(core, memoryless):
+@pytest.mark.parametrize("memoryless,core,core_kernel", [
+    (False, "gru", "auto"), (False, "gru", "torch"), (False, "lstm", "auto"),
+    (True, "gru", "auto"), (True, "lstm", "auto")])
+def test_stepping_equals_sequence_forward_grid_fast_path(core, memoryless, core_kernel):
     """Downsampled frames (stored as 21x21x3 uint8) and, as an ablation, a memoryless core: the
-    update's forward reproduces the collected log-probs and values, and first-minibatch ratio is 1."""
-    model, rollout = collect_twice(grid_fast_config(memoryless, core), sharp_heads=True)
+    update's forward reproduces the collected log-probs and values, and first-minibatch ratio is 1
+    (a GRU with ``core_kernel`` ``auto`` trains through ppo_tbptt/gru.py's kernel, ``torch``
+    through nn.GRU's packed sequences)."""
+    model, rollout = collect_twice(grid_fast_config(memoryless, core, core_kernel), sharp_heads=True)
     assert rollout.obs.shape[2:] == (21, 21, 3) and rollout.obs.dtype == torch.uint8
     assert isinstance(model.encoder, MLPEncoder)
     assert rollout.episode_start[1:].any() and not rollout.episode_start[0].all()
@@ -158,9 +167,12 @@ def test_memoryless_model_sees_only_the_current_observation():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("core,encoder_dtype", [("lstm", "float32"), ("gru", "float32"), ("gru", "bfloat16")])
-def test_first_minibatch_ratio_is_one(core, encoder_dtype, device):
-    model, rollout = collect_twice(tiny_cue_config(core).replace("model", encoder_dtype=encoder_dtype),
+@pytest.mark.parametrize("core,encoder_dtype,core_kernel", [
+    ("lstm", "float32", "auto"), ("gru", "float32", "auto"), ("gru", "float32", "torch"),
+    ("gru", "bfloat16", "auto")])
+def test_first_minibatch_ratio_is_one(core, encoder_dtype, core_kernel, device):
+    model, rollout = collect_twice(tiny_cue_config(core).replace("model", encoder_dtype=encoder_dtype,
+                                                                 core_kernel=core_kernel),
                                    device=device, sharp_heads=True)
     b = build_sequences(rollout, 4)
     mb = b.select(torch.arange(0, b.num_sequences, 2, device=b.mask.device))
@@ -174,9 +186,11 @@ def test_first_minibatch_ratio_is_one(core, encoder_dtype, device):
     assert out.metrics["losses/clipfrac"].item() == 0.0
 
 
-def test_trainer_reports_zero_kl_on_first_minibatch(tmp_path):
+@pytest.mark.parametrize("core_kernel", ["auto", "torch"])
+def test_trainer_reports_zero_kl_on_first_minibatch(tmp_path, core_kernel):
     from ppo_tbptt.trainer import Trainer
-    tr = Trainer(tiny_cue_config("gru"), tmp_path, torch.device("cpu"), log=False, quiet=True)
+    cfg = tiny_cue_config("gru").replace("model", core_kernel=core_kernel)
+    tr = Trainer(cfg, tmp_path, torch.device("cpu"), log=False, quiet=True)
     try:
         s = tr.train_update()
     finally:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 import torch
 
 from ppo_tbptt.envs import make_vector_env
@@ -101,3 +103,26 @@ def test_initial_heads_near_uniform_policy_and_unit_scale_values():
     n = env.single_action_space.n
     assert float((math.log(n) - entropy).max()) < 1e-3  # every first decision is near uniform
     assert values.std() > 30 * logits.std()  # values on their own scale, logits squashed (gain 1 vs 0.01)
+
+
+def test_update_with_the_gru_kernel_equals_the_update_with_nn_gru(tmp_path):
+    """``model.core_kernel`` changes how a CPU GRU is trained, not what: from the same seed, one
+    whole update (3 epochs of minibatches, whole-episode sequences of mixed lengths) ends with the
+    same weights and metrics as with nn.GRU's packed sequences, up to float rounding."""
+    results = []
+    for kernel in ("auto", "torch"):
+        cfg = tiny_cue_config("gru", seq_len=0).replace("model", core_kernel=kernel).replace("ppo", epochs=3)
+        tr = Trainer(cfg, tmp_path / kernel, torch.device("cpu"), log=False, quiet=True)
+        before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+        try:
+            s = tr.train_update()
+            results.append((s, {k: v.clone() for k, v in tr.model.state_dict().items()}))
+            assert all((v - before[k]).abs().max() > 1e-4 for k, v in results[-1][1].items())  # it learned
+        finally:
+            tr.close()
+    (s1, w1), (s2, w2) = results
+    assert s1["tbptt/padding_fraction"] > 0.1  # sequences of mixed lengths
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=0, atol=2e-6, msg=lambda m: f"{k}: {m}")
+    for k in ("losses/policy", "losses/value", "losses/entropy", "losses/approx_kl", "losses/grad_norm"):
+        assert s1[k] == pytest.approx(s2[k], rel=1e-4, abs=1e-7), k
