@@ -30,6 +30,7 @@ from ..config import Config
 from ..model import RecurrentActorCritic, RecurrentState
 from ..rollout import Rollout
 from ..sequences import SequenceBatch, chunk_starts, gather_sequences
+from ..utils import stream_seed
 from .base import TruncationStrategy
 
 # A recurrent call over a segment: (x [B, s, F], state tensors [K, B, H]) -> (out [B, s, H], state tensors)
@@ -119,14 +120,14 @@ class RandomStrategy(TruncationStrategy):
         super().__init__(cfg)
         self.segment = int(self.tb.segment_length)
         self.cut_prob = self.segment / self.tb.mean_length
-        self.generator = torch.Generator().manual_seed(cfg.run.seed + 7919)
+        self.generator = torch.Generator().manual_seed(stream_seed(cfg.run.seed, "random truncation"))
         self._reach = float(self.tb.mean_length)
 
     def build(self, rollout: Rollout) -> SequenceBatch:
         t0, n, length = random_pieces(rollout.episode_start, self.tb.sequence_length, self.segment,
                                       self.cut_prob, self.generator)
         self._reach = float(self.tb.mean_length)
-        self._pieces = float(length.float().mean())
+        self.add_ratio("tbptt/mean_piece", float(length.sum()), len(length), replace=True)
         return gather_sequences(rollout, t0, n, length, int(length.max()))
 
     def forward(self, model: RecurrentActorCritic, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,13 +136,6 @@ class RandomStrategy(TruncationStrategy):
         out = segment_unroll(core_run(model.core), x, batch.init_state.tensors(), length, self.segment,
                              1.0 / (1.0 - self.cut_prob))  # [S, L, H]
         return model.heads(out)
-
-    def metrics(self) -> dict:
-        """``tbptt/K``: the mean piece length asked for; ``tbptt/mean_piece``: the one drawn."""
-        out = super().metrics()
-        if hasattr(self, "_pieces"):
-            out["tbptt/mean_piece"] = self._pieces
-        return out
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "generator": self.generator.get_state()}
