@@ -3,6 +3,7 @@ start-state refresh, and each strategy inside one trainer update."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import types
 
@@ -14,13 +15,15 @@ from torch.distributions import Categorical
 from ppo_tbptt import config as C
 from ppo_tbptt.model import RecurrentState
 from ppo_tbptt.ppo import LossCoefs, ppo_loss_from_outputs
-from ppo_tbptt.sequences import build_sequences, chunk_starts, overlap_windows
+from ppo_tbptt.gae import compute_gae
+from ppo_tbptt.sequences import build_sequences, chunk_starts, gather_sequences, overlap_windows
 from ppo_tbptt.truncation import (
     FixedStrategy, OverlapStrategy, RandomStrategy, estimate_truncation, fit_decay,
     lag_gradients, make_strategy, phi_and_partial_norms, random_pieces, refresh_start_states,
     scale_gradient, segment_unroll, tail_bound,
 )
 from ppo_tbptt.truncation.adaptive import surviving_lags
+from ppo_tbptt.truncation.randomized import pieces_from_starts, segment_boundaries
 
 from trunc_helpers import collect, geometric_probe, geometric_trained_bias, stationary_rollout, tiny_config
 
@@ -130,103 +133,109 @@ def test_scale_gradient_is_identity_forward_and_scales_backward():
     assert torch.equal(x.grad, scale[None, :, None].expand_as(x))
 
 
-class LinearRNN:
-    """h_t = A h_{t-1} + U x_t, a readout v, loss sum_t (v . h_t - y_t)^2 (mean over the batch)."""
-
-    def __init__(self, H=4, F=3, L=24, radius=0.95, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        A = torch.randn(H, H, generator=g)
-        self.A = radius * A / torch.linalg.eigvals(A).abs().max()  # spectral radius 0.95: long memory
-        self.U = 0.5 * torch.randn(H, F, generator=g)
-        self.v = torch.randn(H, generator=g)
-        self.x = torch.randn(L, 1, F, generator=g)  # [L, 1, F] time-major, one sequence
-        self.y = torch.randn(L, generator=g)
-        self.H, self.L = H, L
-
-    def grad(self, B: int = 1, cut_prob: float = 0.0, segment: int = 1, generator=None,
-             fixed_chunk: int = 0) -> torch.Tensor:
-        """d loss / d A: for ``B`` copies of the sequence (``B`` independent draws of the cuts,
-        averaged), cut into random pieces that start from the exact (stored) states, or into
-        fixed chunks of ``fixed_chunk``."""
-        A = self.A.clone().requires_grad_(True)
-
-        def run(xs, state):  # xs [P, s, F], state [1, P, H]
-            h, outs = state[0][0], []
-            for j in range(xs.shape[1]):
-                h = h @ A.T + xs[:, j] @ self.U.T  # [P, H]
-                outs.append(h)
-            return torch.stack(outs, dim=1), [h.unsqueeze(0)]
-
-        with torch.no_grad():  # the states fed into every step: what a rollout stores
-            stored, h = torch.zeros(self.L, self.H), torch.zeros(self.H)
-            for t in range(self.L):
-                stored[t] = h
-                h = A @ h + self.U @ self.x[t, 0]
-        es = torch.zeros(self.L, B, dtype=torch.bool)  # [T, N]: B copies of one episode
-        es[0] = True
-        if fixed_chunk:
-            t0, n, length = chunk_starts(es, fixed_chunk)
-        else:
-            t0, n, length = random_pieces(es, 0, segment, cut_prob, generator)
-        P, Lmax = len(t0), int(length.max())
-        t = t0[:, None] + torch.minimum(torch.arange(Lmax)[None], (length - 1)[:, None])  # [P, Lmax]
-        out = segment_unroll(run, self.x[t, 0], [stored[t0].unsqueeze(0)], length, segment,
-                             1.0 / (1.0 - cut_prob))  # [P, Lmax, H]
-        real = torch.arange(Lmax)[None] < length[:, None]
-        loss = (((out @ self.v - self.y[t]) ** 2) * real).sum() / B
-        return torch.autograd.grad(loss, A)[0]
+def float64_rollout(T: int, starts: list[int], seed: int = 0):
+    """A float64 GRU and a one-env rollout of ``T`` stationary steps with episodes starting at
+    ``starts``, collected by the model itself (stored states exact). -> ``(model, rollout, cfg)``."""
+    model, r, cfg = stationary_rollout("gru", T=T, N=1, seed=seed, recurrent_gain=2.0)
+    es = torch.zeros(T, 1, dtype=torch.bool)
+    es[starts] = True
+    model.double()
+    model._encode_flat = lambda x: model.encoder(x.double())  # (the encoder's input is cast to float32)
+    for f in dataclasses.fields(r):
+        v = getattr(r, f.name)
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            setattr(r, f.name, v.double())
+    r.episode_start.copy_(es)
+    state = RecurrentState(model.initial_state(1).h.double(), None)
+    with torch.no_grad():  # collect again, in float64, with these episode starts
+        for t in range(T):
+            if t > 0:
+                state = state.masked(~es[t])
+            r.state_h[t] = state.h
+            logits, values, state = model(r.obs[t].unsqueeze(1), state)  # [1, 1, A], [1, 1]
+            r.logprobs[t] = model.dist(logits[:, 0]).log_prob(r.actions[t])
+            r.values[t] = values[:, 0]
+    r.terminated.zero_()
+    r.terminated[:-1] = es[1:]
+    adv, ret = compute_gae(r.rewards, r.values, r.terminated, r.truncated, r.bootstrap_value, 0.9, 0.95,
+                           r.truncation_values)
+    r.advantages.copy_(adv)
+    r.returns.copy_(ret)
+    return model, r, cfg
 
 
-@pytest.mark.parametrize("segment", [1, 3])
-def test_random_truncation_is_unbiased_and_fixed_truncation_is_not(segment):
-    rnn = LinearRNN()
-    full = rnn.grad()  # no cut: BPTT over the whole sequence
-    rel = lambda g: float((g - full).norm() / full.norm())  # noqa: E731
-    mean_length = 6.0
-    q = segment / mean_length
-    gen = torch.Generator().manual_seed(1)
-    single = [rnn.grad(cut_prob=q, segment=segment, generator=gen) for _ in range(20)]
-    assert np.mean([rel(g) for g in single]) > 0.1  # individual estimates really are random
-    averaged = rnn.grad(B=20_000, cut_prob=q, segment=segment, generator=gen)  # mean of 20k estimates
-    fixed = rnn.grad(fixed_chunk=int(mean_length))
-    # measured: averaged 0.002 (segment 1) and 0.005 (segment 3), single draws 0.55, fixed 0.62;
-    # the tolerance is 5% of the full gradient's norm
-    assert rel(averaged) < 0.05
-    assert rel(fixed) > 0.3
+def trained_gradient(model, batch, logits, values) -> torch.Tensor:
+    """d (the trainer's PPO loss over one minibatch holding the whole batch) / d (all parameters):
+    advantage normalisation, entropy, value and ratio clipping as configured by default."""
+    coefs = LossCoefs(clip=0.2, ent_coef=0.01, vf_coef=0.5, norm_advantages=True, clip_value_loss=True)
+    out = ppo_loss_from_outputs(model, batch, logits, values, coefs)
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(out.loss, list(model.parameters()))])
 
 
-def repeat_envs(rollout, copies: int):
-    """The rollout with its one env repeated ``copies`` times (the strategy draws cuts per env)."""
-    out = {}
-    for f in dataclasses.fields(rollout):
-        v = getattr(rollout, f.name)
-        if v is not None:
-            dim = 2 if f.name.startswith("state_") else (0 if f.name == "bootstrap_value" else 1)  # N
-            v = v.repeat(*[copies if d == dim else 1 for d in range(v.dim())])
-        out[f.name] = v
-    return type(rollout)(**out)
+def cut_patterns(rollout, seq_len: int, segment: int, cut_prob: float):
+    """Every pattern of cuts at the segment boundaries of the rollout's chunks, with its
+    probability: ``(probability, (t0, n, length))`` for each."""
+    first, boundary = segment_boundaries(rollout.episode_start, seq_len, segment)
+    places = torch.nonzero(boundary).tolist()  # [(env, step)]
+    assert len(places) >= 3
+    for pattern in itertools.product([False, True], repeat=len(places)):
+        cut = first.clone()
+        for (e, t), c in zip(places, pattern):
+            cut[e, t] = c
+        k = sum(pattern)
+        yield cut_prob ** k * (1 - cut_prob) ** (len(places) - k), pieces_from_starts(cut)
 
 
-@pytest.mark.parametrize("segment", [1, 2])
-def test_random_strategy_trains_an_unbiased_gradient_of_the_whole_chunk(segment):
-    """The strategy's own build and forward on a GRU: the mean over 4,000 draws of the cuts (one
-    env repeated, every copy cut independently, one backward) is BPTT over the whole fragment,
-    while fixed chunks of the mean length are far off."""
-    model, one, cfg = stationary_rollout("gru", T=24, N=1, recurrent_gain=2.0)
-    cfg = cfg.replace("tbptt", strategy="random", sequence_length=0, mean_length=4.0, segment_length=segment)
-    full = build_sequences(one, 0)
-    g_full = upstream_gradient(model, full, *model(full.obs, full.init_state, full.valid)[:2])
-    rel = lambda g: float((g - g_full).norm() / g_full.norm())  # noqa: E731
+@pytest.mark.parametrize("T, starts, seq_len, segment, mean_length", [
+    (16, [10], 7, 3, 5.0),   # chunks 7, 3, 6 (7 not a multiple of 3): boundaries 3, 6 | - | 3
+    (12, [7], 5, 2, 3.0),    # chunks 5, 2, 5: boundaries 2, 4 | - | 2, 4
+    (13, [8], 0, 3, 4.0),    # whole fragments 8, 5: boundaries 3, 6 | 3
+])
+def test_random_truncation_is_exactly_unbiased_over_all_cut_patterns(T, starts, seq_len, segment, mean_length):
+    """Every pattern of cuts, weighted by its probability: the expected gradient of the strategy's
+    own build and forward equals BPTT over the whole chunks to float64 precision (the trainer's
+    loss over one minibatch of the whole batch in the first epoch: per-step weights that do not
+    depend on the cuts). Single patterns differ, and fixed chunks of the mean length too."""
+    model, rollout, cfg = float64_rollout(T, starts)
+    cfg = cfg.replace("tbptt", strategy="random", sequence_length=seq_len, mean_length=mean_length,
+                      segment_length=segment)
     strat = make_strategy(cfg)
-    single = [strat.build(one) for _ in range(5)]
-    assert np.mean([rel(upstream_gradient(model, b, *strat.forward(model, b))) for b in single]) > 0.1
-    many = strat.build(repeat_envs(one, 4000))
-    averaged = upstream_gradient(model, many, *strat.forward(model, many))
-    chunks = build_sequences(one, 4)
-    fixed = upstream_gradient(model, chunks, *model(chunks.obs, chunks.init_state, chunks.valid)[:2])
-    # measured: averaged 0.004 (segment 1) and 0.007 (segment 2), single draws 0.27-0.32, fixed 0.36
-    assert rel(averaged) < 0.03
-    assert rel(fixed) > 0.25
+    chunks = build_sequences(rollout, seq_len)
+    g_chunk = trained_gradient(model, chunks, *model(chunks.obs, chunks.init_state, chunks.valid)[:2])
+    expected = torch.zeros_like(g_chunk)
+    singles = []
+    for prob, (t0, n, length) in cut_patterns(rollout, seq_len, segment, strat.cut_prob):
+        batch = gather_sequences(rollout, t0, n, length, int(length.max()))
+        g = trained_gradient(model, batch, *strat.forward(model, batch))
+        expected += prob * g
+        singles.append(float((g - g_chunk).norm() / g_chunk.norm()))
+    torch.testing.assert_close(expected, g_chunk, rtol=0, atol=1e-10 * float(g_chunk.norm()))
+    assert min(singles) > 1e-2  # every single pattern is off (uncut boundaries are scaled up)
+    fixed = build_sequences(rollout, int(mean_length))
+    g_fixed = trained_gradient(model, fixed, *model(fixed.obs, fixed.init_state, fixed.valid)[:2])
+    assert float((g_fixed - g_chunk).norm() / g_chunk.norm()) > 1e-2
+
+
+def test_random_truncation_with_several_minibatches_is_biased():
+    """The condition the estimator needs: with two minibatches the masked-mean denominator and the
+    advantage normalisation of each depend on which pieces share it, so the expectation over the
+    cut patterns (the pieces of each split in two halves, their sum of gradients) misses the
+    chunks' (split alike)."""
+    model, rollout, cfg = float64_rollout(16, [10])
+    cfg = cfg.replace("tbptt", strategy="random", sequence_length=7, mean_length=5.0, segment_length=3)
+    strat = make_strategy(cfg)
+
+    def two_minibatches(batch, forward):
+        halves = torch.tensor_split(torch.arange(batch.num_sequences), 2)
+        return sum(trained_gradient(model, b, *forward(b)) for b in (batch.select(h) for h in halves))
+
+    chunks = build_sequences(rollout, 7)
+    g_chunk = two_minibatches(chunks, lambda b: model(b.obs, b.init_state, b.valid)[:2])
+    expected = torch.zeros_like(g_chunk)
+    for prob, (t0, n, length) in cut_patterns(rollout, 7, 3, strat.cut_prob):
+        batch = gather_sequences(rollout, t0, n, length, int(length.max()))
+        expected += prob * two_minibatches(batch, lambda b: strat.forward(model, b))
+    assert float((expected - g_chunk).norm() / g_chunk.norm()) > 1e-2  # measured 0.092
 
 
 def test_random_pieces_cut_only_at_segment_boundaries_and_cover_each_step_once():
