@@ -38,20 +38,21 @@ def collect(cfg, seed: int = 0, rollouts: int = 1):
 
 
 def stationary_rollout(core: str, T: int = 96, N: int = 8, F: int = 6, H: int = 8, seed: int = 0,
-                       p_start: float = 0.0, recurrent_gain: float = 1.0):
+                       p_start: float = 0.0, recurrent_gain: float = 1.0, data_seed: int | None = None):
     """A tiny model and a rollout of i.i.d. Gaussian observations (no env), collected by the
     model itself: the stored states are exact, and every step's input is alike (the adaptive
     bound's setting). Rewards near 1 make the returns exceed the values everywhere, so the value
     loss pulls every window's gradient the same way. ``recurrent_gain`` scales the recurrent
     weights (slower decay). Returns ``(model, rollout, cfg)``; ``cfg`` has matching env, model
-    and rollout sizes for the strategies."""
+    and rollout sizes for the strategies. ``data_seed`` (default ``seed``) draws the inputs,
+    episode starts and rewards: the same model with other data."""
     import gymnasium as gym
     import numpy as np
 
     from ppo_tbptt import config as C
     from ppo_tbptt.rollout import Rollout
 
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed if data_seed is None else data_seed)
     torch.manual_seed(seed)
     cfg = C.from_dict({"env": {"id": "CueRecall-v0", "num_envs": N},
                        "model": {"core": core, "hidden_size": H, "hidden_layer": H, "encoder": "mlp"},
@@ -61,6 +62,8 @@ def stationary_rollout(core: str, T: int = 96, N: int = 8, F: int = 6, H: int = 
         for name, p in model.core.named_parameters():
             if "weight_hh" in name:
                 p.mul_(recurrent_gain)
+    if data_seed is not None:
+        torch.manual_seed(data_seed)  # the actions sampled
     r = Rollout.allocate(T, N, (F,), np.float32, 1, 1, H, core == "lstm", torch.device("cpu"))
     r.obs.copy_(torch.randn(T, N, F, generator=g))
     starts = torch.rand(T, N, generator=g) < p_start
