@@ -28,6 +28,7 @@ metrics), so ``--package`` measures another checkout's strategy on the same data
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 import time
@@ -109,7 +110,8 @@ def trained_rollouts(name: str, pre_overrides: list, pretrain: int, n: int):
             for _ in range(pretrain):
                 tr.train_update()
             tr.model.eval()
-            rollouts = [with_gae(tr.collector.collect()[0], pre) for _ in range(n)]
+            rollouts = [with_gae(copy.deepcopy(tr.collector.collect()[0]), pre)  # (the collector reuses its buffer)
+                        for _ in range(n)]
         finally:
             tr.close()
     return tr.model, rollouts
@@ -152,6 +154,7 @@ def case(data: str, seed: int, target: float, args, pretrain: int) -> dict:
         cfg = load(str(ROOT / "configs/mortar_mayhem_grid_cpu.yaml"),
                    GRID_SIZE + GRID + [f"tbptt.target_bias={target}", f"run.seed={seed}", "run.device=cpu"])
         label = f"MortarMayhem-Grid ({cfg.model.core} {cfg.model.hidden_size}, {args.pretrain_grid} updates)"
+    cfg = cfg.replace("tbptt", adapt_samples=args.samples)
     return dict(data=label, seed=seed, target=target, **expected_bias(model, rollouts, cfg))
 
 
@@ -204,6 +207,7 @@ def main(argv=None) -> int:
     p.add_argument("--pretrain", nargs="+", type=int, default=[10, 30],
                    help="CueRecall updates of fixed L = 10 first (default 10 30)")
     p.add_argument("--pretrain-grid", type=int, default=10, help="MortarMayhem-Grid updates (its config) first")
+    p.add_argument("--samples", type=int, default=64, help="tbptt.adapt_samples, the probe's windows (default 64)")
     p.add_argument("--stationary-core", default="gru", choices=["lstm", "gru"])
     p.add_argument("--cost", action="store_true", help="time per update of adaptive vs fixed L = K instead")
     p.add_argument("--updates", type=int, default=6, help="with --cost: updates per strategy")
