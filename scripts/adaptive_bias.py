@@ -8,8 +8,9 @@ the first epoch, with one minibatch over the whole batch; gradient-norm clipping
 the parameters a truncation can cut (encoder and core), and the same for BPTT over whole episode
 fragments (``sequence_length: 0``). The expected bias is ``||mean g - mean g_full|| / ||mean
 g_full||`` over the rollouts; the bound is the mean of the logged ``tbptt/delta_hat``. Also
-reported: the K chosen (min-max), the mean single-rollout bias, and the expected bias of fixed
-chunks of the median K.
+reported: the K chosen (min-max), the expected bias split into the recurrent weights and the input
+side (``weight_ih``, ``bias_ih``, encoder), the mean single-rollout bias, and the expected bias of
+fixed chunks of the median K. ``--force-K K`` trains K instead: the bound at K against the bias at K.
 
 Cases (all with episode starts): ``stationary`` (a tiny model on i.i.d. Gaussian observations,
 episodes starting at rate 0.1), ``cue_recall`` (``configs/cue_recall.yaml``'s model after
@@ -52,15 +53,23 @@ def coefs_of(cfg):
 
 
 def upstream_grad(model, batch, logits, values, coefs):
-    """d (the trained loss over the whole batch) / d (encoder and core parameters), flattened."""
+    """d (the trained loss over the whole batch) / d (encoder and core parameters), flattened
+    with the recurrent weights (``weight_hh``, ``bias_hh``) first."""
     import torch
     from ppo_tbptt.ppo import ppo_loss_from_outputs
     out = ppo_loss_from_outputs(model, batch, logits, values, coefs)
-    params = list(model.encoder.parameters()) + list(model.core.parameters())
-    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(out.loss, params)])
+    named = sorted(list(model.encoder.named_parameters()) + [(f"core.{n}", p) for n, p in model.core.named_parameters()],
+                   key=lambda item: "_hh" not in item[0])
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(out.loss, [p for _, p in named])])
 
 
-def expected_bias(model, rollouts, cfg) -> dict:
+def recurrent_size(model) -> int:
+    return sum(p.numel() for n, p in model.core.named_parameters() if "_hh" in n)
+
+
+def expected_bias(model, rollouts, cfg, force_K: int = 0) -> dict:
+    """The row of one case; ``force_K`` > 0 trains that K instead of the chosen one (its logged
+    bound is then the bound at that K)."""
     import numpy as np
     from ppo_tbptt.sequences import build_sequences
     from ppo_tbptt.truncation import make_strategy
@@ -70,6 +79,8 @@ def expected_bias(model, rollouts, cfg) -> dict:
     for rollout in rollouts:
         strat = make_strategy(cfg)
         strat.before_update(model, rollout)
+        if force_K:
+            strat.K = force_K
         batch = strat.build(rollout)
         Ks.append(strat.K)
         bounds.append(strat.metrics()["tbptt/delta_hat"])
@@ -85,8 +96,12 @@ def expected_bias(model, rollouts, cfg) -> dict:
     mean = lambda gs: sum(gs) / len(gs)  # noqa: E731
     g_full = mean(full)
     rel = lambda g: float((g - g_full).norm() / g_full.norm())  # noqa: E731
+    R = recurrent_size(model)
+    part = lambda g, sl: float((g[sl] - g_full[sl]).norm() / g_full[sl].norm())  # noqa: E731
+    g_tr = mean(trained)
     return dict(K=f"{min(Ks)}-{max(Ks)}" if min(Ks) != max(Ks) else str(Ks[0]), bound=float(np.mean(bounds)),
-                bias=rel(mean(trained)), single=float(np.mean(singles)), chunks=rel(mean(chunks)), K_med=K_med)
+                bias=rel(g_tr), single=float(np.mean(singles)), chunks=rel(mean(chunks)), K_med=K_med,
+                rec=part(g_tr, slice(0, R)), inp=part(g_tr, slice(R, None)))
 
 
 def with_gae(rollout, cfg):
@@ -155,7 +170,7 @@ def case(data: str, seed: int, target: float, args, pretrain: int) -> dict:
                    GRID_SIZE + GRID + [f"tbptt.target_bias={target}", f"run.seed={seed}", "run.device=cpu"])
         label = f"MortarMayhem-Grid ({cfg.model.core} {cfg.model.hidden_size}, {args.pretrain_grid} updates)"
     cfg = cfg.replace("tbptt", adapt_samples=args.samples)
-    return dict(data=label, seed=seed, target=target, **expected_bias(model, rollouts, cfg))
+    return dict(data=label, seed=seed, target=target, **expected_bias(model, rollouts, cfg, args.force_K))
 
 
 def cost(data: str, seed: int, updates: int, args) -> list[dict]:
@@ -208,6 +223,8 @@ def main(argv=None) -> int:
     p.add_argument("--pretrain", nargs="+", type=int, default=[10, 30],
                    help="CueRecall updates of fixed L = 10 first (default 10 30)")
     p.add_argument("--pretrain-grid", type=int, default=10, help="MortarMayhem-Grid updates (its config) first")
+    p.add_argument("--force-K", type=int, default=0,
+                   help="train this K instead of the chosen one: the bound at K against the bias at K")
     p.add_argument("--samples", type=int, default=64, help="tbptt.adapt_samples, the probe's windows (default 64)")
     p.add_argument("--stationary-core", default="gru", choices=["lstm", "gru"])
     p.add_argument("--cost", action="store_true", help="time per update of adaptive vs fixed L = K instead")
@@ -227,8 +244,8 @@ def main(argv=None) -> int:
                     print(f"| {r['data']} | {seed} | {r['strategy']} | {r['K']} | {r['update']:.3f} | {r['learn']:.3f} |",
                           flush=True)
         return 0
-    print("| data | seed | target | K | bound (mean tbptt/delta_hat) | expected bias | single-rollout bias "
-          "| chunks of median K |\n|---|---|---|---|---|---|---|---|")
+    print("| data | seed | target | K | bound (mean tbptt/delta_hat) | expected bias | recurrent weights | input side "
+          "| single-rollout bias | chunks of median K |\n|---|---|---|---|---|---|---|---|---|---|")
     for data in args.cases:
         for pretrain in args.pretrain if data.startswith("cue_recall") else [0]:
             for seed in args.seeds:
@@ -236,7 +253,8 @@ def main(argv=None) -> int:
                     r = case(data, seed, target, args, pretrain)
                     flag = " **over**" if r["bias"] > r["bound"] + 1e-6 else ""
                     print(f"| {r['data']} | {r['seed']} | {r['target']:g} | {r['K']} | {r['bound']:.3f} | "
-                          f"{r['bias']:.3f}{flag} | {r['single']:.3f} | {r['chunks']:.3f} |", flush=True)
+                          f"{r['bias']:.3f}{flag} | {r['rec']:.3f} | {r['inp']:.3f} | {r['single']:.3f} | "
+                          f"{r['chunks']:.3f} |", flush=True)
     return 0
 
 
