@@ -277,12 +277,32 @@ class Distributed:
         parts = self.gather_objects(mine, "gathering episode statistics")
         return [] if parts is None else [e for p in parts for e in p]
 
-    def sync_truncation(self, strategy) -> None:
+    def sync_truncation(self, strategy, episode_start: torch.Tensor | None = None) -> None:
         """Strategies that estimate something from the rollout (adaptive's K) use rank 0's estimate
-        on every rank, so that all ranks train with the same truncation."""
+        on every rank, so that all ranks train with the same truncation; when the strategy chose
+        anew this update, rank 0 chooses again with every rank's ``episode_start [T, N_r]`` side
+        by side, so that the choice holds for the whole run's rollout."""
         if self.enabled and hasattr(strategy, "K") and hasattr(strategy, "estimate"):
+            if episode_start is not None and strategy.estimated:
+                parts = self.gather_objects(episode_start.cpu(), "gathering the ranks' episode starts")
+                if self.is_main:
+                    strategy.choose(torch.cat(parts, dim=1).to(episode_start.device))
             strategy.K, strategy.estimate = self.broadcast_object(
                 (strategy.K, strategy.estimate), "sharing the adaptive truncation estimate")
+
+    def truncation_metrics(self, strategy) -> dict:
+        """The strategy's scalars, its ratios (:meth:`TruncationStrategy.ratios`) summed over all
+        ranks (one all-reduce): figures of the whole run's rollout. Unchanged with one process."""
+        out = strategy.metrics()
+        ratios = strategy.ratios()
+        if not self.enabled or not ratios:
+            return out
+        keys = sorted(ratios)
+        vec = torch.tensor([ratios[k][i] for i in (0, 1) for k in keys], dtype=torch.float64)
+        self.all_reduce(vec, "the truncation metrics all-reduce")
+        num, den = vec[:len(keys)].tolist(), vec[len(keys):].tolist()
+        out.update({k: (n / d if d else float("nan")) for k, n, d in zip(keys, num, den)})
+        return out
 
     def normalise_advantages(self, mb, coefs):
         """With ``coefs.norm_advantages``: ``mb`` with its advantages normalised by the masked mean

@@ -27,7 +27,7 @@ from .progress import UpdateProgress
 from .rollout import Collector
 from .sequences import minibatch_indices
 from .truncation import make_strategy
-from .utils import seed_everything
+from .utils import seed_everything, stream_seed
 
 
 class TrainingDiverged(FloatingPointError):
@@ -184,7 +184,7 @@ class Trainer:
         self.collector = Collector(self.envs, self.model, cfg.ppo.rollout_steps, device,
                                    cfg.model.reset_hidden_state)
         self.collector.progress = self._on_collect_step
-        self.shuffle_gen = torch.Generator().manual_seed(cfg.run.seed)
+        self.shuffle_gen = torch.Generator().manual_seed(stream_seed(cfg.run.seed, "minibatch shuffle"))
         self.truncation = make_strategy(cfg)
         self.dist.seed_rank(cfg.run.seed, [self.shuffle_gen] + [g for g in vars(self.truncation).values()
                                                                 if isinstance(g, torch.Generator)])
@@ -277,7 +277,7 @@ class Trainer:
         rollout.advantages.copy_(adv)
         rollout.returns.copy_(ret)
         self.truncation.before_update(self.model, rollout)
-        self.dist.sync_truncation(self.truncation)
+        self.dist.sync_truncation(self.truncation, rollout.episode_start)
         batch = self.truncation.build(rollout)
 
         self.model.train()
@@ -334,7 +334,7 @@ class Trainer:
             "time/env_wait_seconds": self.collector.wait_seconds - wait0,
         })
         scalars.update(self.dist.rollout_scalars(rollout, batch))  # over all ranks ({} with one)
-        scalars.update(self.truncation.metrics())
+        scalars.update(self.dist.truncation_metrics(self.truncation))  # over all ranks
         scalars.update(self._curriculum_step(episodes))
         if self.writer is not None:
             for tag, curve in self.truncation.curves().items():

@@ -14,6 +14,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def stream_seed(seed: int, stream: str) -> int:
+    """The seed of the run's random stream named ``stream`` (minibatch shuffle, a truncation
+    strategy's sampler), split from ``seed`` as numpy's SeedSequence splits one: the streams are
+    independent of each other and of the global RNGs that :func:`seed_everything` seeds with
+    ``seed`` (a generator seeded with ``seed`` itself would repeat torch's global stream)."""
+    key = [int(b) for b in stream.encode()]
+    state = np.random.SeedSequence([int(seed), *key]).generate_state(2, np.uint32).astype(np.uint64)
+    return int(state @ np.array([1, 2**32], np.uint64)) % 2**63
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> cuda if available else cpu. Raises ValueError if cuda is asked for but absent."""
     if name == "auto":

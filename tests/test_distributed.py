@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -50,6 +51,73 @@ def test_env_share_and_config_problems():
     assert derived_seed(5, 0) == 5 and len({derived_seed(5, r) for r in range(4)}) == 4
     assert Distributed.from_environment({}).world_size == 1  # not under torchrun: one process
     assert Distributed.from_environment({"WORLD_SIZE": "1", "RANK": "0"}).enabled is False
+
+
+class TwoRanksInOneProcess(Distributed):
+    """Rank 0 of two whose collectives see ``other`` (rank 1's strategy and rollout) in-process."""
+
+    def __init__(self, other_strategy, other_rollout):
+        super().__init__(0, 2)
+        self.other_strategy, self.other_rollout = other_strategy, other_rollout
+
+    def all_reduce(self, tensor, what, op="sum"):  # the truncation metrics: rank 1's ratios added
+        ratios = self.other_strategy.ratios()
+        keys = sorted(ratios)
+        return tensor.add_(torch.tensor([ratios[k][i] for i in (0, 1) for k in keys], dtype=tensor.dtype))
+
+    def gather_objects(self, obj, what):
+        return [obj, self.other_rollout.episode_start]
+
+    def broadcast_object(self, obj, what=""):
+        return obj
+
+
+@pytest.mark.parametrize("strategy", ["overlap", "random", "adaptive"])
+def test_truncation_figures_and_the_adaptive_K_are_the_whole_runs(strategy):
+    """Two ranks' halves of a rollout: the strategy's ratio figures (padding and prefix
+    fractions, mean piece, delta_hat) and adaptive's K are those of one process over the whole
+    rollout, not rank 0's."""
+    from trunc_helpers import collect, tiny_config as trunc_config
+    over = {"overlap": ["tbptt.strategy=overlap", "tbptt.sequence_length=6", "tbptt.stride=2"],
+            "random": ["tbptt.strategy=random", "tbptt.sequence_length=0", "tbptt.mean_length=3"],
+            "adaptive": ["tbptt.strategy=adaptive", "tbptt.adapt_window=12", "tbptt.adapt_burn_in=2",
+                         "tbptt.adapt_tau=4", "tbptt.adapt_samples=16", "tbptt.k_min=2", "tbptt.k_max=12",
+                         "tbptt.target_bias=0.02"]}[strategy]
+    cfg = trunc_config(*over, "env.kwargs={num_cues: 3, delay: 7}")
+    model, rollout = collect(cfg, rollouts=2)
+    es = torch.zeros_like(rollout.episode_start)  # rank 0's envs: short episodes; rank 1's: none
+    es[::3, :2] = True
+    rollout.episode_start.copy_(es)
+    halves = [slice_rollout(rollout, 0, 2), slice_rollout(rollout, 2, 4)]
+    whole, ranks = make_strategy(cfg), [make_strategy(cfg), make_strategy(cfg)]
+    if strategy == "random":  # no cuts, so that the ranks' pieces are the whole's: its fragments
+        whole.cut_prob = ranks[0].cut_prob = ranks[1].cut_prob = 0.0
+    whole.before_update(model, rollout)
+    for st, half in zip(ranks, halves):
+        st.before_update(model, half)
+    if strategy == "adaptive":
+        ranks[0].estimate = whole.estimate = dataclasses.replace(ranks[0].estimate)
+        whole.choose(rollout.episode_start)
+        dist = TwoRanksInOneProcess(ranks[1], halves[1])
+        dist.sync_truncation(ranks[0], halves[0].episode_start)
+        assert ranks[0].K == whole.K
+        alone = make_strategy(cfg)
+        alone.estimate = whole.estimate
+        alone.choose(halves[0].episode_start)
+        ranks[1].K, ranks[1].estimate = ranks[0].K, ranks[0].estimate
+    whole.build(rollout)
+    for st, half in zip(ranks, halves):
+        st.build(half)
+    want = whole.metrics()
+    got = TwoRanksInOneProcess(ranks[1], halves[1]).truncation_metrics(ranks[0])
+    rank0 = ranks[0].metrics()
+    tags = {"overlap": ["tbptt/padding_fraction", "tbptt/prefix_fraction"], "random": ["tbptt/mean_piece"],
+            "adaptive": ["tbptt/padding_fraction", "tbptt/prefix_fraction", "tbptt/delta_hat"]}[strategy]
+    for tag in tags:
+        assert got[tag] == pytest.approx(want[tag], rel=1e-12), tag
+    assert any(rank0[t] != pytest.approx(want[t], rel=1e-6) for t in tags)  # rank 0's alone differ
+    if strategy == "adaptive":
+        assert alone.K != whole.K  # rank 0's rollout alone would choose another K
 
 
 def test_list_and_print_config_under_torchrun_print_once_and_join_no_group(monkeypatch, capsys):

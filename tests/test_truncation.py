@@ -3,6 +3,7 @@ start-state refresh, and each strategy inside one trainer update."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import types
 
@@ -11,16 +12,20 @@ import pytest
 import torch
 from torch.distributions import Categorical
 
+from ppo_tbptt import config as C
 from ppo_tbptt.model import RecurrentState
 from ppo_tbptt.ppo import LossCoefs, ppo_loss_from_outputs
-from ppo_tbptt.sequences import build_sequences, chunk_starts, overlap_windows
+from ppo_tbptt.gae import compute_gae
+from ppo_tbptt.sequences import build_sequences, chunk_starts, gather_sequences, overlap_windows
 from ppo_tbptt.truncation import (
     FixedStrategy, OverlapStrategy, RandomStrategy, estimate_truncation, fit_decay,
     lag_gradients, make_strategy, phi_and_partial_norms, random_pieces, refresh_start_states,
     scale_gradient, segment_unroll, tail_bound,
 )
+from ppo_tbptt.truncation.adaptive import surviving_lags
+from ppo_tbptt.truncation.randomized import pieces_from_starts, segment_boundaries
 
-from trunc_helpers import collect, stationary_rollout, tiny_config
+from trunc_helpers import collect, geometric_probe, geometric_trained_bias, stationary_rollout, tiny_config
 
 torch.set_num_threads(1)  # small shared CPUs
 
@@ -128,103 +133,109 @@ def test_scale_gradient_is_identity_forward_and_scales_backward():
     assert torch.equal(x.grad, scale[None, :, None].expand_as(x))
 
 
-class LinearRNN:
-    """h_t = A h_{t-1} + U x_t, a readout v, loss sum_t (v . h_t - y_t)^2 (mean over the batch)."""
-
-    def __init__(self, H=4, F=3, L=24, radius=0.95, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        A = torch.randn(H, H, generator=g)
-        self.A = radius * A / torch.linalg.eigvals(A).abs().max()  # spectral radius 0.95: long memory
-        self.U = 0.5 * torch.randn(H, F, generator=g)
-        self.v = torch.randn(H, generator=g)
-        self.x = torch.randn(L, 1, F, generator=g)  # [L, 1, F] time-major, one sequence
-        self.y = torch.randn(L, generator=g)
-        self.H, self.L = H, L
-
-    def grad(self, B: int = 1, cut_prob: float = 0.0, segment: int = 1, generator=None,
-             fixed_chunk: int = 0) -> torch.Tensor:
-        """d loss / d A: for ``B`` copies of the sequence (``B`` independent draws of the cuts,
-        averaged), cut into random pieces that start from the exact (stored) states, or into
-        fixed chunks of ``fixed_chunk``."""
-        A = self.A.clone().requires_grad_(True)
-
-        def run(xs, state):  # xs [P, s, F], state [1, P, H]
-            h, outs = state[0][0], []
-            for j in range(xs.shape[1]):
-                h = h @ A.T + xs[:, j] @ self.U.T  # [P, H]
-                outs.append(h)
-            return torch.stack(outs, dim=1), [h.unsqueeze(0)]
-
-        with torch.no_grad():  # the states fed into every step: what a rollout stores
-            stored, h = torch.zeros(self.L, self.H), torch.zeros(self.H)
-            for t in range(self.L):
-                stored[t] = h
-                h = A @ h + self.U @ self.x[t, 0]
-        es = torch.zeros(self.L, B, dtype=torch.bool)  # [T, N]: B copies of one episode
-        es[0] = True
-        if fixed_chunk:
-            t0, n, length = chunk_starts(es, fixed_chunk)
-        else:
-            t0, n, length = random_pieces(es, 0, segment, cut_prob, generator)
-        P, Lmax = len(t0), int(length.max())
-        t = t0[:, None] + torch.minimum(torch.arange(Lmax)[None], (length - 1)[:, None])  # [P, Lmax]
-        out = segment_unroll(run, self.x[t, 0], [stored[t0].unsqueeze(0)], length, segment,
-                             1.0 / (1.0 - cut_prob))  # [P, Lmax, H]
-        real = torch.arange(Lmax)[None] < length[:, None]
-        loss = (((out @ self.v - self.y[t]) ** 2) * real).sum() / B
-        return torch.autograd.grad(loss, A)[0]
+def float64_rollout(T: int, starts: list[int], seed: int = 0):
+    """A float64 GRU and a one-env rollout of ``T`` stationary steps with episodes starting at
+    ``starts``, collected by the model itself (stored states exact). -> ``(model, rollout, cfg)``."""
+    model, r, cfg = stationary_rollout("gru", T=T, N=1, seed=seed, recurrent_gain=2.0)
+    es = torch.zeros(T, 1, dtype=torch.bool)
+    es[starts] = True
+    model.double()
+    model._encode_flat = lambda x: model.encoder(x.double())  # (the encoder's input is cast to float32)
+    for f in dataclasses.fields(r):
+        v = getattr(r, f.name)
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            setattr(r, f.name, v.double())
+    r.episode_start.copy_(es)
+    state = RecurrentState(model.initial_state(1).h.double(), None)
+    with torch.no_grad():  # collect again, in float64, with these episode starts
+        for t in range(T):
+            if t > 0:
+                state = state.masked(~es[t])
+            r.state_h[t] = state.h
+            logits, values, state = model(r.obs[t].unsqueeze(1), state)  # [1, 1, A], [1, 1]
+            r.logprobs[t] = model.dist(logits[:, 0]).log_prob(r.actions[t])
+            r.values[t] = values[:, 0]
+    r.terminated.zero_()
+    r.terminated[:-1] = es[1:]
+    adv, ret = compute_gae(r.rewards, r.values, r.terminated, r.truncated, r.bootstrap_value, 0.9, 0.95,
+                           r.truncation_values)
+    r.advantages.copy_(adv)
+    r.returns.copy_(ret)
+    return model, r, cfg
 
 
-@pytest.mark.parametrize("segment", [1, 3])
-def test_random_truncation_is_unbiased_and_fixed_truncation_is_not(segment):
-    rnn = LinearRNN()
-    full = rnn.grad()  # no cut: BPTT over the whole sequence
-    rel = lambda g: float((g - full).norm() / full.norm())  # noqa: E731
-    mean_length = 6.0
-    q = segment / mean_length
-    gen = torch.Generator().manual_seed(1)
-    single = [rnn.grad(cut_prob=q, segment=segment, generator=gen) for _ in range(20)]
-    assert np.mean([rel(g) for g in single]) > 0.1  # individual estimates really are random
-    averaged = rnn.grad(B=20_000, cut_prob=q, segment=segment, generator=gen)  # mean of 20k estimates
-    fixed = rnn.grad(fixed_chunk=int(mean_length))
-    # measured: averaged 0.002 (segment 1) and 0.005 (segment 3), single draws 0.55, fixed 0.62;
-    # the tolerance is 5% of the full gradient's norm
-    assert rel(averaged) < 0.05
-    assert rel(fixed) > 0.3
+def trained_gradient(model, batch, logits, values) -> torch.Tensor:
+    """d (the trainer's PPO loss over one minibatch holding the whole batch) / d (all parameters):
+    advantage normalisation, entropy, value and ratio clipping as configured by default."""
+    coefs = LossCoefs(clip=0.2, ent_coef=0.01, vf_coef=0.5, norm_advantages=True, clip_value_loss=True)
+    out = ppo_loss_from_outputs(model, batch, logits, values, coefs)
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(out.loss, list(model.parameters()))])
 
 
-def repeat_envs(rollout, copies: int):
-    """The rollout with its one env repeated ``copies`` times (the strategy draws cuts per env)."""
-    out = {}
-    for f in dataclasses.fields(rollout):
-        v = getattr(rollout, f.name)
-        if v is not None:
-            dim = 2 if f.name.startswith("state_") else (0 if f.name == "bootstrap_value" else 1)  # N
-            v = v.repeat(*[copies if d == dim else 1 for d in range(v.dim())])
-        out[f.name] = v
-    return type(rollout)(**out)
+def cut_patterns(rollout, seq_len: int, segment: int, cut_prob: float):
+    """Every pattern of cuts at the segment boundaries of the rollout's chunks, with its
+    probability: ``(probability, (t0, n, length))`` for each."""
+    first, boundary = segment_boundaries(rollout.episode_start, seq_len, segment)
+    places = torch.nonzero(boundary).tolist()  # [(env, step)]
+    assert len(places) >= 3
+    for pattern in itertools.product([False, True], repeat=len(places)):
+        cut = first.clone()
+        for (e, t), c in zip(places, pattern):
+            cut[e, t] = c
+        k = sum(pattern)
+        yield cut_prob ** k * (1 - cut_prob) ** (len(places) - k), pieces_from_starts(cut)
 
 
-@pytest.mark.parametrize("segment", [1, 2])
-def test_random_strategy_trains_an_unbiased_gradient_of_the_whole_chunk(segment):
-    """The strategy's own build and forward on a GRU: the mean over 4,000 draws of the cuts (one
-    env repeated, every copy cut independently, one backward) is BPTT over the whole fragment,
-    while fixed chunks of the mean length are far off."""
-    model, one, cfg = stationary_rollout("gru", T=24, N=1, recurrent_gain=2.0)
-    cfg = cfg.replace("tbptt", strategy="random", sequence_length=0, mean_length=4.0, segment_length=segment)
-    full = build_sequences(one, 0)
-    g_full = upstream_gradient(model, full, *model(full.obs, full.init_state, full.valid)[:2])
-    rel = lambda g: float((g - g_full).norm() / g_full.norm())  # noqa: E731
+@pytest.mark.parametrize("T, starts, seq_len, segment, mean_length", [
+    (16, [10], 7, 3, 5.0),   # chunks 7, 3, 6 (7 not a multiple of 3): boundaries 3, 6 | - | 3
+    (12, [7], 5, 2, 3.0),    # chunks 5, 2, 5: boundaries 2, 4 | - | 2, 4
+    (13, [8], 0, 3, 4.0),    # whole fragments 8, 5: boundaries 3, 6 | 3
+])
+def test_random_truncation_is_exactly_unbiased_over_all_cut_patterns(T, starts, seq_len, segment, mean_length):
+    """Every pattern of cuts, weighted by its probability: the expected gradient of the strategy's
+    own build and forward equals BPTT over the whole chunks to float64 precision (the trainer's
+    loss over one minibatch of the whole batch in the first epoch: per-step weights that do not
+    depend on the cuts). Single patterns differ, and fixed chunks of the mean length too."""
+    model, rollout, cfg = float64_rollout(T, starts)
+    cfg = cfg.replace("tbptt", strategy="random", sequence_length=seq_len, mean_length=mean_length,
+                      segment_length=segment)
     strat = make_strategy(cfg)
-    single = [strat.build(one) for _ in range(5)]
-    assert np.mean([rel(upstream_gradient(model, b, *strat.forward(model, b))) for b in single]) > 0.1
-    many = strat.build(repeat_envs(one, 4000))
-    averaged = upstream_gradient(model, many, *strat.forward(model, many))
-    chunks = build_sequences(one, 4)
-    fixed = upstream_gradient(model, chunks, *model(chunks.obs, chunks.init_state, chunks.valid)[:2])
-    # measured: averaged 0.004 (segment 1) and 0.007 (segment 2), single draws 0.27-0.32, fixed 0.36
-    assert rel(averaged) < 0.03
-    assert rel(fixed) > 0.25
+    chunks = build_sequences(rollout, seq_len)
+    g_chunk = trained_gradient(model, chunks, *model(chunks.obs, chunks.init_state, chunks.valid)[:2])
+    expected = torch.zeros_like(g_chunk)
+    singles = []
+    for prob, (t0, n, length) in cut_patterns(rollout, seq_len, segment, strat.cut_prob):
+        batch = gather_sequences(rollout, t0, n, length, int(length.max()))
+        g = trained_gradient(model, batch, *strat.forward(model, batch))
+        expected += prob * g
+        singles.append(float((g - g_chunk).norm() / g_chunk.norm()))
+    torch.testing.assert_close(expected, g_chunk, rtol=0, atol=1e-10 * float(g_chunk.norm()))
+    assert min(singles) > 1e-2  # every single pattern is off (uncut boundaries are scaled up)
+    fixed = build_sequences(rollout, int(mean_length))
+    g_fixed = trained_gradient(model, fixed, *model(fixed.obs, fixed.init_state, fixed.valid)[:2])
+    assert float((g_fixed - g_chunk).norm() / g_chunk.norm()) > 1e-2
+
+
+def test_random_truncation_with_several_minibatches_is_biased():
+    """The condition the estimator needs: with two minibatches the masked-mean denominator and the
+    advantage normalisation of each depend on which pieces share it, so the expectation over the
+    cut patterns (the pieces of each split in two halves, their sum of gradients) misses the
+    chunks' (split alike)."""
+    model, rollout, cfg = float64_rollout(16, [10])
+    cfg = cfg.replace("tbptt", strategy="random", sequence_length=7, mean_length=5.0, segment_length=3)
+    strat = make_strategy(cfg)
+
+    def two_minibatches(batch, forward):
+        halves = torch.tensor_split(torch.arange(batch.num_sequences), 2)
+        return sum(trained_gradient(model, b, *forward(b)) for b in (batch.select(h) for h in halves))
+
+    chunks = build_sequences(rollout, 7)
+    g_chunk = two_minibatches(chunks, lambda b: model(b.obs, b.init_state, b.valid)[:2])
+    expected = torch.zeros_like(g_chunk)
+    for prob, (t0, n, length) in cut_patterns(rollout, 7, 3, strat.cut_prob):
+        batch = gather_sequences(rollout, t0, n, length, int(length.max()))
+        expected += prob * two_minibatches(batch, lambda b: strat.forward(model, b))
+    assert float((expected - g_chunk).norm() / g_chunk.norm()) > 1e-2  # measured 0.092
 
 
 def test_random_pieces_cut_only_at_segment_boundaries_and_cover_each_step_once():
@@ -357,8 +368,9 @@ def test_adaptive_strategy_measures_on_a_rollout_and_trains_with_K():
     strat.before_update(model, rollout)
     est = strat.estimate
     assert est is not None and len(est.phi) == 12 and np.all(np.isfinite(est.phi))
-    # delay 4: episodes last 6 steps and the state is reset, so no gradient reaches 6+ steps back
-    assert np.all(est.phi[6:] == 0) and np.all(est.phi[:6] > 0)
+    # delay 4: episodes last 6 steps and the state is reset, so no window's gradient reaches 6+
+    # steps back: those lags are unmeasured, filled with the last measured value
+    assert np.all(est.phi[6:] == est.phi[5]) and np.all(est.phi[:6] > 0)
     assert 2 <= strat.K <= 12
     batch = strat.build(rollout)
     assert batch.length == 2 * strat.K - 1  # loss blocks of K after K - 1 steps of history
@@ -400,39 +412,112 @@ def test_lower_bound_uses_the_norm_of_the_mean_gradient():
     np.testing.assert_allclose(phi_and_partial_norms(G)[1], [1.0, 2.0, 3.0])
 
 
-def upstream_gradient(model, batch, logits, values) -> torch.Tensor:
+def test_surviving_lags_stop_at_the_first_episode_start_back_from_the_last_step():
+    reset = torch.zeros(2, 7, dtype=torch.bool)  # [B, burn-in 2 + W 5]
+    reset[0, 4] = True  # window step 2 of 5: lags 0..2 (states after steps 4..2) survive
+    reset[1, 1] = True  # in the burn-in: every lag survives
+    alive = surviving_lags(reset, burn_in=2)
+    assert alive.tolist() == [[True, True, True, False, False], [True] * 5]
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.2])
+def test_trained_bias_bound_covers_the_exact_bias_with_episode_starts(p):
+    """A noise-free model: state gradient beta^k = 0.9^k at lag k inside a fragment, 0 past an
+    episode start, all along one direction, so the trained gradient's bias against whole-fragment
+    BPTT is known exactly. The bound at the chosen K covers it, and so K meets the target. (Charging
+    the terms the survival-discounted phi as well as zeroing those that see their fragment start
+    counts the episode starts twice: K 9 / 6 / 4 with bounds 0.087 / 0.096 / 0.073 against exact
+    biases 0.132 / 0.174 / 0.170.)"""
+    cfg = C.from_dict({"env": {"id": "CueRecall-v0", "num_envs": 16}, "ppo": {"rollout_steps": 256},
+                       "tbptt": {"strategy": "adaptive", "target_bias": 0.1, "k_min": 1, "k_max": 60,
+                                 "adapt_window": 60, "adapt_burn_in": 0, "adapt_tau": 30}})
+    es = random_episode_starts(256, 16, p, seed=0)
+    G, alive = geometric_probe(es, 60, 512, 0.9)
+    strat = make_strategy(cfg)
+    strat.estimate = estimate_truncation(*phi_and_partial_norms(G, alive), 30, 0.1, 1, 60)
+    strat.choose(es)
+    exact = geometric_trained_bias(es, strat.windows(es, strat.K), 0.9)
+    previous = geometric_trained_bias(es, strat.windows(es, strat.K - 1), 0.9)
+    # measured: K 11 / 9 / 6, bound 0.088 / 0.076 / 0.070, exact 0.085 / 0.071 / 0.066
+    assert exact <= strat.estimate.delta_hat < 0.1
+    assert previous > 0.9 * 0.1  # and K is not far more than needed
+    # every lag of a surviving window is 0.9^k: phi measures the gradient, not the survival rate
+    phi = phi_and_partial_norms(G, alive)[0]
+    np.testing.assert_allclose(phi[np.isfinite(phi)], (0.9 ** np.arange(60))[np.isfinite(phi)], rtol=1e-12)
+
+
+def test_lower_bound_stays_below_the_norm_of_the_expected_gradient_under_noise():
+    """Zero-mean noise at lag 0 and a deterministic geometric tail: the norm of the sample mean
+    over the windows exceeds ||E g|| (in 153 of these 200 draws, median 0.195 against 0.167, and
+    the true bias at the chosen K then exceeded the target in 129); the confidence bound exceeds
+    it in 1 (about 5% of draws at most by its construction)."""
+    W, B, D, tau, beta = 40, 64, 8, 20, 0.9
+    a = torch.zeros(D, dtype=torch.float64)
+    a[0] = 0.0186
+    expected = float(a.norm()) * beta / (1 - beta)  # ||sum_{k>=1} beta^k a||
+    rng = torch.Generator().manual_seed(0)
+    over = too_biased = 0
+    for _ in range(200):
+        G = torch.zeros(B, W, D, dtype=torch.float64)
+        G[:, 0] = 0.35 * torch.randn(B, D, generator=rng, dtype=torch.float64)
+        G[:, 1:] = a * (beta ** torch.arange(1, W, dtype=torch.float64))[:, None]
+        est = estimate_truncation(*phi_and_partial_norms(G), tau, 0.1, 1, W)
+        over += est.lower_bound > expected
+        too_biased += beta ** (est.K - 1) > 0.1  # a term's bias with lags 0..K-1 kept
+    assert over <= 10 and too_biased <= 10
+    # without noise the bound is the norm itself: nothing is given away when the windows agree
+    G[:, 0] = 0.0
+    phi, partial = phi_and_partial_norms(G)
+    assert partial[-1] == pytest.approx(expected * (1 - beta ** (W - 1)), rel=1e-9)
+
+
+def upstream_gradient(model, batch, logits, values, norm_advantages: bool = False) -> torch.Tensor:
     """d loss / d (encoder and core parameters), flattened: the part of the gradient that a
-    truncation can cut (the heads' is the same for all). The loss is the probe's: PPO at ratio 1
-    without entropy, advantage normalisation or value clipping."""
-    coefs = LossCoefs(clip=1e9, ent_coef=0.0, vf_coef=0.5, norm_advantages=False, clip_value_loss=False)
+    truncation can cut (the heads' is the same for all). The loss is PPO at ratio 1 without
+    entropy or value clipping (advantages normalised over the batch with ``norm_advantages``)."""
+    coefs = LossCoefs(clip=1e9, ent_coef=0.0, vf_coef=0.5, norm_advantages=norm_advantages,
+                      clip_value_loss=False)
     out = ppo_loss_from_outputs(model, batch, logits, values, coefs)
     params = list(model.encoder.parameters()) + list(model.core.parameters())
     return torch.cat([g.reshape(-1) for g in torch.autograd.grad(out.loss, params)])
 
 
 @pytest.mark.parametrize("core", ["lstm", "gru"])
-def test_adaptive_trained_gradient_keeps_the_bias_it_reports(core):
-    """The bias of the gradient the strategy trains, against BPTT over whole fragments, measured:
-    on stationary inputs it stays under target_bias where the logged bound says it does, while
-    plain chunks of the same K (what the strategy trained before) exceed it."""
-    model, rollout, cfg = stationary_rollout(core, recurrent_gain=1.5)
-    cfg = cfg.replace("tbptt", strategy="adaptive", target_bias=0.1, k_min=1, k_max=40, adapt_window=40,
-                      adapt_burn_in=8, adapt_tau=20, adapt_samples=64)
-    strat = make_strategy(cfg)
-    strat.before_update(model, rollout)
-    batch = strat.build(rollout)
-    bound = strat.metrics()["tbptt/delta_hat"]
-    assert 2 <= strat.K < 40 and bound < 0.1  # a real choice, and the bound says "under target"
-
-    full = build_sequences(rollout, 0)
-    g_full = upstream_gradient(model, full, *model(full.obs, full.init_state, full.valid)[:2])
-    g_trained = upstream_gradient(model, batch, *strat.forward(model, batch))
-    chunks = build_sequences(rollout, strat.K)
-    g_chunks = upstream_gradient(model, chunks, *model(chunks.obs, chunks.init_state, chunks.valid)[:2])
-    rel = lambda g: float((g - g_full).norm() / g_full.norm())  # noqa: E731
-    # measured: lstm bound 0.049, bias 0.035, chunks 0.24; gru bound 0.069, bias 0.050, chunks 0.26
-    assert rel(g_trained) < 0.1
-    assert rel(g_chunks) > 0.1
+@pytest.mark.parametrize("p_start", [0.0, 0.05, 0.1])
+def test_adaptive_trained_gradient_keeps_the_bias_it_reports(core, p_start):
+    """The expected bias (over 3 rollouts of the same weights) of the gradient the strategy
+    trains, against BPTT over whole fragments, on stationary inputs with episode starts at rate
+    ``p_start``, for 3 seeds of the weights: it stays under target_bias and within 10% of the mean
+    logged bound, while plain chunks of the same K (what the strategy trained before windows)
+    exceed the target. Measured bias / bound: GRU 0.52-0.63; LSTM 0.68-0.71, 0.91-0.95 and, for
+    the seed-1 weights, 1.04-1.08 with or without episode starts: the bound's premise (the state
+    Jacobian alike at every step) holds only nearly there. With the episode starts counted twice
+    (phi averaged over every window, zeros past a start included) the ratio grows with the start
+    rate, to 0.93-1.45 at p 0.05 and 0.93-1.65 at p 0.1."""
+    for seed in range(3):
+        g_full, g_trained, g_chunks, bounds, Ks = [], [], [], [], []
+        for data in range(3):
+            model, rollout, cfg = stationary_rollout(core, recurrent_gain=1.5, seed=seed, p_start=p_start,
+                                                     data_seed=100 * seed + data)
+            cfg = cfg.replace("tbptt", strategy="adaptive", target_bias=0.1, k_min=1, k_max=40, adapt_window=40,
+                              adapt_burn_in=8, adapt_tau=20, adapt_samples=64)
+            strat = make_strategy(cfg)
+            strat.before_update(model, rollout)
+            batch = strat.build(rollout)
+            bounds.append(strat.metrics()["tbptt/delta_hat"])
+            Ks.append(strat.K)
+            grad = lambda b, lv: upstream_gradient(model, b, *lv, norm_advantages=True)  # noqa: E731
+            full = build_sequences(rollout, 0)
+            g_full.append(grad(full, model(full.obs, full.init_state, full.valid)[:2]))
+            g_trained.append(grad(batch, strat.forward(model, batch)))
+            chunks = build_sequences(rollout, strat.K)
+            g_chunks.append(grad(chunks, model(chunks.obs, chunks.init_state, chunks.valid)[:2]))
+        bound = float(np.mean(bounds))
+        assert 2 <= min(Ks) and max(Ks) < 40 and bound < 0.1  # a real choice, and "under target"
+        full = sum(g_full)
+        rel = lambda gs: float((sum(gs) - full).norm() / full.norm())  # noqa: E731
+        assert rel(g_trained) < 0.1 and rel(g_trained) <= 1.1 * bound, (seed, Ks, rel(g_trained), bound)
+        assert rel(g_chunks) > 0.1
 
 
 # ------------------------------------------------------------------------------------------------

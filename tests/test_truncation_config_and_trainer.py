@@ -87,3 +87,21 @@ def test_each_strategy_runs_one_update_and_logs_its_instruments(tmp_path, overri
         assert list(event.histogram_value.bucket) == pytest.approx([v or 0.0 for v in phi])
     else:
         assert "tbptt/phi_k" not in rec
+
+
+def test_the_shuffle_and_strategy_streams_are_not_the_global_rngs(tmp_path):
+    """The minibatch shuffle generator and the strategies' samplers draw their own streams, split
+    from the run seed, not copies of torch's global stream (which the policy samples actions from)."""
+    from ppo_tbptt.utils import stream_seed
+    cfg = tiny_config("tbptt.strategy=random", "tbptt.sequence_length=0", "tbptt.mean_length=3")
+    trainer = Trainer(cfg, tmp_path, torch.device("cpu"), log=False, quiet=True)
+    try:
+        global_draw = torch.rand(16, generator=torch.Generator().manual_seed(cfg.run.seed))
+        gens = [trainer.shuffle_gen, trainer.truncation.generator]
+        draws = [torch.rand(16, generator=torch.Generator().manual_seed(g.initial_seed())) for g in gens]
+    finally:
+        trainer.close()
+    assert not torch.equal(draws[0], global_draw) and not torch.equal(draws[1], global_draw)
+    assert not torch.equal(draws[0], draws[1])
+    seeds = {stream_seed(s, name) for s in (0, 1) for name in ("minibatch shuffle", "random truncation")}
+    assert len(seeds) == 4

@@ -38,20 +38,21 @@ def collect(cfg, seed: int = 0, rollouts: int = 1):
 
 
 def stationary_rollout(core: str, T: int = 96, N: int = 8, F: int = 6, H: int = 8, seed: int = 0,
-                       p_start: float = 0.0, recurrent_gain: float = 1.0):
+                       p_start: float = 0.0, recurrent_gain: float = 1.0, data_seed: int | None = None):
     """A tiny model and a rollout of i.i.d. Gaussian observations (no env), collected by the
     model itself: the stored states are exact, and every step's input is alike (the adaptive
     bound's setting). Rewards near 1 make the returns exceed the values everywhere, so the value
     loss pulls every window's gradient the same way. ``recurrent_gain`` scales the recurrent
     weights (slower decay). Returns ``(model, rollout, cfg)``; ``cfg`` has matching env, model
-    and rollout sizes for the strategies."""
+    and rollout sizes for the strategies. ``data_seed`` (default ``seed``) draws the inputs,
+    episode starts and rewards: the same model with other data."""
     import gymnasium as gym
     import numpy as np
 
     from ppo_tbptt import config as C
     from ppo_tbptt.rollout import Rollout
 
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed if data_seed is None else data_seed)
     torch.manual_seed(seed)
     cfg = C.from_dict({"env": {"id": "CueRecall-v0", "num_envs": N},
                        "model": {"core": core, "hidden_size": H, "hidden_layer": H, "encoder": "mlp"},
@@ -61,6 +62,8 @@ def stationary_rollout(core: str, T: int = 96, N: int = 8, F: int = 6, H: int = 
         for name, p in model.core.named_parameters():
             if "weight_hh" in name:
                 p.mul_(recurrent_gain)
+    if data_seed is not None:
+        torch.manual_seed(data_seed)  # the actions sampled
     r = Rollout.allocate(T, N, (F,), np.float32, 1, 1, H, core == "lstm", torch.device("cpu"))
     r.obs.copy_(torch.randn(T, N, F, generator=g))
     starts = torch.rand(T, N, generator=g) < p_start
@@ -84,3 +87,35 @@ def stationary_rollout(core: str, T: int = 96, N: int = 8, F: int = 6, H: int = 
     r.advantages.copy_(adv)
     r.returns.copy_(ret)
     return model, r, cfg
+
+
+def geometric_probe(episode_start: torch.Tensor, W: int, B: int, beta: float, seed: int = 0):
+    """The probe's view of a noise-free model whose state gradient at lag k is ``beta^k`` along
+    one direction inside an episode fragment and 0 past its start: B windows of W steps sampled
+    as :meth:`AdaptiveStrategy.measure` samples them. Returns ``(G [B, W, 1], alive [B, W])``."""
+    from ppo_tbptt.truncation.adaptive import surviving_lags
+    T, N = episode_start.shape
+    g = torch.Generator().manual_seed(seed)
+    t0 = torch.randint(0, T - W + 1, (B,), generator=g)
+    n = torch.randint(0, N, (B,), generator=g)
+    reset = episode_start[t0[:, None] + torch.arange(W)[None], n[:, None]]  # [B, W]
+    reset[:, 0] = False
+    alive = surviving_lags(reset, 0)
+    G = (beta ** torch.arange(W, dtype=torch.float64))[None, :, None] * alive[..., None]
+    return G, alive
+
+
+def geometric_trained_bias(episode_start: torch.Tensor, windows, beta: float) -> float:
+    """The exact relative bias, against BPTT over whole fragments, of the gradient trained on
+    ``windows`` (``(t0, n, length, loss_from)``) for that model: the terms' gradients all point
+    one way, so it is the mass the windows drop over the mass whole fragments keep."""
+    from ppo_tbptt.truncation.adaptive import fragment_start
+    t0, n, length, loss_from = windows
+    fs = fragment_start(episode_start)
+    lost = kept = 0.0
+    for a, e, ln, lf in zip(t0.tolist(), n.tolist(), length.tolist(), loss_from.tolist()):
+        for j in range(lf, ln):
+            d = a + j - int(fs[a + j, e])  # the term reaches lags 0..d in its fragment, 0..j in its window
+            kept += sum(beta ** k for k in range(d + 1))
+            lost += sum(beta ** k for k in range(j + 1, d + 1))
+    return lost / kept

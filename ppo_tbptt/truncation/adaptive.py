@@ -49,7 +49,12 @@ from ..config import Config
 from ..model import RecurrentActorCritic
 from ..rollout import Rollout
 from ..sequences import SequenceBatch, gather_sequences, overlap_windows
+from ..utils import stream_seed
 from .base import StepFn, TruncationStrategy, core_step
+from .overlap import window_fractions
+
+LOWER_BOUND_Z = 1.645
+"""The normal quantile of the lower confidence bound on the gradient's norm (one-sided, 95%)."""
 
 
 def lag_gradients(step: StepFn, x: torch.Tensor, state: list, loss_fn: Callable[[torch.Tensor], torch.Tensor],
@@ -96,13 +101,57 @@ def lag_gradients(step: StepFn, x: torch.Tensor, state: list, loss_fn: Callable[
     return torch.stack(cols[::-1], dim=1)  # [B, W, D], lag k = 0 first
 
 
-def phi_and_partial_norms(G: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """``G [B, W, D]`` -> ``phi [W]`` (mean over windows of ||G[:, k]||) and ``partial [W]``
-    (``partial[K - 1]`` = ||mean over windows of sum_{k < K} G[:, k]||: the norm of the mean
-    truncated gradient, which the lower bound on the full gradient's norm needs)."""
-    phi = G.norm(dim=-1).mean(0)  # [W]
-    partial = G.mean(0).cumsum(dim=0).norm(dim=-1)  # [B, W, D] -> [W, D] -> [W]
-    return phi.detach().cpu().double().numpy(), partial.detach().cpu().double().numpy()
+def surviving_lags(reset: torch.Tensor, burn_in: int) -> torch.Tensor:
+    """``reset [B, burn_in + W]`` (true where the state is zeroed before the step) -> ``alive [B,
+    W]``: true where the gradient of the last step's loss reaches lag k, i.e. no episode starts
+    in the window's last k steps (lag 0 always)."""
+    W = reset.shape[1] - burn_in
+    cut = reset[:, burn_in:].flip(1).to(torch.int64).cumsum(1) > 0  # [B, W] a start at or after lag k-1
+    alive = torch.ones_like(cut)
+    alive[:, 1:] = ~cut[:, :W - 1]
+    return alive
+
+
+def phi_and_partial_norms(G: torch.Tensor, alive: torch.Tensor | None = None,
+                          z: float = LOWER_BOUND_Z) -> tuple[np.ndarray, np.ndarray]:
+    """``G [B, W, D]`` (``alive [B, W]``, optional: where the gradient survives to lag k, see
+    :func:`surviving_lags`) -> ``phi [W]`` and ``partial [W]``.
+
+    ``phi[k]``: the mean of ``||G[:, k]||`` over the windows whose gradient survives to lag k
+    (NaN where none does): the gradient at lag k of a loss term whose fragment reaches that far,
+    the quantity :func:`trained_bias_bound` charges to the terms it knows reach that far.
+
+    ``partial[K - 1]``: a one-sided lower confidence bound (level about 1 - alpha with ``z`` the
+    normal quantile, 1.645: 95%) on ``||E sum_{k<K} G_k||``, the norm of the expected truncated
+    gradient. The norm of the sample mean ``x_bar`` over the B windows is inflated by their noise
+    (``E ||x_bar||^2 = ||mu||^2 + tr(Sigma) / B``): ``U = ||x_bar||^2 - tr(S) / B`` (S the
+    sample covariance) is unbiased for ``||mu||^2``, with variance about ``4 mu' Sigma mu / B +
+    2 tr(Sigma^2) / B^2`` (estimated with ``x_bar`` and S, which only widens it); the bound is
+    ``sqrt(max(0, U - z sd(U)))``. With one window no variance is known and the bound is 0."""
+    G = G.detach().double()
+    B, W = G.shape[:2]
+    norms = G.norm(dim=-1)  # [B, W]
+    if alive is None:
+        phi = norms.mean(0)
+    else:
+        a = alive.to(G.device, torch.float64)
+        count = a.sum(0)  # [W]
+        phi = torch.where(count > 0, (norms * a).sum(0) / count.clamp_min(1.0),
+                          torch.full_like(count, math.nan))
+    if B < 2:
+        return phi.cpu().numpy(), np.zeros(W)
+    X = G.cumsum(dim=1).transpose(0, 1)  # [W, B, D]: per window, sum_{k<K} G_k for K = 1..W
+    mean = X.mean(1)  # [W, D]
+    Xc = X - mean[:, None]  # [W, B, D]
+    gram = Xc @ Xc.transpose(1, 2) / (B - 1)  # [W, B, B]: nonzero eigenvalues those of S
+    tr_s = gram.diagonal(dim1=1, dim2=2).sum(-1)  # [W]
+    tr_s2 = (gram * gram).sum((1, 2))  # [W] = ||S||_F^2
+    proj = torch.einsum("wbd,wd->wb", Xc, mean)  # [W, B]
+    m_s_m = (proj * proj).sum(1) / (B - 1)  # [W] = x_bar' S x_bar
+    U = (mean * mean).sum(-1) - tr_s / B
+    sd = (4.0 * m_s_m / B + 2.0 * tr_s2 / B ** 2).sqrt()
+    partial = (U - z * sd).clamp_min(0.0).sqrt()
+    return phi.cpu().numpy(), partial.cpu().numpy()
 
 
 def fit_decay(phi: np.ndarray, tau: int) -> tuple[float, float]:
@@ -153,15 +202,29 @@ class AdaptiveEstimate:
     delta: np.ndarray       # [k_max] per-term delta_hat(K) = tail(K) / lower_bound for K = 1..k_max
 
 
+def fill_lags(phi: np.ndarray) -> np.ndarray:
+    """``phi`` with each NaN (a lag no probe window reached) replaced by the last measured value
+    before it, which bounds it from above as long as the gradient does not grow with the lag."""
+    out = np.asarray(phi, dtype=np.float64).copy()
+    for k in range(1, len(out)):
+        if not np.isfinite(out[k]):
+            out[k] = out[k - 1]
+    return out
+
+
 def estimate_truncation(phi: np.ndarray, partial: np.ndarray, tau: int, target: float,
                         k_min: int, k_max: int) -> AdaptiveEstimate:
-    """Fit beta, bound the per-term delta_hat(K) = tail(K) / lower bound (the relative bias of a
-    loss term whose gradient reaches back K steps), pick the smallest K in [k_min, k_max] with
-    delta_hat(K) < target (k_max if none does)."""
-    phi = np.asarray(phi, dtype=np.float64)
+    """Fit beta on the measured lags (NaN: not reached, left out), bound the per-term delta_hat(K)
+    = tail(K) / lower bound (the relative bias of a loss term whose gradient reaches back K steps
+    of an unbounded history), pick the smallest K in [k_min, k_max] with delta_hat(K) < target
+    (k_max if none does). The estimate's ``phi`` is filled (:func:`fill_lags`). The lower
+    bound's tails use the same phi: it averages only over windows that reach lag k, so it bounds
+    the mean over all windows (where a window cut by an episode start adds 0) from above, and
+    the lower bound stays one."""
+    _, beta = fit_decay(phi, tau)
+    phi = fill_lags(phi)
     partial = np.asarray(partial, dtype=np.float64)
     W = len(phi)
-    _, beta = fit_decay(phi, tau)
     tails_w = np.array([tail_bound(phi, beta, tau, K) for K in range(1, W + 1)])  # [W]
     lb = grad_norm_lower_bound(partial, tails_w)
     Ks = np.arange(1, max(k_max, 1) + 1)
@@ -176,38 +239,65 @@ def estimate_truncation(phi: np.ndarray, partial: np.ndarray, tau: int, target: 
                             phi=phi, delta=delta)
 
 
-def tail_table(phi: np.ndarray, beta: float, tau: int, max_history: int) -> np.ndarray:
-    """``tails [max_history + 1]`` with ``tails[h] = tail_bound(phi, beta, tau, h)`` for h >= 1."""
-    out = np.full(max_history + 1, math.inf)
-    for h in range(1, max_history + 1):
-        out[h] = tail_bound(phi, beta, tau, h)
-    return out
+def lag_mass(phi: np.ndarray, beta: float, tau: int, max_lag: int) -> np.ndarray:
+    """``m [max_lag + 1]``: the bound on a loss term's state-gradient norm at each lag, given that
+    its fragment reaches that far: the measured ``phi_k`` for k < tau, ``phi_tau beta^(k - tau)``
+    beyond (finite for any beta: lags never exceed the rollout)."""
+    phi = fill_lags(phi)
+    k = np.arange(max_lag + 1)
+    head = phi[np.minimum(k, tau)]
+    return np.where(k < tau, head, phi[tau] * float(beta) ** np.maximum(k - tau, 0).astype(np.float64))
+
+
+def fragment_start(episode_start: torch.Tensor) -> torch.Tensor:
+    """``[T, N]`` -> ``[T, N]``: the first step of the episode fragment each step belongs to
+    (t = 0 or its episode's start)."""
+    T, N = episode_start.shape
+    es = episode_start.clone()
+    es[0] = True
+    steps = torch.arange(T, device=es.device)[:, None].expand(T, N)
+    return torch.cummax(torch.where(es, steps, torch.zeros_like(steps)), dim=0).values
+
+
+def trained_lost_mass(episode_start: torch.Tensor, t0: torch.Tensor, n: torch.Tensor,
+                      length: torch.Tensor, loss_from: torch.Tensor, mass: np.ndarray) -> tuple[float, int]:
+    """``(lost, terms)`` for the gradient trained on windows ``[t0, t0 + length)`` of env ``n``
+    whose positions ``>= loss_from`` enter the loss (all ``[S]``; ``episode_start [T, N]``;
+    ``mass`` from :func:`lag_mass`, ``T`` long at least): ``terms`` loss terms, and ``lost`` the
+    sum over them of the state-gradient mass truncation drops. The term at window position j and
+    rollout step t keeps lags 0..j; BPTT over its whole fragment keeps lags 0..d, d = t minus its
+    fragment's first step; it loses ``sum_{k=j+1}^{d} mass[k]`` (nothing when the window starts
+    at the fragment's start). The episode starts enter here once, through d."""
+    L = int(length.max())
+    dev = t0.device
+    j = torch.arange(L, device=dev)[None].expand(len(t0), L)  # [S, L]
+    in_loss = (j >= loss_from[:, None]) & (j < length[:, None])  # [S, L]
+    T = episode_start.shape[0]
+    t = (t0[:, None] + j).clamp_max(T - 1)  # [S, L]
+    d = t - fragment_start(episode_start)[t, n[:, None].expand_as(t)]  # [S, L]
+    cum = torch.zeros(len(mass) + 1, dtype=torch.float64, device=dev)
+    cum[1:] = torch.as_tensor(np.cumsum(mass), dtype=torch.float64, device=dev)  # cum[i] = sum_{k<i} m_k
+    lost = (cum[d + 1] - cum[torch.minimum(j + 1, d + 1)]).clamp_min(0.0)  # [S, L]
+    return float(lost[in_loss].sum()), int(in_loss.sum())
+
+
+def ratio_bound(lost: float, terms: int, lower_bound: float) -> float:
+    """``lost / terms / lower_bound``: 0 if nothing is lost, inf if something is and the lower
+    bound is not positive."""
+    if lost == 0.0:
+        return 0.0
+    return lost / max(terms, 1) / lower_bound if lower_bound > 0 else math.inf
 
 
 def trained_bias_bound(episode_start: torch.Tensor, t0: torch.Tensor, n: torch.Tensor,
-                       length: torch.Tensor, loss_from: torch.Tensor, tails: np.ndarray,
+                       length: torch.Tensor, loss_from: torch.Tensor, mass: np.ndarray,
                        lower_bound: float) -> float:
-    """The relative-bias bound of the gradient trained on windows ``[t0, t0 + length)`` of env
-    ``n`` whose positions ``>= loss_from`` enter the loss (all ``[S]``; ``episode_start [T, N]``;
-    ``tails`` from :func:`tail_table`, long enough for the longest window).
-
-    The loss at window position j backpropagates j + 1 steps and loses at most ``tails[j + 1]``;
-    a window that starts at its fragment's start (t = 0 or an episode start) loses nothing
-    against BPTT over the whole fragment. Returns the mean over loss terms divided by
-    ``lower_bound`` (inf if that is not positive while some term loses something)."""
-    L = int(length.max())
-    dev = t0.device
-    ar = torch.arange(L, device=dev)
-    in_loss = (ar[None] >= loss_from[:, None]) & (ar[None] < length[:, None])  # [S, L]
-    whole = (t0 == 0) | episode_start[t0, n]  # [S] the window holds its fragment's start
-    counted = in_loss & ~whole[:, None]  # [S, L] loss terms with a truncated history
-    tail = torch.as_tensor(np.asarray(tails[1:L + 1]), dtype=torch.float64, device=dev)  # [L] by position
-    per_position = counted.sum(0).to(torch.float64)  # [L]
-    lost = float((per_position * torch.where(per_position > 0, tail, torch.zeros_like(tail))).sum())
-    mean_lost = lost / max(int(in_loss.sum()), 1)
-    if mean_lost == 0.0:
-        return 0.0
-    return mean_lost / lower_bound if lower_bound > 0 else math.inf
+    """The relative-bias bound of the trained gradient: the mean over loss terms of the mass
+    truncation drops (:func:`trained_lost_mass`) over ``lower_bound``, the norm of a loss term's
+    expected gradient. By the triangle inequality it bounds the relative bias of the mean of the
+    terms' gradients."""
+    lost, terms = trained_lost_mass(episode_start, t0, n, length, loss_from, mass)
+    return ratio_bound(lost, terms, lower_bound)
 
 
 class AdaptiveStrategy(TruncationStrategy):
@@ -223,9 +313,8 @@ class AdaptiveStrategy(TruncationStrategy):
         self.K = int(min(max(start, self.tb.k_min), self.tb.k_max))
         self.updates = 0
         self.estimate: AdaptiveEstimate | None = None
-        self.generator = torch.Generator().manual_seed(cfg.run.seed + 104729)
-        self._trained_delta = math.nan
-        self._padding = self._prefix = 0.0
+        self.generator = torch.Generator().manual_seed(stream_seed(cfg.run.seed, "adaptive truncation"))
+        self.estimated = False  # whether this update re-estimated K
 
     def block(self, K: int) -> int:
         """k1, the loss steps per window, for history K."""
@@ -238,14 +327,18 @@ class AdaptiveStrategy(TruncationStrategy):
         """``(t0, n, length, loss_from)`` of the windows that give every loss term K steps."""
         return overlap_windows(episode_start, self.block(K), self.window_length(K))
 
+    def trained_lost(self, episode_start: torch.Tensor, K: int, windows=None) -> tuple[float, int]:
+        """:func:`trained_lost_mass` of history K on a rollout with these episode starts."""
+        est = self.estimate
+        t0, n, length, loss_from = self.windows(episode_start, K) if windows is None else windows
+        mass = lag_mass(est.phi, est.beta, self.tb.adapt_tau, episode_start.shape[0])
+        return trained_lost_mass(episode_start, t0, n, length, loss_from, mass)
+
     def trained_bound(self, episode_start: torch.Tensor, K: int, windows=None) -> float:
         """The bound on the gradient trained with history K on a rollout with these episode starts."""
-        est = self.estimate
-        if est is None:
+        if self.estimate is None:
             return math.nan
-        t0, n, length, loss_from = self.windows(episode_start, K) if windows is None else windows
-        tails = tail_table(est.phi, est.beta, self.tb.adapt_tau, self.window_length(K))
-        return trained_bias_bound(episode_start, t0, n, length, loss_from, tails, est.lower_bound)
+        return ratio_bound(*self.trained_lost(episode_start, K, windows), self.estimate.lower_bound)
 
     def choose_K(self, episode_start: torch.Tensor) -> int:
         """The smallest K in [k_min, k_max] whose trained bound is below ``target_bias``, else k_max."""
@@ -256,12 +349,19 @@ class AdaptiveStrategy(TruncationStrategy):
 
     def before_update(self, model: RecurrentActorCritic, rollout: Rollout) -> None:
         super().before_update(model, rollout)
-        if self.updates % self.tb.adapt_every == 0:
+        self.estimated = self.updates % self.tb.adapt_every == 0
+        if self.estimated:
             self.estimate = self.measure(model, rollout)
-            self.K = self.choose_K(rollout.episode_start)
-            self.estimate = dataclasses.replace(
-                self.estimate, K=self.K, delta_hat=self.trained_bound(rollout.episode_start, self.K))
+            self.choose(rollout.episode_start)
         self.updates += 1
+
+    def choose(self, episode_start: torch.Tensor) -> None:
+        """K (and the estimate's K and delta_hat) for a rollout with these episode starts: in a
+        data-parallel run, rank 0 calls it again with every rank's starts side by side
+        (``[T, all envs]``), so that K holds its bound over the whole run's rollout."""
+        self.K = self.choose_K(episode_start)
+        self.estimate = dataclasses.replace(
+            self.estimate, K=self.K, delta_hat=self.trained_bound(episode_start, self.K))
 
     def measure(self, model: RecurrentActorCritic, rollout: Rollout) -> AdaptiveEstimate:
         """Sample windows from the rollout, probe phi_k with the current weights, fit the decay.
@@ -282,14 +382,22 @@ class AdaptiveStrategy(TruncationStrategy):
         reset[:, 0] = False  # the stored first state already has any reset applied
         if not self.reset_hidden_state:
             reset = None
+        alive = surviving_lags(reset, burn) if reset is not None else None
         last = seq.index[:, -1]
+        o = self.cfg.ppo
+        adv_all = rollout.advantages.reshape(-1)
+        if o.norm_advantages:  # as the trainer does, over the rollout rather than a minibatch
+            adv_all = (adv_all - adv_all.mean()) / (adv_all.std() + 1e-8)
+        ent_coef = o.ent_coef.value(0, self.cfg.run.total_steps)
 
         def loss_fn(out_last: torch.Tensor) -> torch.Tensor:
+            """The trained loss of one step at ratio 1 (no clipping acts there)."""
             logits, values = model.heads(out_last[:, 0])  # [B, A], [B]
-            logp = model.dist(logits).log_prob(rollout.actions.reshape(T * N, -1)[last])  # [B]
-            adv = rollout.advantages.reshape(-1)[last]
+            dist = model.dist(logits)
+            logp = dist.log_prob(rollout.actions.reshape(T * N, -1)[last])  # [B]
             ret = rollout.returns.reshape(-1)[last]
-            return -adv * logp + 0.5 * self.cfg.ppo.vf_coef * (values - ret) ** 2
+            return (-adv_all[last] * logp + 0.5 * o.vf_coef * (values - ret) ** 2
+                    - ent_coef * dist.entropy())
 
         was_training = model.training
         model.eval()
@@ -299,16 +407,19 @@ class AdaptiveStrategy(TruncationStrategy):
                               burn, reset)  # [B, W, D]
         model.train(was_training)
         model.zero_grad(set_to_none=True)
-        phi, partial = phi_and_partial_norms(G)
+        phi, partial = phi_and_partial_norms(G, alive)
         return estimate_truncation(phi, partial, tb.adapt_tau, tb.target_bias, tb.k_min, tb.k_max)
 
     def build(self, rollout: Rollout) -> SequenceBatch:
         windows = self.windows(rollout.episode_start, self.K)
         t0, n, length, loss_from = windows
         k2 = self.window_length(self.K)
-        self._trained_delta = self.trained_bound(rollout.episode_start, self.K, windows)
-        self._padding = 1.0 - float(length.sum()) / (len(length) * k2)
-        self._prefix = float(loss_from.sum()) / (len(length) * k2)
+        if self.estimate is not None:  # the bound as a ratio of sums (whole-run in a data-parallel run)
+            lost, terms = self.trained_lost(rollout.episode_start, self.K, windows)
+            lb = self.estimate.lower_bound
+            self.add_ratio("tbptt/delta_hat", 0.0 if lost == 0 else (lost / lb if lb > 0 else math.inf),
+                           terms, replace=True)
+        window_fractions(self, length, loss_from, k2)
         self._reach = float(self.K)
         return gather_sequences(rollout, t0, n, length, k2, loss_from)
 
@@ -317,11 +428,8 @@ class AdaptiveStrategy(TruncationStrategy):
         ``tbptt/delta_hat`` (the bias bound of this update's trained gradient), ``tbptt/beta``."""
         out = super().metrics()
         out["tbptt/window"] = float(self.window_length(self.K))
-        out["tbptt/padding_fraction"] = self._padding
-        out["tbptt/prefix_fraction"] = self._prefix
         if self.estimate is not None:
             out["tbptt/beta"] = self.estimate.beta
-            out["tbptt/delta_hat"] = self._trained_delta
         return out
 
     def curves(self) -> dict:

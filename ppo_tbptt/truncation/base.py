@@ -1,9 +1,9 @@
 """The seam every truncation strategy implements, and the recurrent step it may unroll."""
 from __future__ import annotations
 
+import math
 from typing import Callable
 
-import numpy as np
 import torch
 
 from ..config import Config
@@ -41,13 +41,13 @@ class TruncationStrategy:
         self.cfg = cfg
         self.tb = cfg.tbptt
         self.reset_hidden_state = cfg.model.reset_hidden_state
-        self._staleness: list[float] = []
+        self._ratios: dict[str, list[float]] = {}  # tag -> [numerator, denominator] of this update
         self._reach = float(self.tb.sequence_length)
 
     # -- hooks -------------------------------------------------------------------------------------
     def before_update(self, model: RecurrentActorCritic, rollout: Rollout) -> None:
         """Called once per update after GAE, before :meth:`build`."""
-        self._staleness = []
+        self._ratios = {}
 
     def build(self, rollout: Rollout) -> SequenceBatch:
         """The training sequences of this update (after :meth:`before_update`)."""
@@ -60,18 +60,31 @@ class TruncationStrategy:
         if self.tb.refresh_states and epoch > 0:
             kl = refresh_start_states(model, rollout, batch, self.reset_hidden_state)
             if kl is not None:
-                self._staleness.append(kl)
+                self.add_ratio("tbptt/staleness_kl", kl, 1.0)
 
     def forward(self, model: RecurrentActorCritic, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """The training forward: ``logits [S, L, A]``, ``values [S, L]``."""
         logits, values, _ = model(batch.obs, batch.init_state, batch.valid)
         return logits, values
 
+    def add_ratio(self, tag: str, numerator: float, denominator: float, replace: bool = False) -> None:
+        """Add to (``replace``: set) a figure of this update that is a ratio of sums over the
+        rollout (see :meth:`ratios`)."""
+        acc = [0.0, 0.0] if replace else self._ratios.get(tag, [0.0, 0.0])
+        self._ratios[tag] = [acc[0] + float(numerator), acc[1] + float(denominator)]
+
+    def ratios(self) -> dict:
+        """``tag -> (numerator, denominator)``: the figures of :meth:`metrics` that are ratios of
+        sums over this process's rollout; a data-parallel run sums both over the ranks, so that
+        they describe the whole run's rollout (``tbptt/staleness_kl``: the mean over epochs and
+        ranks of the refresh's KL)."""
+        return {k: (v[0], v[1]) for k, v in self._ratios.items()}
+
     def metrics(self) -> dict:
-        """Scalars for this update: ``tbptt/K`` (how far back gradients reach), staleness if measured."""
+        """Scalars for this update: ``tbptt/K`` (how far back gradients reach), staleness if
+        measured, and the strategy's other :meth:`ratios`."""
         out = {"tbptt/K": self._reach}
-        if self._staleness:
-            out["tbptt/staleness_kl"] = float(np.mean(self._staleness))
+        out.update({k: (n / d if d else math.nan) for k, (n, d) in self.ratios().items()})
         return out
 
     def curves(self) -> dict:

@@ -10,6 +10,15 @@ from ..sequences import SequenceBatch, gather_sequences, overlap_windows
 from .base import TruncationStrategy
 
 
+def window_fractions(strategy: TruncationStrategy, length: torch.Tensor, loss_from: torch.Tensor,
+                     k2: int) -> None:
+    """Record ``tbptt/padding_fraction`` (cells past a window's end; a prefix counts as real) and
+    ``tbptt/prefix_fraction`` of windows ``[S]`` padded to ``k2`` steps."""
+    cells = len(length) * k2
+    strategy.add_ratio("tbptt/padding_fraction", cells - float(length.sum()), cells, replace=True)
+    strategy.add_ratio("tbptt/prefix_fraction", float(loss_from.sum()), cells, replace=True)
+
+
 class OverlapStrategy(TruncationStrategy):
     """TBPTT(k1, k2) with k1 = ``tbptt.stride`` and k2 = ``tbptt.sequence_length``."""
 
@@ -24,15 +33,8 @@ class OverlapStrategy(TruncationStrategy):
     def build(self, rollout: Rollout) -> SequenceBatch:
         t0, n, length, loss_from = overlap_windows(rollout.episode_start, self.k1, self.k2)
         # mask counts prefixes as "not in the loss"; padding is only what lies past a window's end
-        self._padding = 1.0 - float(length.sum()) / (len(length) * self.k2)
-        self._prefix = float(loss_from.sum()) / (len(length) * self.k2)
+        window_fractions(self, length, loss_from, self.k2)
         return gather_sequences(rollout, t0, n, length, self.k2, loss_from)
-
-    def metrics(self) -> dict:
-        out = super().metrics()
-        out["tbptt/padding_fraction"] = self._padding
-        out["tbptt/prefix_fraction"] = self._prefix
-        return out
 
     def forward(self, model: RecurrentActorCritic, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.tb.burn_in or self.k1 == self.k2:

@@ -11,10 +11,27 @@ is the full-chunk BPTT gradient, path by path. Edges inside a segment are never 
 which is what lets a segment run as one recurrent call; s = 1 is the per-edge scheme.
 
 The pieces between cuts are the training sequences, each starting from the stored state at its
-first step (detached), like any chunk. In the first epoch those are the states the chunk's own
-unroll would produce, so forward values and the estimate's expectation are exactly BPTT over the
-chunk; later epochs start every strategy's sequences from the same stale stored states. Pieces
-are independent, so the recurrent depth of a minibatch is its longest piece (about
+first step (detached), like any chunk. Their forward values equal the chunk's own unroll only
+while the weights are those that collected the rollout: in the first minibatch of the first epoch.
+After the first optimizer step every piece (like every chunk of any strategy) restarts from a
+stale stored state (``tbptt.refresh_states`` recomputes them before each later epoch).
+
+What is unbiased, exactly: for a loss that is a sum over steps of per-step terms with weights
+that do not depend on the cuts, the expectation over the cuts of the gradient equals the
+gradient of BPTT over the whole chunks (``tests/test_truncation.py`` enumerates every cut
+pattern of small cases and finds them equal to 1e-16). The trainer's loss meets that over one
+minibatch holding the whole batch (``ppo.minibatches: 1``): its masked-mean denominator and the
+advantage normalisation run over every step, whichever pieces there are. With several
+minibatches the sequences are shuffled into them, so a step's weight (1 / the steps in its
+minibatch) and its normalised advantage depend on the pieces that share its minibatch, and each
+minibatch's gradient is biased (9% of its norm in the test's 16-step case split in two); the
+weights are kept as they are, the masked mean every strategy trains, rather than weights fixed
+in advance that would make the random strategy's loss differ from the others'. Gradient clipping after the
+average breaks it as well (E[clip g] != clip E[g]: clipping acts on each draw's noisier gradient),
+and so do the later minibatches' stale start states and moved ratio clipping, as for any
+strategy.
+
+Pieces are independent, so the recurrent depth of a minibatch is its longest piece (about
 ``mean_length`` x ln(pieces)) instead of the chunk length, run as ceil(depth / s) calls over the
 pieces still running. The gradient is a random variable around the chunk's: its variance grows
 with the number of kept boundaries a path crosses (the weights (1 - q)^-b), so it buys reach
@@ -30,6 +47,7 @@ from ..config import Config
 from ..model import RecurrentActorCritic, RecurrentState
 from ..rollout import Rollout
 from ..sequences import SequenceBatch, chunk_starts, gather_sequences
+from ..utils import stream_seed
 from .base import TruncationStrategy
 
 # A recurrent call over a segment: (x [B, s, F], state tensors [K, B, H]) -> (out [B, s, H], state tensors)
@@ -57,16 +75,10 @@ def core_run(core: torch.nn.Module) -> RunFn:
     return run
 
 
-def random_pieces(episode_start: torch.Tensor, seq_len: int, segment: int, cut_prob: float,
-                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cut the chunks of a ``[T, N]`` rollout at random segment boundaries.
-
-    Chunks are those of :func:`~ppo_tbptt.sequences.chunk_starts` (``seq_len`` steps, <= 0: whole
-    fragments). Inside a chunk, every ``segment``-th step after its start is a boundary, cut with
-    probability ``cut_prob`` (uniforms drawn on the CPU from ``generator``, so the stream is the
-    same on every device). Returns the pieces ``(t0 [P], n [P], length [P])``, env by env, then by
-    time, like ``chunk_starts``.
-    """
+def segment_boundaries(episode_start: torch.Tensor, seq_len: int, segment: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunks of a ``[T, N]`` rollout (:func:`~ppo_tbptt.sequences.chunk_starts`, ``seq_len``
+    steps, <= 0: whole fragments) and the places they may be cut: ``(starts [N, T], boundary [N,
+    T])``, env-major, true at each chunk's first step and at every ``segment``-th step after it."""
     T, N = episode_start.shape
     dev = episode_start.device
     t0, n, _ = chunk_starts(episode_start, seq_len)
@@ -74,12 +86,31 @@ def random_pieces(episode_start: torch.Tensor, seq_len: int, segment: int, cut_p
     starts[n, t0] = True
     steps = torch.arange(T, device=dev).expand(N, T)  # [N, T]
     pos = steps - torch.cummax(torch.where(starts, steps, torch.zeros_like(steps)), dim=1).values
-    boundary = (pos > 0) & (pos % segment == 0)  # [N, T] position inside the chunk
-    u = torch.rand(N, T, generator=generator).to(dev)
-    starts = starts | (boundary & (u < cut_prob))
+    return starts, (pos > 0) & (pos % segment == 0)  # [N, T] position inside the chunk
+
+
+def pieces_from_starts(starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``starts [N, T]`` (env-major, true where a piece begins; ``[:, 0]`` true) -> the pieces
+    ``(t0 [P], n [P], length [P])``, env by env, then by time."""
+    N, T = starts.shape
     flat = torch.nonzero(starts.reshape(-1)).squeeze(1)  # env-major flat index n * T + t
     ends = torch.cat([flat[1:], flat.new_tensor([N * T])])
     return flat % T, flat // T, ends - flat
+
+
+def random_pieces(episode_start: torch.Tensor, seq_len: int, segment: int, cut_prob: float,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cut the chunks of a ``[T, N]`` rollout at random segment boundaries.
+
+    Chunks and boundaries are those of :func:`segment_boundaries`; each boundary is cut with
+    probability ``cut_prob`` (uniforms drawn on the CPU from ``generator``, so the stream is the
+    same on every device). Returns the pieces ``(t0 [P], n [P], length [P])``, env by env, then
+    by time, like ``chunk_starts``.
+    """
+    T, N = episode_start.shape
+    starts, boundary = segment_boundaries(episode_start, seq_len, segment)
+    u = torch.rand(N, T, generator=generator).to(episode_start.device)
+    return pieces_from_starts(starts | (boundary & (u < cut_prob)))
 
 
 def segment_unroll(run: RunFn, x: torch.Tensor, state: list, length: torch.Tensor, segment: int,
@@ -110,8 +141,8 @@ def segment_unroll(run: RunFn, x: torch.Tensor, state: list, length: torch.Tenso
 class RandomStrategy(TruncationStrategy):
     """Randomized truncation: pieces of mean length ``tbptt.mean_length`` cut at random
     ``tbptt.segment_length`` boundaries of chunks of ``tbptt.sequence_length`` (<= 0: whole
-    episode fragments); the gradient is unbiased for BPTT over the whole chunk. The module
-    docstring gives the estimator and its cost."""
+    episode fragments); the gradient is unbiased for BPTT over the whole chunk under the
+    conditions the module docstring states, with the estimator and its cost."""
 
     name = "random"
 
@@ -119,14 +150,14 @@ class RandomStrategy(TruncationStrategy):
         super().__init__(cfg)
         self.segment = int(self.tb.segment_length)
         self.cut_prob = self.segment / self.tb.mean_length
-        self.generator = torch.Generator().manual_seed(cfg.run.seed + 7919)
+        self.generator = torch.Generator().manual_seed(stream_seed(cfg.run.seed, "random truncation"))
         self._reach = float(self.tb.mean_length)
 
     def build(self, rollout: Rollout) -> SequenceBatch:
         t0, n, length = random_pieces(rollout.episode_start, self.tb.sequence_length, self.segment,
                                       self.cut_prob, self.generator)
         self._reach = float(self.tb.mean_length)
-        self._pieces = float(length.float().mean())
+        self.add_ratio("tbptt/mean_piece", float(length.sum()), len(length), replace=True)
         return gather_sequences(rollout, t0, n, length, int(length.max()))
 
     def forward(self, model: RecurrentActorCritic, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,13 +166,6 @@ class RandomStrategy(TruncationStrategy):
         out = segment_unroll(core_run(model.core), x, batch.init_state.tensors(), length, self.segment,
                              1.0 / (1.0 - self.cut_prob))  # [S, L, H]
         return model.heads(out)
-
-    def metrics(self) -> dict:
-        """``tbptt/K``: the mean piece length asked for; ``tbptt/mean_piece``: the one drawn."""
-        out = super().metrics()
-        if hasattr(self, "_pieces"):
-            out["tbptt/mean_piece"] = self._pieces
-        return out
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "generator": self.generator.get_state()}
