@@ -94,8 +94,11 @@ def test_trained_cue_recall_agent_runs_alike_in_onnxruntime_and_torch(cue_run, c
 def test_memorygym_grid_agent_runs_alike_in_onnxruntime_and_torch(core, reset, tmp_path):
     """MortarMayhem-Grid's CPU model, untrained (GRU as configured, and LSTM); with
     ``model.reset_hidden_state: false`` the state carries over episode starts in both."""
+    # the curriculum's first stage (one command: ~10-step episodes), so the recording crosses starts
     model, cfg, obs = untrained("mortar_mayhem_grid_cpu", ["env.vector=serial", f"model.core={core}",
-                                                           f"model.reset_hidden_state={reset}"])
+                                                           f"model.reset_hidden_state={reset}",
+                                                           "curriculum.stages=null",
+                                                           "env.reset_params={command_count: [1]}"])
     assert obs.dtype == np.uint8 and obs.shape == (1, 21, 21, 3)  # frames as the env gives them
     check_parity(model, cfg, obs, tmp_path / f"grid_{core}.onnx", envs=2, steps=40)
 
