@@ -1,7 +1,7 @@
 """Typed configuration: frozen dataclasses, one docstring per field.
 
-YAML is only the input format. :func:`load` reads a file (or a bare name found in ``configs/``),
-applies ``--set`` overrides, coerces and validates everything at once, and raises
+YAML is only the input format. :func:`load` reads a file (or a bare name found in the package's
+``configs/``), applies ``--set`` overrides, coerces and validates everything at once, and raises
 :class:`ConfigError` listing *every* problem with its arithmetic.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped in the package (package data)
 
 
 class ConfigError(ValueError):
@@ -561,7 +561,7 @@ def _validate_tbptt(t: TBPTTConfig, o: PPOConfig) -> list[str]:
 # Files and overrides
 
 def resolve_path(name_or_path: str) -> Path:
-    """``mortar_mayhem.yaml`` or ``mortar_mayhem`` finds ``configs/mortar_mayhem.yaml``; a path works."""
+    """``mortar_mayhem.yaml`` or ``mortar_mayhem`` finds ``ppo_tbptt/configs/mortar_mayhem.yaml``; a path works."""
     p = Path(name_or_path)
     if p.is_file():
         return p

@@ -24,7 +24,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m ppo_tbptt.train",
                                 description="Train a recurrent PPO agent with truncated BPTT.")
     p.add_argument("--config", default=None,
-                   help="config name in configs/ (e.g. mortar_mayhem_grid.yaml) or a path")
+                   help="a shipped config's name (e.g. mortar_mayhem_grid.yaml; --list-configs) or a path")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its latest checkpoint (config from the checkpoint)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",

@@ -9,7 +9,7 @@ into the recurrent weights (``weight_hh``, ``bias_hh``) and the input side (``we
 ``bias_ih``, encoder), plus the bias of plain chunks of the same K.
 
 Data: ``stationary`` (a tiny model on i.i.d. Gaussian observations, the bound's setting) and
-``cue_recall`` (``configs/cue_recall.yaml``'s model after ``--pretrain`` updates of fixed L = 10).
+``cue_recall`` (``ppo_tbptt/configs/cue_recall.yaml``'s model after ``--pretrain`` updates of fixed L = 10).
 
     python scripts/adaptive_bias.py                      # about 30 s on one CPU core
     python scripts/adaptive_bias.py --pretrain 0 10 30 --cores lstm gru

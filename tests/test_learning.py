@@ -43,7 +43,7 @@ STEPS = 600_000  # MortarMayhem-Grid's learning test: about 10 minutes on 2 core
 
 
 def mortar_mayhem_cpu_success(tmp_path, steps: int, *extra: str, episodes: int = 100) -> dict:
-    """Train configs/mortar_mayhem_grid_cpu.yaml (MortarMayhem-Grid-v0, one command) for ``steps``
+    """Train ppo_tbptt/configs/mortar_mayhem_grid_cpu.yaml (MortarMayhem-Grid-v0, one command) for ``steps``
     steps, then evaluate ``episodes`` held-out levels (eval seeds, sampled actions)."""
     from ppo_tbptt.evaluation import evaluate_policy, seeds_from_range
     cfg = C.load("mortar_mayhem_grid_cpu.yaml", [f"run.total_steps={steps}", "run.eval_every=0",
