@@ -211,6 +211,10 @@ class RunConfig:
     """Folder that holds the run folders."""
     name: str = ""
     """Run name prefix (default: the config's file name)."""
+    track: str = ""
+    """Experiment tracking besides TensorBoard: ``wandb`` (Weights & Biases; the ``track`` extra)
+    logs the same scalars, the resolved config and ``evaluate``'s results and GIFs to a wandb run
+    named after the run folder; ``--resume`` continues it (see :mod:`ppo_tbptt.tracking`). Empty: off."""
     torch_threads: int = 0
     """torch CPU threads (0 = torch's default)."""
     collect_threads: int = 0
@@ -480,6 +484,8 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"run.total_steps: must be >= 1, got {r.total_steps}")
     if not (r.device in ("auto", "cpu", "cuda") or r.device.startswith("cuda:")):
         p.append(f"run.device: must be auto, cpu, cuda or cuda:N, got {r.device!r}")
+    if r.track not in ("", "wandb"):
+        p.append(f"run.track: must be wandb or empty (off), got {r.track!r}")
     if r.cpu_config:
         try:
             resolve_path(r.cpu_config)
