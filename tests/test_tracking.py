@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,8 @@ def wandb_records(path: Path):
             pos += 32768 - pos % 32768
             continue
         length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        if pos + 7 + length > len(data):  # still being written
+            return
         chunk = data[pos + 7:pos + 7 + length]
         pos += 7 + length
         buf = chunk if kind in (1, 2) else buf + chunk
@@ -47,15 +50,21 @@ def offline_runs(run_dir: Path) -> list[dict]:
     """Per process that opened the wandb run (in start order): its id, name, config and history."""
     out = []
     for f in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"), key=lambda p: p.parent.name):
-        run = {"history": [], "config": {}, "file": f}
-        for rec in wandb_records(f):
-            kind = rec.WhichOneof("record_type")
-            if kind == "run":
-                run["id"], run["name"] = rec.run.run_id, rec.run.display_name
-            elif kind == "config":
-                run["config"].update(items(rec.config.update))
-            elif kind == "history":
-                run["history"].append(items(rec.history.item))
+        for _ in range(100):  # wandb's service process may still be writing the file after finish()
+            run = {"history": [], "config": {}, "file": f, "ended": False}
+            for rec in wandb_records(f):
+                kind = rec.WhichOneof("record_type")
+                if kind == "run":
+                    run["id"], run["name"] = rec.run.run_id, rec.run.display_name
+                elif kind == "config":
+                    run["config"].update(items(rec.config.update))
+                elif kind == "history":
+                    run["history"].append(items(rec.history.item))
+                elif kind == "exit":
+                    run["ended"] = True
+            if run["ended"]:
+                break
+            time.sleep(0.1)
         out.append(run)
     return out
 
