@@ -376,7 +376,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m ppo_tbptt.benchmark",
                                 description="Throughput on this machine, side by side: the env-only ceiling, "
                                             "collection with the policy, end-to-end training.")
-    p.add_argument("--config", required=True, help="config name in configs/ or a path")
+    p.add_argument("--config", required=True, help="a shipped config's name (--list-configs in train) or a path")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config field (repeatable), e.g. --set env.num_envs=8")
     p.add_argument("--seconds", type=float, default=20.0, help="seconds per measurement (default 20)")

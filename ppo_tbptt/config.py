@@ -1,7 +1,7 @@
 """Typed configuration: frozen dataclasses, one docstring per field.
 
-YAML is only the input format. :func:`load` reads a file (or a bare name found in ``configs/``),
-applies ``--set`` overrides, coerces and validates everything at once, and raises
+YAML is only the input format. :func:`load` reads a file (or a bare name found in the package's
+``configs/``), applies ``--set`` overrides, coerces and validates everything at once, and raises
 :class:`ConfigError` listing *every* problem with its arithmetic.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped in the package (package data)
 
 
 class ConfigError(ValueError):
@@ -216,6 +216,10 @@ class RunConfig:
     """Folder that holds the run folders."""
     name: str = ""
     """Run name prefix (default: the config's file name)."""
+    track: str = ""
+    """Experiment tracking besides TensorBoard: ``wandb`` (Weights & Biases; the ``track`` extra)
+    logs the same scalars, the resolved config and ``evaluate``'s results and GIFs to a wandb run
+    named after the run folder; ``--resume`` continues it (see :mod:`ppo_tbptt.tracking`). Empty: off."""
     torch_threads: int = 0
     """torch CPU threads (0 = torch's default)."""
     collect_threads: int = 0
@@ -525,6 +529,8 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"run.total_steps: must be >= 1, got {r.total_steps}")
     if not (r.device in ("auto", "cpu", "cuda") or r.device.startswith("cuda:")):
         p.append(f"run.device: must be auto, cpu, cuda or cuda:N, got {r.device!r}")
+    if r.track not in ("", "wandb"):
+        p.append(f"run.track: must be wandb or empty (off), got {r.track!r}")
     if r.cpu_config:
         try:
             resolve_path(r.cpu_config)
@@ -640,7 +646,7 @@ def _validate_tbptt(t: TBPTTConfig, o: PPOConfig) -> list[str]:
 # Files and overrides
 
 def resolve_path(name_or_path: str) -> Path:
-    """``mortar_mayhem.yaml`` or ``mortar_mayhem`` finds ``configs/mortar_mayhem.yaml``; a path works."""
+    """``mortar_mayhem.yaml`` or ``mortar_mayhem`` finds ``ppo_tbptt/configs/mortar_mayhem.yaml``; a path works."""
     p = Path(name_or_path)
     if p.is_file():
         return p

@@ -188,10 +188,20 @@ def main(argv=None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(summary, indent=2) + "\n")
         print(f"wrote {out}")
+    gif = None
     if args.video:
         from .video import episode_frames, write_gif
-        path = write_gif(episode_frames(result.frames, seeds), args.video, fps=args.fps)
+        gif = path = write_gif(episode_frames(result.frames, seeds), args.video, fps=args.fps)
         print(f"wrote {path} ({len(result.frames)} episodes)")
+    if cfg.run.track:  # a tracked run: its wandb run gets the results too
+        from .tracking import TrackingError, track_evaluation
+        try:
+            line = track_evaluation(cfg, file, summary, gif)
+        except TrackingError as exc:
+            print(f"warning: the results are not tracked: {exc}", file=sys.stderr)
+        else:
+            if line:
+                print(line)
     return 0
 
 

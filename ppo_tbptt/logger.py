@@ -1,4 +1,5 @@
-"""All metrics flow here: TensorBoard scalars, one JSON line per update, a console progress line."""
+"""All metrics flow here: TensorBoard scalars (and a tracker's, e.g. wandb), one JSON line per update,
+a console progress line."""
 from __future__ import annotations
 
 import json
@@ -12,11 +13,15 @@ from .utils import format_duration
 
 
 class MetricsWriter:
-    """Writes each update's scalars to TensorBoard and to ``metrics.jsonl`` under the same tags."""
+    """Writes each update's scalars to TensorBoard, to ``metrics.jsonl`` and to ``tracker`` (if any:
+    :class:`ppo_tbptt.tracking.WandbTracker`) under the same tags."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None):
+    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None,
+                 tracker=None):
         """``resume_step``: continuing a run from a checkpoint at that step; rows logged after it
-        (by the interrupted process) are dropped from ``metrics.jsonl`` and purged from TensorBoard."""
+        (by the interrupted process) are dropped from ``metrics.jsonl`` and purged from TensorBoard
+        (a tracker keeps them: it plots against ``global_step``, so they overlap the new ones)."""
+        self.tracker = tracker
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is not None:
@@ -57,6 +62,8 @@ class MetricsWriter:
                 if math.isfinite(v):
                     self.tb.add_scalar(k, v, global_step, walltime=t)
             self.tb.flush()
+        if self.tracker is not None:
+            self.tracker.log(global_step, clean)
         rec = {"global_step": int(global_step), "time": t}
         rec.update({k: (v if math.isfinite(v) else None) for k, v in clean.items()})
         rec.update(self._curves)
@@ -66,6 +73,9 @@ class MetricsWriter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
         self._jsonl.close()
 
 

@@ -24,7 +24,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m ppo_tbptt.train",
                                 description="Train a recurrent PPO agent with truncated BPTT.")
     p.add_argument("--config", default=None,
-                   help="config name in configs/ (e.g. mortar_mayhem_grid.yaml) or a path")
+                   help="a shipped config's name (e.g. mortar_mayhem_grid.yaml; --list-configs) or a path")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its latest checkpoint (config from the checkpoint)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -36,6 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="train --config as it is on a machine without CUDA too (by default a config with "
                         "run.cpu_config, such as the published mortar_mayhem_grid.yaml, trains that reduced "
                         "CPU config instead when run.device is auto and there is no GPU)")
+    p.add_argument("--track", action="store_true",
+                   help="track the run in Weights & Biases as well (run.track=wandb; needs wandb installed; "
+                        "WANDB_MODE=offline works without an account)")
     p.add_argument("--list-configs", action="store_true", help="list the shipped configs and exit")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config (--config or --resume, with --set) as YAML and exit "
@@ -262,6 +265,8 @@ def main(argv=None) -> int:
 
 def _overrides(args) -> list[str]:
     overrides = list(args.overrides)
+    if args.track:
+        overrides.append("run.track=wandb")
     if args.device:
         overrides.append(f"run.device={args.device}")
     return overrides
@@ -270,6 +275,7 @@ def _overrides(args) -> list[str]:
 def train_main(args, dist) -> int:
     """:func:`main` once this process knows its rank (``dist``; :data:`distributed.SINGLE` for a
     plain run)."""
+    from .tracking import check_installed
     overrides = _overrides(args)
     if args.resume:
         return resume(args, overrides, dist)
@@ -278,7 +284,8 @@ def train_main(args, dist) -> int:
         name, cfg, note = substitute_for_cpu(args.config, cfg, device, overrides, args.exact)
         dist.check_config(cfg)  # env.num_envs is the total over the ranks
         device = dist.device(device)
-    except ValueError as exc:  # ConfigError, or cuda asked for where there is none
+        check_installed(cfg)
+    except ValueError as exc:  # ConfigError, TrackingError, or cuda asked for where there is none
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if note and dist.is_main:
@@ -297,13 +304,14 @@ def train_main(args, dist) -> int:
         return 2
     from .envs import EnvConfigError
     from .model import ModelConfigError
+    from .tracking import TrackingError
     from .trainer import Trainer
     if dist.is_main:
         print(f"run folder: {run_dir}  (tensorboard --logdir {cfg.run.out_dir})  device: {device}{_ranks(dist)}",
               flush=True)
     try:
         trainer = Trainer(cfg, run_dir, device, dist=dist)
-    except (EnvConfigError, ModelConfigError) as exc:
+    except (EnvConfigError, ModelConfigError, TrackingError) as exc:
         if dist.is_main:
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing was trained: leave no empty run behind
         print(f"error: {exc}", file=sys.stderr)

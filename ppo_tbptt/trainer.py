@@ -21,6 +21,7 @@ from .envs import EnvError, make_vector_env
 from .envs.pool import EnvWorkerError
 from .gae import compute_gae
 from .logger import MetricsWriter, RunLog, eval_line, progress_line
+from .tracking import open_tracker
 from .model import build_model
 from .ppo import LossCoefs, ppo_loss_from_outputs
 from .progress import UpdateProgress
@@ -207,7 +208,9 @@ class Trainer:
         self._stage_note: str | None = None
         if resume is not None:
             self.load_state_dict(resume, resume_path or "checkpoint")
-        self.writer = MetricsWriter(self.run_dir, resume_step=self.global_step if resume else None) if log else None
+        tracker = open_tracker(cfg, self.run_dir) if log else None  # run.track: wandb (None: off)
+        self.writer = MetricsWriter(self.run_dir, resume_step=self.global_step if resume else None,
+                                    tracker=tracker) if log else None
         if self.writer is not None:
             self.writer.text("config", "```\n" + dump_yaml(cfg) + "\n```")
 

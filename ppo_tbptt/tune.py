@@ -472,7 +472,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m ppo_tbptt.tune",
                                 description="Hyperparameter search with Optuna, pruned on the periodic "
                                             "held-out evaluation.")
-    p.add_argument("--config", help="config name in configs/ or a path: what each trial trains")
+    p.add_argument("--config", help="config name (ppo_tbptt/configs/) or a path: what each trial trains")
     p.add_argument("--trials", type=int, default=None, help="trials this process runs (required)")
     p.add_argument("--storage", default=None, metavar="URL",
                    help="Optuna storage URL shared by every process of the study, e.g. sqlite:///study.db or "

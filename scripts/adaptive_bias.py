@@ -13,10 +13,10 @@ side (``weight_ih``, ``bias_ih``, encoder), the mean single-rollout bias, and th
 fixed chunks of the median K. ``--force-K K`` trains K instead: the bound at K against the bias at K.
 
 Cases (all with episode starts): ``stationary`` (a tiny model on i.i.d. Gaussian observations,
-episodes starting at rate 0.1), ``cue_recall`` (``configs/cue_recall.yaml``'s model after
+episodes starting at rate 0.1), ``cue_recall`` (``ppo_tbptt/configs/cue_recall.yaml``'s model after
 ``--pretrain`` updates of fixed L = 10; ``cue_recall_gru`` with a GRU), ``mm_grid``
-(``configs/mortar_mayhem_grid_cpu.yaml``'s model after ``--pretrain-grid`` updates of that config,
-8 envs x 128 steps).
+(``ppo_tbptt/configs/mortar_mayhem_grid_cpu.yaml``'s model after ``--pretrain-grid`` updates of that
+config, 8 envs x 128 steps).
 
     python scripts/adaptive_bias.py                         # stationary and cue_recall, 3 seeds, 2 targets
     python scripts/adaptive_bias.py --cases mm_grid --rollouts 4
@@ -162,11 +162,11 @@ def case(data: str, seed: int, target: float, args, pretrain: int) -> dict:
         label = f"cue_recall ({cfg.model.core}, {pretrain} updates)"
     else:
         if (data, seed) not in _DATA:
-            _DATA[data, seed] = trained_rollouts(str(ROOT / "configs/mortar_mayhem_grid_cpu.yaml"),
+            _DATA[data, seed] = trained_rollouts("mortar_mayhem_grid_cpu.yaml",
                                                  GRID_SIZE + [f"run.seed={seed}", "run.device=cpu"],
                                                  args.pretrain_grid, args.rollouts)
         model, rollouts = _DATA[data, seed]
-        cfg = load(str(ROOT / "configs/mortar_mayhem_grid_cpu.yaml"),
+        cfg = load("mortar_mayhem_grid_cpu.yaml",
                    GRID_SIZE + GRID + [f"tbptt.target_bias={target}", f"run.seed={seed}", "run.device=cpu"])
         label = f"MortarMayhem-Grid ({cfg.model.core} {cfg.model.hidden_size}, {args.pretrain_grid} updates)"
     cfg = cfg.replace("tbptt", adapt_samples=args.samples)
@@ -185,7 +185,7 @@ def cost(data: str, seed: int, updates: int, args) -> list[dict]:
         core = data.split("_")[-1] if data.count("_") == 2 else "lstm"
         name, base, adapt = "cue_recall", [f"model.core={core}"], STUDY + ["tbptt.adapt_every=5"]
     else:
-        name = str(ROOT / "configs/mortar_mayhem_grid_cpu.yaml")
+        name = "mortar_mayhem_grid_cpu.yaml"
         base, adapt = GRID_SIZE, GRID + ["tbptt.adapt_every=5"]
     rows = []
     K = None

@@ -19,7 +19,7 @@ strategy that costs more per update sees fewer env steps.
     python scripts/truncation_study.py --only fixed,random --jobs 2
     python scripts/truncation_study.py --replot --out runs/truncation_study   # redraw from results.jsonl
 
-Each setting is a list of ``--set``-style overrides on ``configs/cue_recall.yaml``.
+Each setting is a list of ``--set``-style overrides on ``ppo_tbptt/configs/cue_recall.yaml``.
 """
 from __future__ import annotations
 

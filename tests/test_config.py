@@ -19,7 +19,7 @@ def test_shipped_configs_load(name):
 
 
 def test_name_without_suffix_and_path():
-    assert C.load("cue_recall") == C.load(str(ROOT / "configs" / "cue_recall.yaml"))
+    assert C.load("cue_recall") == C.load(str(ROOT / "ppo_tbptt" / "configs" / "cue_recall.yaml"))
 
 
 def test_scientific_notation_reads_as_float(tmp_path):

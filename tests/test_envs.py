@@ -108,3 +108,53 @@ def test_memorygym_obs_and_episode_stats():
 def test_unknown_env_id_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown env id"):
         make_base_env("NoSuchEnv-v0")
+
+
+class NoRenderMode(gym.Env):
+    """A third-party style env whose constructor takes no ``render_mode``: the cue of step 0 named
+    at step ``delay + 1`` earns 1."""
+
+    observation_space = gym.spaces.Box(0.0, 1.0, (3,), np.float32)
+    action_space = gym.spaces.Discrete(3)
+
+    def __init__(self, delay: int = 2):
+        self.delay = delay
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.cue, self.t = int(self.np_random.integers(3)), 0
+        return np.eye(3, dtype=np.float32)[self.cue], {}
+
+    def step(self, action):
+        self.t += 1
+        done = self.t > self.delay
+        win = done and int(action) == self.cue
+        return np.zeros(3, np.float32), float(win), done, False, ({"success": float(win)} if done else {})
+
+
+@pytest.fixture
+def no_render_mode_id():
+    env_id = "NoRenderMode-v0"
+    gym.register(env_id, entry_point=NoRenderMode)
+    yield env_id
+    gym.registry.pop(env_id)
+
+
+def test_an_env_whose_constructor_takes_no_render_mode_trains_and_is_evaluated(tmp_path, no_render_mode_id):
+    import torch
+
+    from ppo_tbptt.evaluation import evaluate_policy
+    from ppo_tbptt.trainer import Trainer
+    assert make_base_env(no_render_mode_id, {"delay": 1}).unwrapped.delay == 1
+    cfg = C.from_dict({
+        "env": {"id": no_render_mode_id, "num_envs": 2, "kwargs": {"delay": 2}, "vector": "serial"},
+        "model": {"hidden_size": 8, "hidden_layer": 8},
+        "tbptt": {"sequence_length": 4},
+        "ppo": {"rollout_steps": 8, "epochs": 1, "minibatches": 1},
+        "run": {"total_steps": 16, "device": "cpu", "checkpoint_every": 0, "eval_every": 16, "eval_episodes": 4},
+    })
+    tr = Trainer(cfg, tmp_path, torch.device("cpu"), quiet=True)
+    scalars = tr.train(handle_signals=False)  # one update, then the periodic evaluation
+    assert tr.global_step == 16 and scalars["eval/episodes"] == 4 and 0 <= scalars["eval/success"] <= 1
+    result = evaluate_policy(tr.model, cfg.env, range(100, 103))
+    assert len(result.episodes) == 3 and all(e.length == 3 for e in result.episodes)

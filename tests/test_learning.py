@@ -44,12 +44,12 @@ def test_cue_recall_learns_with_a_bfloat16_encoder(tmp_path):
 STEPS = 600_000  # MortarMayhem-Grid's learning test: about 10 minutes on 2 cores
 
 
-#: Stage 0 of configs/mortar_mayhem_grid_cpu.yaml: MortarMayhem-Grid-v0 with one command, paying 1.0.
+#: Stage 0 of ppo_tbptt/configs/mortar_mayhem_grid_cpu.yaml: MortarMayhem-Grid-v0 with one command, paying 1.0.
 ONE_COMMAND = {"command_count": [1], "reward_command_success": 1.0}
 
 
 def mortar_mayhem_cpu_success(tmp_path, steps: int, *extra: str, episodes: int = 100) -> dict:
-    """Train configs/mortar_mayhem_grid_cpu.yaml on its first stage alone (MortarMayhem-Grid-v0,
+    """Train ppo_tbptt/configs/mortar_mayhem_grid_cpu.yaml on its first stage alone (MortarMayhem-Grid-v0,
     one command; the curriculum off, so the task never changes) for ``steps`` steps, then
     evaluate ``episodes`` held-out levels of that task (eval seeds, sampled actions)."""
     from ppo_tbptt import curriculum

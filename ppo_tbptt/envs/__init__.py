@@ -30,8 +30,10 @@ def make_base_env(env_id: str, kwargs: dict | None = None, render_mode: str | No
     if env_id == CUE_RECALL_ID:
         return CueRecall(render_mode=render_mode, **kwargs)
     import memory_gym  # noqa: F401  (registers the MemoryGym ids)
+    if render_mode is not None:  # only when wanted: gym.make hands it to constructors that may take none
+        kwargs["render_mode"] = render_mode
     try:
-        return gym.make(env_id, disable_env_checker=True, render_mode=render_mode, **kwargs)
+        return gym.make(env_id, disable_env_checker=True, **kwargs)
     except gym.error.Error as exc:
         raise ValueError(f"unknown env id {env_id!r} ({exc}); known: {CUE_RECALL_ID}, "
                          f"{PENDULUM_NO_VELOCITY_ID}, " + ", ".join(MEMORY_GYM_IDS)
