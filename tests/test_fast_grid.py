@@ -273,3 +273,20 @@ def test_sweep_matches_memorygym(env_id, sweep):
                 total = {key: total[key] + seen[key] for key in total}
     print(env_id, total)
     assert total["steps"] > 40_000 and total["success"] > 500, total
+
+
+def test_piece_keeps_opaque_black_pixels_and_drops_colour_keyed_ones():
+    """A piece is what a draw call sets whatever lies below: a black pixel drawn is part of it,
+    a colour-keyed (transparent) one is not."""
+    import pygame
+    sprite = pygame.Surface((4, 4))
+    sprite.fill((0, 0, 255))
+    sprite.set_colorkey((0, 0, 255))
+    sprite.fill((0, 0, 0), (0, 0, 2, 1))  # two opaque black pixels
+    sprite.fill((9, 8, 7), (3, 3, 1, 1))
+    piece = fast_grid.Piece(lambda s: s.blit(sprite, (10, 20)))
+    frame = np.full((84, 84, 3), 200, np.uint8)
+    piece.paste(frame.reshape(-1))
+    changed = np.argwhere((frame != 200).any(axis=2)).tolist()
+    assert changed == [[10, 20], [11, 20], [13, 23]] and frame[13, 23].tolist() == [9, 8, 7]
+    assert frame[10, 20].tolist() == [0, 0, 0] and piece.index.size == 9
