@@ -95,8 +95,9 @@ def make_env(env_cfg, render_mode: str | None = None) -> gym.Env:
     average-pooled by ``env.downsample``, observations other than a Box flattened into one
     (:mod:`ppo_tbptt.envs.spaces`). Raises EnvConfigError if it cannot be built or its spaces are
     not supported."""
+    fast = getattr(env_cfg, "backend", "memorygym") == "fast"
     try:
-        if getattr(env_cfg, "backend", "memorygym") == "fast":
+        if fast:
             from .fast_grid import make_fast_env
             env = make_fast_env(env_cfg.id, env_cfg.kwargs, render_mode)
         else:
@@ -111,7 +112,11 @@ def make_env(env_cfg, render_mode: str | None = None) -> gym.Env:
     factor = getattr(env_cfg, "downsample", 1)
     if factor > 1:
         try:
-            env = DownsampleObservation(env, factor)
+            if fast:  # the same frames, pooled where the sprites are
+                from .fast_grid import PooledObservation
+                env = PooledObservation(env, factor)
+            else:
+                env = DownsampleObservation(env, factor)
         except ValueError as exc:
             env.close()
             raise EnvConfigError(f"env.downsample: {exc}") from None

@@ -35,6 +35,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from .wrappers import DownsampleObservation
+
 SCREEN = 84
 FAST_IDS = ("MortarMayhem-Grid-v0", "MysteryPath-Grid-v0")
 
@@ -67,7 +69,7 @@ class Piece:
     ``region`` (an [84, 84] mask) instead takes those pixels of ``draw`` on a black screen (for a
     sprite blended over a known part of the screen)."""
 
-    __slots__ = ("index", "values")
+    __slots__ = ("index", "values", "_blocks")
 
     def __init__(self, draw, region: np.ndarray | None = None):
         black = _snapshot(draw, (0, 0, 0))
@@ -76,9 +78,33 @@ class Piece:
         idx = np.flatnonzero(np.repeat(region[:, :, None], 3, axis=2))
         self.index = idx.astype(np.intp)
         self.values = black.reshape(-1)[idx].copy()
+        self._blocks: dict = {}
 
     def paste(self, flat: np.ndarray) -> None:
         flat[self.index] = self.values
+
+    def blocks(self, factor: int) -> tuple[slice, slice, slice, slice]:
+        """The factor x factor pooling blocks it touches: (block x, block y, pixel x, pixel y) slices."""
+        if factor not in self._blocks:
+            x, y = self.index // (SCREEN * 3), (self.index // 3) % SCREEN
+            bx = slice(int(x.min()) // factor, int(x.max()) // factor + 1) if x.size else slice(0, 0)
+            by = slice(int(y.min()) // factor, int(y.max()) // factor + 1) if y.size else slice(0, 0)
+            self._blocks[factor] = (bx, by, slice(bx.start * factor, bx.stop * factor),
+                                    slice(by.start * factor, by.stop * factor))
+        return self._blocks[factor]
+
+
+_POOL_CACHE = 20_000  # pooled sprite patches kept per process (a few MB)
+
+
+def pool_blocks(pixels: np.ndarray, factor: int) -> np.ndarray:
+    """Mean of each factor x factor block of uint8 ``pixels`` [X, Y, 3], rounded half up: the
+    integer form of :class:`~ppo_tbptt.envs.wrappers.DownsampleObservation`'s
+    ``floor((sum + n/2) / n)`` (n = factor^2)."""
+    w, h = pixels.shape[0] // factor, pixels.shape[1] // factor
+    total = pixels.reshape(w, factor, h, factor, pixels.shape[2]).sum(axis=(1, 3), dtype=np.uint32)
+    n = factor * factor
+    return ((2 * total + n) // (2 * n)).astype(np.uint8)
 
 
 _MM_ART: dict = {}
@@ -107,6 +133,8 @@ class _MortarArt:
         self.arena_rect = tuple(arena().rect)
         self.tile_dim = arena().tile_dim
         # [1 + n*n] backgrounds: 0 = tiles off, 1 + i*n + j = every tile red but the target (i, j)
+        self.pooled: dict = {}  # factor -> {background index: pooled background}
+        self.pooled_sprites: dict = {}  # (factor, *pieces, background index) -> pooled patches
         self.backgrounds = np.stack([background(arena())] +
                                     [background(arena((i, j))) for i in range(n) for j in range(n)])
         # the agent at every tile and heading (positions as memory-gym's controller sets them)
@@ -179,6 +207,7 @@ class _PathArt:
                     self.cross[i, j, h] = Piece(lambda s, surf=surf, rect=rect, c=cross, r=cross_rect:
                                                 (s.blit(surf, rect), s.blit(c, r)), region=region)
         self.background = np.zeros((SCREEN, SCREEN, 3), np.uint8)
+        self.pooled_sprites: dict = {}  # (factor, *pieces, background under them) -> pooled patches
 
 
 def path_art() -> _PathArt:
@@ -202,6 +231,33 @@ class _FastGridEnv(gym.Env):
         self.observation_space = spaces.Box(low=0, high=255, shape=[SCREEN, SCREEN, 3], dtype=np.uint8)
         self.has_ground_truth_info = False
         self._frame: np.ndarray | None = None
+        self._pasted: list = []  # the pieces drawn over the background in the current frame
+        self._pool_factor = 0
+
+    def pool_observations(self, factor: int, pool) -> None:
+        """Have :meth:`pooled_observation` average-pool frames by ``factor``; ``pool(frame)`` pools a
+        whole frame (used once per background)."""
+        self._pool_factor, self._pool_frame = int(factor), pool
+
+    def pooled_observation(self) -> np.ndarray:
+        """The current frame pooled: the pooled background with the blocks under the sprites pooled
+        from the frame, memoised under a key that determines those pixels (:meth:`_sprite_key`)."""
+        f = self._pool_factor
+        out = self._pooled_background().copy()
+        cache = self._art.pooled_sprites
+        key = (f, *self._pasted, self._sprite_key())
+        patches = cache.get(key)
+        if patches is None:
+            patches = []
+            for piece in self._pasted:
+                bx, by, px, py = piece.blocks(f)
+                patches.append((bx, by, pool_blocks(self._frame[px, py], f)))
+            if len(cache) >= _POOL_CACHE:
+                cache.clear()
+            cache[key] = patches
+        for bx, by, patch in patches:
+            out[bx, by] = patch
+        return out
 
     def render(self):
         if self.render_mode == "rgb_array" and self._frame is not None:
@@ -273,10 +329,20 @@ class FastGridMortarMayhem(_FastGridEnv):
         frame = art.backgrounds[self._background].copy()
         flat = frame.reshape(-1)
         x, y = self.normalized_agent_position
-        art.agent[x, y, rotation].paste(flat)
-        if command is not None:
-            art.commands[command].paste(flat)
+        self._pasted = [art.agent[x, y, rotation]] + ([] if command is None else [art.commands[command]])
+        for piece in self._pasted:
+            piece.paste(flat)
         self._frame = frame
+
+    def _sprite_key(self):
+        """With the pasted pieces, what fixes the frame under them: the background."""
+        return self._background
+
+    def _pooled_background(self) -> np.ndarray:
+        pooled = self._art.pooled.setdefault(self._pool_factor, {})
+        if self._background not in pooled:
+            pooled[self._background] = self._pool_frame(self._art.backgrounds[self._background])
+        return pooled[self._background]
 
     def step(self, action):
         p = self.reset_params
@@ -392,6 +458,7 @@ class FastGridMysteryPath(_FastGridEnv):
             elif k == len(path) - 1 and p["show_origin"]:
                 art.origin[node.x, node.y].paste(flat)
         self._background = bg
+        self._pooled = None
         self._start_cell = (int(self.start[0]), int(self.start[1]))
         self._cell = self._start_cell
         self.normalized_agent_position = self._start_cell
@@ -407,10 +474,28 @@ class FastGridMysteryPath(_FastGridEnv):
         frame = self._background.copy()
         flat = frame.reshape(-1)
         art = self._art
-        art.agent[self._cell + (self._rotation,)].paste(flat)
+        self._pasted = [art.agent[self._cell + (self._rotation,)]]
         if self._cross_visible:
-            art.cross[self._cross_cell + (self._rotation,)].paste(flat)
+            self._pasted.append(art.cross[self._cross_cell + (self._rotation,)])
+        for piece in self._pasted:
+            piece.paste(flat)
         self._frame = frame
+
+    def _sprite_key(self) -> bytes:
+        """With the pasted pieces, what fixes the frame under them: the background's pixels in the
+        blocks they touch (black but for a shown origin or goal nearby)."""
+        f = self._pool_factor
+        x0 = y0 = SCREEN
+        x1 = y1 = 0
+        for piece in self._pasted:
+            _, _, px, py = piece.blocks(f)
+            x0, x1, y0, y1 = min(x0, px.start), max(x1, px.stop), min(y0, py.start), max(y1, py.stop)
+        return self._background[x0:x1, y0:y1].tobytes()
+
+    def _pooled_background(self) -> np.ndarray:
+        if self._pooled is None:
+            self._pooled = self._pool_frame(self._background)
+        return self._pooled
 
     def step(self, action):
         p = self.reset_params
@@ -463,6 +548,19 @@ class FastGridMysteryPath(_FastGridEnv):
             info = {}
         self._draw()
         return self._frame, reward, done, False, info
+
+
+class PooledObservation(DownsampleObservation):
+    """``env.downsample`` on a fast env: the frames :class:`DownsampleObservation` would give,
+    with only the blocks under the sprites pooled per step (each background is pooled once)."""
+
+    def __init__(self, env: gym.Env, factor: int):
+        super().__init__(env, factor)
+        self._fast = env.unwrapped
+        self._fast.pool_observations(self.factor, self._pool)
+
+    def observation(self, observation):
+        return self._fast.pooled_observation()
 
 
 FAST_ENVS = {"MortarMayhem-Grid-v0": FastGridMortarMayhem, "MysteryPath-Grid-v0": FastGridMysteryPath}
