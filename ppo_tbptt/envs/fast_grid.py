@@ -8,7 +8,9 @@ pygame once per process: a piece is a set of screen pixels (flat indices into th
 in memory-gym's transposed x/y layout) and their values, found by drawing it on a black and on a
 white screen and keeping the pixels that agree (a colour-keyed sprite's transparent pixels take the
 screen's colour). A frame is a copy of the current background plus one indexed assignment per
-sprite, so it holds exactly the bytes memory-gym's display holds after the same draws.
+sprite, so it holds exactly the bytes memory-gym's display holds after the same draws. With
+``env.downsample``, :class:`PooledObservation` gives :class:`~ppo_tbptt.envs.wrappers.DownsampleObservation`'s
+frames from each background pooled once and the blocks under the sprites pooled (memoised).
 
 Exactness, what it rests on, checked against memory-gym itself in ``tests/test_fast_grid.py``:
 
@@ -130,8 +132,6 @@ class _MortarArt:
         def background(a):
             return _snapshot(lambda s: s.blit(a.surface, a.rect), (0, 0, 0))
 
-        self.arena_rect = tuple(arena().rect)
-        self.tile_dim = arena().tile_dim
         # [1 + n*n] backgrounds: 0 = tiles off, 1 + i*n + j = every tile red but the target (i, j)
         self.pooled: dict = {}  # factor -> {background index: pooled background}
         self.pooled_sprites: dict = {}  # (factor, *pieces, background index) -> pooled patches
@@ -141,7 +141,6 @@ class _MortarArt:
         a = arena()
         grid = a.to_grid()
         self.agent = {}
-        self.cell_of_center = {}
         for i in range(n):
             for j in range(n):
                 ctrl = GridCharacterController(SCALE, (i, j), grid)
@@ -176,7 +175,7 @@ class _PathArt:
         from memory_gym.pygame_assets import MysteryPath, Node
         pygame = _pygame()
         self.grid_dim = g = grid_dim
-        self.tile_dim = tile_dim = SCREEN / g
+        tile_dim = SCREEN / g
         self.goal, self.origin, self.agent, self.cross = {}, {}, {}, {}
         grid = MysteryPath(g, g, (0, 0), (g - 1, 0), np.random.default_rng(0)).to_grid(tile_dim)
         dim = 40 * SCALE
