@@ -290,3 +290,43 @@ def test_piece_keeps_opaque_black_pixels_and_drops_colour_keyed_ones():
     changed = np.argwhere((frame != 200).any(axis=2)).tolist()
     assert changed == [[10, 20], [11, 20], [13, 23]] and frame[13, 23].tolist() == [9, 8, 7]
     assert frame[10, 20].tolist() == [0, 0, 0] and piece.index.size == 9
+
+
+def test_training_logs_the_same_metrics_on_either_backend_and_resumes_across_them(tmp_path):
+    """A short MortarMayhem-Grid run logs identical metrics with memory-gym and with the port, and
+    a memory-gym run interrupted after one update and resumed with ``env.backend=fast`` too."""
+    import signal
+
+    import torch
+    from eval_helpers import metric_rows
+    from ppo_tbptt.trainer import Trainer
+    sets = ["env.vector=serial", "env.num_envs=2", "model.hidden_size=16", "model.hidden_layer=16",
+            "ppo.rollout_steps=48", "ppo.epochs=1", "ppo.minibatches=2", "run.total_steps=288",
+            "run.checkpoint_every=96", "run.eval_every=0", "run.device=cpu", "run.torch_threads=1"]
+
+    def run(name, backend, stop_after=0):
+        trainer = Trainer(C.load("mortar_mayhem_grid_cpu", sets + [f"env.backend={backend}"]), tmp_path / name,
+                          torch.device("cpu"), quiet=True)
+        update = trainer.train_update
+
+        def update_then_stop():
+            out = update()
+            if trainer.update == stop_after:
+                trainer.request_stop(signal.SIGTERM)
+            return out
+
+        trainer.train_update = update_then_stop
+        trainer.train(handle_signals=False)
+        trainer.close()
+
+    run("memorygym", "memorygym")
+    run("fast", "fast")
+    run("switched", "memorygym", stop_after=1)
+    resumed = Trainer.from_run(tmp_path / "switched", overrides=["env.backend=fast"], quiet=True)
+    assert resumed.cfg.env.backend == "fast" and resumed.global_step == 96
+    resumed.train(handle_signals=False)
+    resumed.close()
+    full = metric_rows(tmp_path / "memorygym")
+    assert len(full) == 3 and all("charts/success" in r for r in full), full[0].keys()
+    assert metric_rows(tmp_path / "fast") == full
+    assert metric_rows(tmp_path / "switched") == full
