@@ -74,6 +74,11 @@ class EnvConfig:
     """Half-open range ``[start, end)`` from which each training episode's level seed is drawn."""
     eval_seeds: tuple = (1_000_000, 1_001_000)
     """Held-out half-open range of level seeds for evaluation; must not overlap ``train_seeds``."""
+    backend: str = "memorygym"
+    """``memorygym`` (memory-gym's own envs, drawn with pygame) or ``fast``: an exact port of
+    ``MortarMayhem-Grid-v0`` and ``MysteryPath-Grid-v0`` whose frames are composed in numpy from
+    pieces pygame drew once (the same observations, rewards, ends and infos for the same level
+    seeds and actions, several times faster; ``ppo_tbptt/envs/fast_grid.py``). Only those two ids."""
     downsample: int = 1
     """Average-pool image observations by this factor in both directions where the env runs
     (1 = off). 4 turns MemoryGym's 84x84x3 grid frames into 21x21x3 and keeps every tile apart
@@ -457,6 +462,13 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"env.num_envs: must be >= 1, got {e.num_envs}")
     if e.vector not in ("serial", "pool", "gym_async"):
         p.append(f"env.vector: must be 'serial', 'pool' or 'gym_async', got {e.vector!r}")
+    if e.backend not in ("memorygym", "fast"):
+        p.append(f"env.backend: must be 'memorygym' or 'fast', got {e.backend!r}")
+    elif e.backend == "fast":
+        from .envs.fast_grid import FAST_IDS
+        if e.id not in FAST_IDS:
+            p.append(f"env.backend: 'fast' implements only {', '.join(FAST_IDS)}, not {e.id!r} "
+                     f"(use 'memorygym')")
     if e.downsample < 1:
         p.append(f"env.downsample: must be >= 1 (1 = off), got {e.downsample}")
     if e.envs_per_worker < 0:

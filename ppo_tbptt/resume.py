@@ -10,7 +10,8 @@ is reported with both values.
 
 A resume restores every env's episode, the recurrent states and the weights, so the fields they
 depend on must stay as the run began (:data:`FROZEN`); everything else (``run.*``, ``ppo.*``,
-``tbptt.*``, how the envs are stepped, the evaluation levels) may change.
+``tbptt.*``, how the envs are stepped (``env.backend`` too: both give the same episodes), the
+evaluation levels) may change.
 """
 from __future__ import annotations
 
@@ -38,9 +39,9 @@ FROZEN = {
     "curriculum.stages": "each env's stage and the episodes in flight depend on it",
 }
 
-ALLOWED = ("run.*, ppo.*, tbptt.*, env.vector, env.envs_per_worker, env.groups, env.eval_seeds, "
-           "model.encoder_dtype, model.reset_hidden_state, curriculum.window, curriculum.threshold, "
-           "curriculum.min_updates, curriculum.share")
+ALLOWED = ("run.*, ppo.*, tbptt.*, env.vector, env.envs_per_worker, env.groups, env.eval_seeds, env.backend, "
+           "model.encoder_dtype, model.core_kernel, model.reset_hidden_state, curriculum.window, "
+           "curriculum.threshold, curriculum.min_updates, curriculum.share")
 
 
 @dataclasses.dataclass

@@ -118,13 +118,19 @@ def seed_sequence(seeds: list[int]) -> SeedSequence:
 
 
 def make_env(env_cfg, render_mode: str | None = None) -> gym.Env:
-    """One env as training and evaluation see it, without the level-seed wrapper: the raw env,
+    """One env as training and evaluation see it, without the level-seed wrapper: the raw env
+    (memory-gym's, or with ``env.backend: fast`` its exact port in :mod:`ppo_tbptt.envs.fast_grid`),
     Mortar Mayhem's success recomputed (:class:`MortarMayhemTrueSuccess`), observations
     average-pooled by ``env.downsample``, observations other than a Box flattened into one
     (:mod:`ppo_tbptt.envs.spaces`). Raises EnvConfigError if it cannot be built or its spaces are
     not supported."""
+    fast = getattr(env_cfg, "backend", "memorygym") == "fast"
     try:
-        env = make_base_env(env_cfg.id, env_cfg.kwargs, render_mode)
+        if fast:
+            from .fast_grid import make_fast_env
+            env = make_fast_env(env_cfg.id, env_cfg.kwargs, render_mode)
+        else:
+            env = make_base_env(env_cfg.id, env_cfg.kwargs, render_mode)
     except (TypeError, ValueError) as exc:  # the id is unknown or the constructor rejects kwargs
         raise EnvConfigError(f"cannot build env {env_cfg.id!r} with env.kwargs {env_cfg.kwargs}: "
                              f"{type(exc).__name__}: {exc}") from exc
@@ -135,7 +141,11 @@ def make_env(env_cfg, render_mode: str | None = None) -> gym.Env:
     factor = getattr(env_cfg, "downsample", 1)
     if factor > 1:
         try:
-            env = DownsampleObservation(env, factor)
+            if fast:  # the same frames, pooled where the sprites are
+                from .fast_grid import PooledObservation
+                env = PooledObservation(env, factor)
+            else:
+                env = DownsampleObservation(env, factor)
         except ValueError as exc:
             env.close()
             raise EnvConfigError(f"env.downsample: {exc}") from None
