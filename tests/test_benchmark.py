@@ -19,14 +19,23 @@ def test_benchmark_reports_every_row(tmp_path):
     assert r.returncode == 0, r.stderr
     report = json.loads(out.read_text())
     res = report["results"]
-    assert list(res) == ["env_only", "async_env_only", "policy_only", "collect", "async_collect", "train",
-                         "async_train"]
+    assert list(res) == ["env_only", "async_env_only", "policy_only", "update_only", "collect", "async_collect",
+                         "train", "async_train"]
     for v in res.values():  # the rate is what was counted over the time it took
         assert v["steps"] > 0 and v["seconds"] > 0 and v["steps_per_second"] == v["steps"] / v["seconds"]
     for key in ("policy_only", "collect", "async_collect"):  # whole rollouts of T x N steps after the warm-up
         assert res[key]["steps"] == res[key]["rollouts"] * 16 * 4
     for key in ("train", "async_train"):
         assert res[key]["steps"] == res[key]["updates"] * 64 and res[key]["seconds"] >= 0.3
+    u = res["update_only"]  # whole updates, timed by the learning phase alone
+    assert u["steps"] == u["updates"] * 64 and u["update_seconds_per_update"] == pytest.approx(u["seconds"] / u["updates"])
+    assert u["wall_seconds_updates"] >= 0.3 and u["seconds"] <= u["wall_seconds_updates"]
+    b = report["bound"]
+    assert b["steps_per_second"] == pytest.approx(64 / (64 / res["env_only"]["steps_per_second"]
+                                                        + 64 / res["policy_only"]["steps_per_second"]
+                                                        + u["update_seconds_per_update"]))
+    assert b["train_vs_bound"] == pytest.approx(res["train"]["steps_per_second"] / b["steps_per_second"])
+    assert f"reaches {b['train_vs_bound']:.0%} of the bound" in r.stdout
     assert report["config"]["batch"] == 64 and "pool: " in report["config"]["vector"]
     base = res["env_only"]["steps_per_second"]
     table = r.stdout
