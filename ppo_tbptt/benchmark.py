@@ -347,7 +347,8 @@ def format_table(report: dict) -> str:
             extra = (f" (per update: collect {r['collect_seconds_per_update']:.2f} s, "
                      f"learn {r['update_seconds_per_update']:.2f} s)")
         elif "update_seconds_per_update" in r:
-            extra = f" ({r['update_seconds_per_update']:.2f} s per update, {r['threads']} threads)"
+            extra = (f" ({r['update_seconds_per_update']:.2f} s per update, {r['threads']} "
+                     f"thread{'s' if r['threads'] != 1 else ''})")
         lines.append(f"| {r['label']}{extra} | {r['envs']} | {r['steps_per_second']:,.0f} | {ratio} |")
     b = report.get("bound")
     if b:
