@@ -168,8 +168,8 @@ def collection(cfg: Config, device: torch.device, seconds: float, instant: bool 
         model = build_model(envs.single_observation_space, envs.single_action_space, cfg.model).to(device)
         model.eval()
         col = Collector(envs, model, cfg.ppo.rollout_steps, device, cfg.model.reset_hidden_state)
-        if not instant:  # the threads training collects with (run.collect_threads)
-            torch.set_num_threads(collect_threads(cfg, device, torch.get_num_threads()))
+        # the threads training collects with (run.collect_threads)
+        torch.set_num_threads(collect_threads(cfg, device, torch.get_num_threads()))
         col.collect()  # warm-up
         steps, rollouts, wait0, t0 = 0, 0, col.wait_seconds, time.perf_counter()
         while rollouts == 0 or time.perf_counter() - t0 < seconds:
@@ -213,6 +213,44 @@ def end_to_end(cfg: Config, device: torch.device, seconds: float) -> dict:
             trainer.close()
 
 
+def copy_rollout(rollout):
+    """A copy of a :class:`~ppo_tbptt.rollout.Rollout` that shares no storage with it."""
+    return dataclasses.replace(rollout, **{f.name: getattr(rollout, f.name).clone()
+                                           for f in dataclasses.fields(rollout)
+                                           if getattr(rollout, f.name) is not None})
+
+
+def update_only(cfg: Config, device: torch.device, seconds: float) -> dict:
+    """(c) The PPO update alone: the trainer collects one rollout after a warm-up update, then
+    learns from copies of that recorded rollout again and again (GAE, sequences, epochs x
+    minibatches: ``train_update`` itself, with its collection replaced by the copy)."""
+    from .trainer import Trainer
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(cfg, Path(tmp), device, log=False, quiet=True)
+        try:
+            trainer.train_update()  # warm-up, and the policy as training has it after one update
+            torch.set_num_threads(trainer.collect_threads)
+            try:
+                recorded, _ = trainer.collector.collect()
+            finally:
+                torch.set_num_threads(trainer.learn_threads)
+            recorded = copy_rollout(recorded)
+            trainer.collector.collect = lambda: (copy_rollout(recorded), [])
+            trainer.train_update()  # warm-up on the recorded rollout
+            updates, learn, t0 = 0, 0.0, time.perf_counter()
+            while updates == 0 or time.perf_counter() - t0 < seconds:
+                learn += trainer.train_update()["time/update_seconds"]
+                updates += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            elapsed = time.perf_counter() - t0
+            return {"steps_per_second": updates * trainer.batch_size / learn, "steps": updates * trainer.batch_size,
+                    "seconds": learn, "wall_seconds_updates": elapsed, "updates": updates,
+                    "update_seconds_per_update": learn / updates, "threads": trainer.learn_threads}
+        finally:
+            trainer.close()
+
+
 def describe_vector(cfg: Config, device: torch.device) -> str:
     from .envs import env_groups
     e = cfg.env
@@ -227,7 +265,17 @@ def describe_vector(cfg: Config, device: torch.device) -> str:
     return f"serial, {groups} group(s)"
 
 
-MEASUREMENTS = ("env_only", "async_env_only", "policy_only", "collect", "async_collect", "train", "async_train")
+MEASUREMENTS = ("env_only", "async_env_only", "policy_only", "update_only", "collect", "async_collect", "train",
+                "async_train")
+
+
+def serial_bound(batch: int, env_rate: float, policy_rate: float, update_seconds: float) -> float:
+    """The steps/s that the parts allow when they take turns on the cores, as training on a CPU
+    does (one env group: the envs step while the policy waits, the policy acts while the envs wait,
+    and learning follows collection): an update of B steps takes at least
+    B / E + B / P + U seconds, so the rate is at most B / (B / E + B / P + U), with E the envs
+    alone on every usable core (a), P the policy side alone (b) and U the update alone (c)."""
+    return batch / (batch / env_rate + batch / policy_rate + update_seconds)
 
 
 def run_benchmark(cfg: Config, device: torch.device, seconds: float, baselines: bool = True,
@@ -235,19 +283,21 @@ def run_benchmark(cfg: Config, device: torch.device, seconds: float, baselines: 
     from .envs.pool import usable_cpus
     n, T = cfg.env.num_envs, cfg.ppo.rollout_steps
     async_cfg = cfg.replace("env", vector="gym_async")
-    plan = [("env_only", f"env-only ceiling: {usable_cpus()} processes x 1 env, random actions, no IPC",
+    plan = [("env_only", f"(a) env-only ceiling: {usable_cpus()} processes x 1 env, random actions, no IPC",
              usable_cpus(), lambda: env_only_ceiling(cfg.env, seconds, usable_cpus()))]
     if baselines:
         plan.append(("async_env_only", "gymnasium AsyncVectorEnv alone, random actions", n,
                      lambda: async_env_only(cfg.env, seconds)))
-    plan.append(("policy_only", "policy side alone: collection from envs that return at once", n,
+    plan.append(("policy_only", "(b) policy side alone: collection from envs that return at once", n,
                  lambda: collection(cfg, device, seconds, instant=True)))
+    plan.append(("update_only", "(c) PPO update alone, on copies of one recorded rollout", n,
+                 lambda: update_only(cfg, device, seconds)))
     plan.append(("collect", f"collection with the policy ({describe_vector(cfg, device)})", n,
                  lambda: collection(cfg, device, seconds)))
     if baselines and cfg.env.vector != "gym_async":
         plan.append(("async_collect", "collection with the policy (gymnasium AsyncVectorEnv)", n,
                      lambda: collection(async_cfg, device, seconds)))
-    plan.append(("train", f"end-to-end training ({describe_vector(cfg, device)})", n,
+    plan.append(("train", f"(d) end-to-end training ({describe_vector(cfg, device)})", n,
                  lambda: end_to_end(cfg, device, seconds)))
     if baselines and cfg.env.vector != "gym_async":
         plan.append(("async_train", "end-to-end training (gymnasium AsyncVectorEnv)", n,
@@ -262,13 +312,22 @@ def run_benchmark(cfg: Config, device: torch.device, seconds: float, baselines: 
         r.update(label=label, envs=envs, wall_seconds=time.perf_counter() - t0)
         results[key] = r
         log(f"    {r['steps_per_second']:,.0f} steps/s", file=sys.stderr, flush=True)
-    return {"config": {"env": cfg.env.id, "num_envs": n, "rollout_steps": T, "batch": n * T,
+    report = {"config": {"env": cfg.env.id, "num_envs": n, "rollout_steps": T, "batch": n * T,
                        "vector": describe_vector(cfg, device), "core": cfg.model.core,
                        "hidden_size": cfg.model.hidden_size, "encoder_dtype": cfg.model.encoder_dtype,
                        "sequence_length": cfg.tbptt.sequence_length,
                        "epochs": cfg.ppo.epochs, "minibatches": cfg.ppo.minibatches},
             "device": str(device), "machine": machine_description(device), "seconds": seconds,
             "results": results}
+    if all(k in results for k in ("env_only", "policy_only", "update_only")):
+        e, p = results["env_only"]["steps_per_second"], results["policy_only"]["steps_per_second"]
+        u = results["update_only"]["update_seconds_per_update"]
+        bound = {"steps_per_second": serial_bound(n * T, e, p, u), "env_seconds_per_update": n * T / e,
+                 "policy_seconds_per_update": n * T / p, "update_seconds_per_update": u}
+        if "train" in results:
+            bound["train_vs_bound"] = results["train"]["steps_per_second"] / bound["steps_per_second"]
+        report["bound"] = bound
+    return report
 
 
 def format_table(report: dict) -> str:
@@ -284,10 +343,22 @@ def format_table(report: dict) -> str:
     for r in res.values():
         ratio = f"{r['steps_per_second'] / base:.2f}" if base else "-"
         extra = ""
-        if "update_seconds_per_update" in r:
+        if "collect_seconds_per_update" in r:
             extra = (f" (per update: collect {r['collect_seconds_per_update']:.2f} s, "
                      f"learn {r['update_seconds_per_update']:.2f} s)")
+        elif "update_seconds_per_update" in r:
+            extra = (f" ({r['update_seconds_per_update']:.2f} s per update, {r['threads']} "
+                     f"thread{'s' if r['threads'] != 1 else ''})")
         lines.append(f"| {r['label']}{extra} | {r['envs']} | {r['steps_per_second']:,.0f} | {ratio} |")
+    b = report.get("bound")
+    if b:
+        ratio = f"{b['steps_per_second'] / base:.2f}" if base else "-"
+        lines.append(f"| bound of (a)-(c) taking turns: B / (B/E + B/P + U) = {c['batch']:,} / "
+                     f"({b['env_seconds_per_update']:.2f} + {b['policy_seconds_per_update']:.2f} + "
+                     f"{b['update_seconds_per_update']:.2f} s) | {c['num_envs']} | {b['steps_per_second']:,.0f} | "
+                     f"{ratio} |")
+        if "train_vs_bound" in b:
+            lines += ["", f"end-to-end training (d) reaches {b['train_vs_bound']:.0%} of the bound"]
     return "\n".join(lines)
 
 
@@ -391,6 +462,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ranks", default="", metavar="W,...",
                    help="instead: end-to-end training as this many torchrun ranks each, e.g. 1,2 "
                         "(env.num_envs in all, split over the ranks; see ppo_tbptt.benchmark_ranks)")
+    p.add_argument("--runs", default="", metavar="K,...",
+                   help="instead: K training runs of the config side by side (seeds run.seed, run.seed+1, ...), "
+                        "e.g. 1,2,4: each run's steps/s over the same --seconds, their total and each run's "
+                        "share of the rate alone (see ppo_tbptt.benchmark_runs)")
     p.add_argument("--json", default=None, metavar="OUT.json", help="also write the figures as JSON")
     add_common(p)
     args = p.parse_args(argv)
@@ -408,6 +483,9 @@ def main(argv=None) -> int:
     except ValueError as exc:  # ConfigError, or cuda asked for where there is none
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.runs:
+        from .benchmark_runs import main_runs
+        return main_runs(args, cfg, device, overrides)
     if args.ranks:
         from .benchmark_ranks import main_ranks
         return main_ranks(args, cfg, device, overrides)

@@ -19,15 +19,20 @@ from pathlib import Path
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
 
+def parse_counts(text: str, flag: str = "--ranks", what: str = "rank counts") -> list[int]:
+    """``"1,2,4"`` -> ``[1, 2, 4]``; ValueError naming ``flag`` for anything else."""
+    try:
+        counts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag}: expected {what} such as 1,2 — got {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise ValueError(f"{flag}: expected {what} >= 1 such as 1,2 — got {text!r}")
+    return counts
+
+
 def parse_ranks(text: str) -> list[int]:
     """``"1,2,4"`` -> ``[1, 2, 4]``; ValueError for anything else."""
-    try:
-        ranks = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--ranks: expected rank counts such as 1,2 — got {text!r}") from None
-    if not ranks or min(ranks) < 1:
-        raise ValueError(f"--ranks: expected rank counts >= 1 such as 1,2 — got {text!r}")
-    return ranks
+    return parse_counts(text)
 
 
 def rate_from_rows(rows: list[dict]) -> dict:

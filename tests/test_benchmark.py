@@ -19,14 +19,23 @@ def test_benchmark_reports_every_row(tmp_path):
     assert r.returncode == 0, r.stderr
     report = json.loads(out.read_text())
     res = report["results"]
-    assert list(res) == ["env_only", "async_env_only", "policy_only", "collect", "async_collect", "train",
-                         "async_train"]
+    assert list(res) == ["env_only", "async_env_only", "policy_only", "update_only", "collect", "async_collect",
+                         "train", "async_train"]
     for v in res.values():  # the rate is what was counted over the time it took
         assert v["steps"] > 0 and v["seconds"] > 0 and v["steps_per_second"] == v["steps"] / v["seconds"]
     for key in ("policy_only", "collect", "async_collect"):  # whole rollouts of T x N steps after the warm-up
         assert res[key]["steps"] == res[key]["rollouts"] * 16 * 4
     for key in ("train", "async_train"):
         assert res[key]["steps"] == res[key]["updates"] * 64 and res[key]["seconds"] >= 0.3
+    u = res["update_only"]  # whole updates, timed by the learning phase alone
+    assert u["steps"] == u["updates"] * 64 and u["update_seconds_per_update"] == pytest.approx(u["seconds"] / u["updates"])
+    assert u["wall_seconds_updates"] >= 0.3 and u["seconds"] <= u["wall_seconds_updates"]
+    b = report["bound"]
+    assert b["steps_per_second"] == pytest.approx(64 / (64 / res["env_only"]["steps_per_second"]
+                                                        + 64 / res["policy_only"]["steps_per_second"]
+                                                        + u["update_seconds_per_update"]))
+    assert b["train_vs_bound"] == pytest.approx(res["train"]["steps_per_second"] / b["steps_per_second"])
+    assert f"reaches {b['train_vs_bound']:.0%} of the bound" in r.stdout
     assert report["config"]["batch"] == 64 and "pool: " in report["config"]["vector"]
     base = res["env_only"]["steps_per_second"]
     table = r.stdout
@@ -118,3 +127,54 @@ def test_benchmark_ranks_reports_one_and_two_ranks(tmp_path):
         assert v["updates"] >= 1 and v["steps"] == 64 * v["updates"]
         assert v["steps_per_second"] == v["steps"] / v["seconds"]
         assert f"| {v['steps_per_second']:,.0f} |" in r.stdout
+
+
+def test_runs_rate_is_the_steps_inside_the_common_window():
+    from ppo_tbptt.benchmark_runs import format_runs, steps_at, window_rate
+    rows = [{"global_step": 100 * i, "time": 10.0 + 2.0 * i, "time/collect_seconds": 0.5,
+             "time/update_seconds": 1.5} for i in range(1, 6)]  # 100 steps every 2 s, from t = 12
+    assert steps_at(rows, 12.0) == 100 and steps_at(rows, 13.0) == 150 and steps_at(rows, 20.0) == 500
+    for t in (11.9, 20.1):
+        with pytest.raises(ValueError, match="outside"):
+            steps_at(rows, t)
+    r = window_rate(rows, 13.0, 19.0)  # 150 -> 450 steps in 6 s; updates ending at 14, 16, 18
+    assert r["steps"] == 300 and r["steps_per_second"] == 50 and r["updates_in_window"] == 3
+    assert r["update_seconds_per_update"] == 1.5
+    report = {"machine": "m", "load_average_before": 0.5, "environment": {},
+              "config": {"name": "c", "overrides": [], "num_envs": 4, "rollout_steps": 16, "vector": "serial",
+                         "torch_threads": 0},
+              "results": {"1": {"runs": [{"steps_per_second": 1000.0}], "total_steps_per_second": 1000.0,
+                                "total_vs_alone": 1.0, "shares": [1.0]},
+                          "2": {"runs": [{"steps_per_second": 450.0}, {"steps_per_second": 350.0}],
+                                "total_steps_per_second": 800.0, "total_vs_alone": 0.8, "shares": [0.9, 0.7]}}}
+    table = format_runs(report)
+    assert "| 1 | 1,000 | 1,000 | 1.00 | 1.00 |" in table and "| 2 | 450 / 350 | 800 | 0.80 | 0.90 / 0.70 |" in table
+
+
+def test_benchmark_runs_bad_input_exit_2(capsys):
+    from ppo_tbptt import benchmark
+    for bad, msg in ((["--runs", "0,2"], "--runs"), (["--runs", "two"], "--runs"),
+                     (["--runs", "1,2", "--only", "train"], "does not combine")):
+        assert benchmark.main(["--config", "cue_recall", *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and msg in err, err
+
+
+@pytest.mark.slow
+def test_benchmark_runs_trains_one_and_two_runs_side_by_side(tmp_path):
+    out = tmp_path / "runs.json"
+    r = subprocess.run([sys.executable, "-m", "ppo_tbptt.benchmark", "--config", "cue_recall", "--runs", "1,2",
+                        "--set", "env.num_envs=4", "--set", "ppo.rollout_steps=16", "--set", "ppo.minibatches=2",
+                        "--seconds", "2", "--device", "cpu", "--json", str(out)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.read_text())
+    res = report["results"]
+    assert [len(res[k]["runs"]) for k in ("1", "2")] == [1, 2]
+    alone = res["1"]["total_steps_per_second"]
+    for k, v in res.items():
+        assert v["total_steps_per_second"] == pytest.approx(sum(x["steps_per_second"] for x in v["runs"]))
+        assert v["shares"] == pytest.approx([x["steps_per_second"] / (alone / int(k)) for x in v["runs"]])
+        for x in v["runs"]:  # every run went on for the whole window
+            assert x["steps_per_second"] > 0 and x["steps"] == pytest.approx(x["steps_per_second"] * 2)
+    assert "| 2 | " in r.stdout and "OMP_WAIT_POLICY=PASSIVE" in r.stdout

@@ -1,0 +1,40 @@
+"""OpenMP worker threads wait passively by default, so that runs sharing the cores do not slow
+each other down (a user's own OMP_WAIT_POLICY wins)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# CPU seconds per wall second of a process whose 2 torch threads run a short parallel op every 2 ms:
+# threads that spin between ops burn CPU while the process sleeps, passive ones do not
+PROBE = """
+import sys, time
+import ppo_tbptt, torch
+torch.set_num_threads(2)
+x = torch.ones(2_000_000)
+c0, w0 = time.process_time(), time.perf_counter()
+for _ in range(100):
+    x.mul_(1.0)
+    time.sleep(0.002)
+print((time.process_time() - c0) / (time.perf_counter() - w0))
+"""
+
+
+def _cpu_per_wall(**env) -> float:
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")}
+    r = subprocess.run([sys.executable, "-c", PROBE], env=dict(clean, PYTHONPATH=str(ROOT), **env),
+                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return float(r.stdout)
+
+
+def test_importing_the_package_makes_openmp_threads_wait_passively():
+    passive = _cpu_per_wall()
+    spinning = _cpu_per_wall(GOMP_SPINCOUNT="300000")  # libgomp's own default: spin before sleeping
+    assert passive < 0.6 * spinning, (passive, spinning)
+    r = subprocess.run([sys.executable, "-c", "import os, ppo_tbptt; print(os.environ['OMP_WAIT_POLICY'])"],
+                       env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_WAIT_POLICY="ACTIVE"),
+                       capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "ACTIVE"  # a setting of the user's stays
