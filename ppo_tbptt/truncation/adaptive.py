@@ -286,6 +286,7 @@ class AdaptiveStrategy(TruncationStrategy):
 
         def loss_fn(out_last: torch.Tensor) -> torch.Tensor:
             logits, values = model.heads(out_last[:, 0])  # [B, A], [B]
+            logits = model.apply_action_mask(logits, seq.obs[:, -1])  # as the update sees them
             logp = model.dist(logits).log_prob(rollout.actions.reshape(T * N, -1)[last])  # [B]
             adv = rollout.advantages.reshape(-1)[last]
             ret = rollout.returns.reshape(-1)[last]
