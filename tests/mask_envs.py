@@ -28,10 +28,10 @@ ACT = {"discrete": S.Discrete(CUES), "multidiscrete": S.MultiDiscrete([3, CUES])
 
 class MaskedCorridor(gym.Env):
     def __init__(self, act: str = "discrete", mask: str = "multibinary", image: bool = False,
-                 render_mode=None):
+                 mask_size: int | None = None, render_mode=None):
         self.action_space = ACT[act]
         self.nvec = [CUES] if act == "discrete" else [int(n) for n in self.action_space.nvec]
-        size = sum(self.nvec)
+        size = sum(self.nvec) if mask_size is None else mask_size  # (another size: a config error)
         key = "allowed" if mask == "unused" else "action_mask"
         mask_space = S.MultiBinary(size) if mask == "multibinary" else S.Box(0, 1, (size,), np.int8)
         parts = {key: mask_space}
