@@ -9,6 +9,7 @@ naming the cue earns 1 (success). With ``act: multidiscrete`` the actions are Mu
 the first dimension only has to be allowed, the second names the cue; the mask is the two
 dimensions' masks concatenated (3 + 4 entries).
 
+``allow``: the chance that the mask allows an action (0: exactly one per dimension, forced).
 ``mask``: ``multibinary`` (gymnasium's MultiBinary), ``box`` (PettingZoo's Box(0, 1, (A,), int8)),
 or ``unused``: the same mask under the key ``allowed``, which is only an observation (the control:
 nothing is masked, and an untrained policy walks into fatal actions). ``image: true`` shows the
@@ -28,7 +29,7 @@ ACT = {"discrete": S.Discrete(CUES), "multidiscrete": S.MultiDiscrete([3, CUES])
 
 class MaskedCorridor(gym.Env):
     def __init__(self, act: str = "discrete", mask: str = "multibinary", image: bool = False,
-                 mask_size: int | None = None, render_mode=None):
+                 mask_size: int | None = None, allow: float = 0.5, render_mode=None):
         self.action_space = ACT[act]
         self.nvec = [CUES] if act == "discrete" else [int(n) for n in self.action_space.nvec]
         size = sum(self.nvec) if mask_size is None else mask_size  # (another size: a config error)
@@ -40,7 +41,7 @@ class MaskedCorridor(gym.Env):
         else:
             parts["obs"] = S.Box(0.0, 1.0, (CUES + 2,), np.float32)
         self.observation_space = S.Dict(parts)
-        self.key, self.image = key, image
+        self.key, self.image, self.allow = key, image, allow
         self.render_mode = render_mode
 
     def reset(self, *, seed=None, options=None):
@@ -54,7 +55,7 @@ class MaskedCorridor(gym.Env):
     def _draw_mask(self) -> None:
         heads = []
         for i, n in enumerate(self.nvec):
-            m = self.np_random.random(n) < 0.5
+            m = self.np_random.random(n) < self.allow
             if i == len(self.nvec) - 1 and self.t == self.length - 1:
                 m[self.cue] = True  # the answer is always allowed
             if not m.any():

@@ -5,6 +5,7 @@ truncation strategy), pool = serial, resume, and training / evaluation on an env
 action is fatal (``tests/mask_envs.py``)."""
 from __future__ import annotations
 
+import copy
 import signal
 
 import gymnasium as gym
@@ -23,6 +24,7 @@ from ppo_tbptt.model import ActionDist, ModelConfigError, build_model, mask_logi
 from ppo_tbptt.ppo import LossCoefs, ppo_loss
 from ppo_tbptt.sequences import build_sequences
 from ppo_tbptt.trainer import Trainer
+from ppo_tbptt.truncation import make_strategy
 from test_spaces import collect_rollouts, collect_twice
 
 S = gym.spaces
@@ -268,6 +270,20 @@ def test_every_strategy_trains_under_the_mask_it_sampled_with(tmp_path, override
     assert 0 < s["losses/entropy"] < np.log(3) + np.log(4) - 0.1  # below the unmasked uniform's
     if "tbptt.refresh_states=true" in overrides:
         assert np.isfinite(s["tbptt/staleness_kl"]) and s["tbptt/staleness_kl"] >= 0
+
+
+def test_adaptive_estimate_sees_the_masked_policy():
+    """With one allowed action per dimension the masked log-prob is 0 whatever the weights, so the
+    policy term adds nothing to the probed gradients: phi_k equals that of the value term alone."""
+    cfg = mask_config("multidiscrete", "box", "env.kwargs.allow=0.0", "ppo.rollout_steps=24", *ADAPTIVE)
+    model, rollout = collect_twice(cfg)
+    assert (rollout.logprobs == 0).all()
+    value_only = copy.copy(rollout)
+    value_only.advantages = torch.zeros_like(rollout.advantages)
+    assert rollout.advantages.abs().sum() > 0
+    phi = [make_strategy(cfg).measure(model, r).phi for r in (rollout, value_only)]
+    assert np.isfinite(phi[0]).all() and phi[0].sum() > 0
+    np.testing.assert_allclose(phi[0], phi[1], rtol=1e-6, atol=0)
 
 
 # ---- the worker pool and resume -------------------------------------------------------------------
