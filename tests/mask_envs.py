@@ -9,6 +9,7 @@ naming the cue earns 1 (success). With ``act: multidiscrete`` the actions are Mu
 the first dimension only has to be allowed, the second names the cue; the mask is the two
 dimensions' masks concatenated (3 + 4 entries).
 
+``empty_mask_at: t`` breaks the env: its mask at step t allows nothing.
 ``allow``: the chance that the mask allows an action (0: exactly one per dimension, forced).
 ``mask``: ``multibinary`` (gymnasium's MultiBinary), ``box`` (PettingZoo's Box(0, 1, (A,), int8)),
 or ``unused``: the same mask under the key ``allowed``, which is only an observation (the control:
@@ -29,7 +30,8 @@ ACT = {"discrete": S.Discrete(CUES), "multidiscrete": S.MultiDiscrete([3, CUES])
 
 class MaskedCorridor(gym.Env):
     def __init__(self, act: str = "discrete", mask: str = "multibinary", image: bool = False,
-                 mask_size: int | None = None, allow: float = 0.5, render_mode=None):
+                 mask_size: int | None = None, allow: float = 0.5, empty_mask_at: int = -1,
+                 render_mode=None):
         self.action_space = ACT[act]
         self.nvec = [CUES] if act == "discrete" else [int(n) for n in self.action_space.nvec]
         size = sum(self.nvec) if mask_size is None else mask_size  # (another size: a config error)
@@ -41,7 +43,7 @@ class MaskedCorridor(gym.Env):
         else:
             parts["obs"] = S.Box(0.0, 1.0, (CUES + 2,), np.float32)
         self.observation_space = S.Dict(parts)
-        self.key, self.image, self.allow = key, image, allow
+        self.key, self.image, self.allow, self.empty_mask_at = key, image, allow, empty_mask_at
         self.render_mode = render_mode
 
     def reset(self, *, seed=None, options=None):
@@ -62,6 +64,8 @@ class MaskedCorridor(gym.Env):
                 m[self.np_random.integers(n)] = True
             heads.append(m)
         self.mask = np.concatenate(heads).astype(np.int8)
+        if self.t == self.empty_mask_at:  # a broken env: nothing allowed
+            self.mask[:] = 0
 
     def allowed(self, action) -> bool:
         a = np.asarray(action, np.int64).reshape(-1)

@@ -17,7 +17,7 @@ import mask_envs
 from eval_helpers import metric_rows
 from ppo_tbptt import config as C
 from ppo_tbptt import train as train_cli
-from ppo_tbptt.envs import make_env
+from ppo_tbptt.envs import EnvError, make_env, make_vector_env
 from ppo_tbptt.envs.spaces import FlatBox, UnsupportedSpaceError, check_action_mask, flat_observation_space
 from ppo_tbptt.evaluation import evaluate_policy
 from ppo_tbptt.model import ActionDist, ModelConfigError, build_model, mask_logits
@@ -125,6 +125,18 @@ def test_an_observation_without_an_allowed_action_is_refused():
         check_action_mask(part, np.array([0, 0, 1, 0, 0], np.int8))
     with pytest.raises(ValueError, match="0 or 1"):
         check_action_mask(part, np.array([2, 1, 0, 0, 1], np.int8))
+
+
+def test_an_env_whose_mask_allows_nothing_stops_with_its_name_and_seed():
+    cfg = mask_config("discrete", "multibinary", "env.kwargs.empty_mask_at=2", "env.kwargs.allow=1.0")
+    envs = make_vector_env(cfg.env, 0)
+    try:
+        envs.reset()
+        with pytest.raises(EnvError, match=r"env 0 .*seed.*step raised ValueError: obs\['action_mask'\] allows no action"):
+            for _ in range(3):
+                envs.step(np.zeros(3, np.int64))
+    finally:
+        envs.close()
 
 
 # ---- the masked distribution ----------------------------------------------------------------------
@@ -253,12 +265,12 @@ ADAPTIVE = ["tbptt.strategy=adaptive", "tbptt.adapt_window=8", "tbptt.adapt_burn
 
 @pytest.mark.parametrize("overrides", [
     ["tbptt.refresh_states=true"],
-    ["tbptt.strategy=overlap", "tbptt.sequence_length=6", "tbptt.stride=2"],
+    ["tbptt.strategy=overlap", "tbptt.sequence_length=6", "tbptt.stride=2", "tbptt.burn_in=true"],
     ["tbptt.strategy=random", "tbptt.sequence_length=0", "tbptt.mean_length=3"],
     ADAPTIVE,
 ], ids=["fixed+refresh", "overlap", "random", "adaptive"])
 def test_every_strategy_trains_under_the_mask_it_sampled_with(tmp_path, overrides):
-    """The first minibatch's ratio is 1 whichever forward the strategy runs (overlap and random
+    """The first minibatch's ratio is 1 whichever forward the strategy runs (overlap with burn-in and random
     call the core and the heads themselves); the entropy counts the allowed actions only."""
     cfg = mask_config("multidiscrete", "multibinary", "ppo.rollout_steps=24", *overrides)
     tr = Trainer(cfg, tmp_path, torch.device("cpu"), log=False, quiet=True)
