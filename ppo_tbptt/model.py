@@ -341,11 +341,15 @@ class RecurrentActorCritic(nn.Module):
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
             return self.encoder(x).float()
 
-    def heads(self, core_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def heads(self, core_out: torch.Tensor, obs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``core_out [..., H]`` -> ``logits [..., sum(nvec)]`` (Box: the Gaussian's mean ``[..., D]``),
-        ``values [...]``."""
+        ``values [...]``. Given the observations ``obs [..., *obs_shape]`` of those steps, the
+        logits are masked by their action mask (:meth:`apply_action_mask`)."""
         z = self.body(core_out)
-        return self.policy_head(z), self.value_head(z).squeeze(-1)
+        logits = self.policy_head(z)
+        if obs is not None:
+            logits = self.apply_action_mask(logits, obs)
+        return logits, self.value_head(z).squeeze(-1)
 
     def forward(self, obs: torch.Tensor, state: RecurrentState, valid: torch.Tensor | None = None):
         """Run over sequences in one recurrent call.
@@ -357,8 +361,8 @@ class RecurrentActorCritic(nn.Module):
         """
         x = self.encode(obs, valid)
         out, s = self.run_core(x, state, valid)  # out [B, L, H]
-        logits, values = self.heads(out)
-        return self.apply_action_mask(logits, obs), values, s
+        logits, values = self.heads(out, obs)
+        return logits, values, s
 
     def apply_action_mask(self, logits: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
         """``logits [..., A]`` masked by the action mask in ``obs [..., *obs_shape]`` (unchanged

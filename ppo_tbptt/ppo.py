@@ -30,10 +30,9 @@ def ppo_loss_from_outputs(model: RecurrentActorCritic, batch: SequenceBatch, log
     """Clipped surrogate + (clipped) value loss - entropy bonus, from the model's outputs.
 
     ``logits [S, L, A]`` and ``values [S, L]`` must be aligned with ``batch`` (mask ``[S, L]``).
-    An action mask in ``batch.obs`` masks the logits as it did when the actions were sampled.
     """
     mask = batch.mask
-    dist = model.dist(model.apply_action_mask(logits, batch.obs))
+    dist = model.dist(logits)
     newlogp = dist.log_prob(batch.actions)  # [S, L]
     entropy = dist.entropy()  # [S, L]
     logratio = newlogp - batch.logprobs

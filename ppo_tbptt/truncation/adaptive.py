@@ -285,8 +285,7 @@ class AdaptiveStrategy(TruncationStrategy):
         last = seq.index[:, -1]
 
         def loss_fn(out_last: torch.Tensor) -> torch.Tensor:
-            logits, values = model.heads(out_last[:, 0])  # [B, A], [B]
-            logits = model.apply_action_mask(logits, seq.obs[:, -1])  # as the update sees them
+            logits, values = model.heads(out_last[:, 0], seq.obs[:, -1])  # [B, A] (masked), [B]
             logp = model.dist(logits).log_prob(rollout.actions.reshape(T * N, -1)[last])  # [B]
             adv = rollout.advantages.reshape(-1)[last]
             ret = rollout.returns.reshape(-1)[last]

@@ -134,7 +134,7 @@ class RandomStrategy(TruncationStrategy):
         length = batch.valid.sum(dim=1)  # [S]
         out = segment_unroll(core_run(model.core), x, batch.init_state.tensors(), length, self.segment,
                              1.0 / (1.0 - self.cut_prob))  # [S, L, H]
-        return model.heads(out)
+        return model.heads(out, batch.obs)
 
     def metrics(self) -> dict:
         """``tbptt/K``: the mean piece length asked for; ``tbptt/mean_piece``: the one drawn."""
