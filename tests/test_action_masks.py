@@ -156,18 +156,15 @@ def test_masked_distribution_is_the_renormalised_one(nvec):
     allow = random_masks(gen, (64,), nvec)
     d = ActionDist(mask_logits(logits, allow), nvec)
     # by hand: exp(logit) over the allowed actions of each dimension, in float64
-    ref_logp, ref_ent, total_logp = [], 0.0, 0.0
+    ref_probs, ref_ent, total_logp = renormalised(logits, allow, nvec), 0.0, 0.0
     actions = d.sample()
-    for i, (lg, m) in enumerate(zip(torch.split(logits.double(), nvec, -1), torch.split(allow, nvec, -1))):
-        w = lg.exp() * m
-        p = w / w.sum(-1, keepdim=True)
+    for i, (p, m) in enumerate(zip(ref_probs, torch.split(allow, nvec, -1))):
         ref_ent = ref_ent - torch.where(m, p * p.log(), torch.zeros_like(p)).sum(-1)
         total_logp = total_logp + p.gather(-1, actions[:, i:i + 1]).log()[:, 0]
-        ref_logp.append(p)
     assert allowed_by(allow, actions, nvec).all()
     torch.testing.assert_close(d.log_prob(actions).double(), total_logp, rtol=0, atol=1e-5)
     torch.testing.assert_close(d.entropy().double(), ref_ent, rtol=0, atol=1e-5)
-    for p, q in zip(d.probs, ref_logp):
+    for p, q in zip(d.probs, ref_probs):
         torch.testing.assert_close(p.double(), q, rtol=0, atol=1e-6)
         assert (p[q == 0] == 0).all()
     # greedy: the best allowed action, even where a forbidden one has the highest logit
@@ -203,16 +200,31 @@ def test_masked_entropy_kl_and_gradients_stay_finite():
     assert torch.isfinite(ent).all() and torch.isfinite(kl).all() and (kl >= -1e-6).all()
     assert ent[0].item() == 0.0 and d.log_prob(actions)[0].item() == 0.0  # a forced action
     # KL over the allowed actions only, by hand
-    ref = sum((p * (p.log() - r.log())).nan_to_num(0.0).sum(-1) for p, r in zip(d.probs, q.probs))
-    torch.testing.assert_close(kl, ref, rtol=0, atol=1e-5)
+    ref = sum(torch.where(m, p * (p / r).log(), torch.zeros_like(p)).sum(-1)
+              for p, r, m in zip(renormalised(logits.detach(), allow, nvec), renormalised(other, allow, nvec),
+                                 torch.split(allow, nvec, -1)))
+    torch.testing.assert_close(kl.double(), ref, rtol=0, atol=1e-5)
     (d.log_prob(actions).sum() + ent.sum() + kl.sum()).backward()
     assert torch.isfinite(logits.grad).all() and (logits.grad[~allow] == 0).all()
     assert logits.grad[allow].abs().sum() > 0
-    # sampling: thousands of draws, never a forbidden action, frequencies as the renormalised ones
-    d1 = ActionDist(mask_logits(logits.detach()[:1].expand(20000, 7), allow[:1].expand(20000, 7)), nvec)
+    # sampling: 20,000 draws, never a forbidden action, frequencies as the renormalised probabilities
+    row = 1 + int(torch.nonzero(allow[1:, :3].sum(-1) >= 2)[0])  # a row with a choice in dimension 0
+    lg, m = logits.detach()[row].expand(20000, 7), allow[row].expand(20000, 7)
     torch.manual_seed(0)
-    draws = d1.sample()
-    assert allowed_by(allow[:1].expand(20000, 7), draws, nvec).all()
+    draws = ActionDist(mask_logits(lg, m), nvec).sample()
+    assert allowed_by(m, draws, nvec).all()
+    for i, p in enumerate(renormalised(lg[:1], m[:1], nvec)):
+        freq = torch.bincount(draws[:, i], minlength=nvec[i]).double() / 20000
+        torch.testing.assert_close(freq, p[0], rtol=0, atol=0.015)  # ~4 standard errors
+
+
+def renormalised(logits: torch.Tensor, allow: torch.Tensor, nvec) -> list[torch.Tensor]:
+    """Per dimension: exp(logit) over the allowed actions, normalised (float64, 0 where forbidden)."""
+    out = []
+    for lg, m in zip(torch.split(logits.double(), nvec, -1), torch.split(allow, nvec, -1)):
+        w = lg.exp() * m
+        out.append(w / w.sum(-1, keepdim=True))
+    return out
 
 
 # ---- collection: an untrained policy never takes a forbidden action --------------------------------
