@@ -94,7 +94,8 @@ class MultiPartEncoder(nn.Module):
 
     Each image part of at least 36x36 pixels goes through its own Nature CNN (unless ``encoder`` is
     ``mlp``); every other part, Box values scaled as a plain Box observation is and Discrete /
-    MultiDiscrete values one-hot encoded, joins one vector for one MLP. With more than one of
+    MultiDiscrete values one-hot encoded, joins one vector for one MLP (an action mask part is not
+    encoded: it masks the policy's logits). With more than one of
     these encoders, their features are concatenated and mapped to ``out`` by a linear layer."""
 
     def __init__(self, parts: Sequence[ObsPart], out: int, encoder: str = "auto"):
@@ -142,8 +143,18 @@ class MultiPartEncoder(nn.Module):
         return z if self.fuse is None else self.fuse(z)
 
 
+def mask_logits(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """``logits [..., A]`` with every entry where ``allowed [..., A]`` is false set to the dtype's
+    lowest finite value: such actions get probability 0 (never sampled, never the mode) while
+    log-probs, entropy and KL stay finite, and no gradient reaches the masked logits."""
+    return logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
+
+
 class ActionDist:
     """A product of categoricals (Discrete: one, MultiDiscrete: one per dimension).
+
+    Masked logits (:func:`mask_logits`) give masked actions probability 0: log-probs and entropy
+    are those of the distribution renormalised over the allowed actions.
 
     The arithmetic is ``torch.distributions.Categorical``'s, step for step (same normalisation,
     same ``multinomial`` draw, so the same samples for the same RNG state), without its per-call
@@ -252,6 +263,14 @@ class RecurrentActorCritic(nn.Module):
         self.action_dims = action_layout(action_space).dims  # raises for an unsupported space
         self.continuous = isinstance(action_space, gym.spaces.Box)
         self.nvec = None if self.continuous else action_nvec(action_space)
+        mask = [p for p in getattr(obs_space, "parts", ()) if p.kind == "mask"]
+        self.action_mask_cols = None  # the flat observation's action mask columns, if it has one
+        if mask:
+            if self.continuous or mask[0].size != sum(self.nvec):
+                raise ModelConfigError(f"the action mask {mask[0].name} has {mask[0].size} entries: it needs "
+                                       f"Discrete or MultiDiscrete actions with as many in all, got "
+                                       f"{action_space}")
+            self.action_mask_cols = (mask[0].offset, mask[0].size)
         self.action_dtype = torch.float32 if self.continuous else torch.int64
         self.core_type = model_cfg.core
         self.num_layers = model_cfg.num_layers
@@ -324,11 +343,15 @@ class RecurrentActorCritic(nn.Module):
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
             return self.encoder(x).float()
 
-    def heads(self, core_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def heads(self, core_out: torch.Tensor, obs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``core_out [..., H]`` -> ``logits [..., sum(nvec)]`` (Box: the Gaussian's mean ``[..., D]``),
-        ``values [...]``."""
+        ``values [...]``. Given the observations ``obs [..., *obs_shape]`` of those steps, the
+        logits are masked by their action mask (:meth:`apply_action_mask`)."""
         z = self.body(core_out)
-        return self.policy_head(z), self.value_head(z).squeeze(-1)
+        logits = self.policy_head(z)
+        if obs is not None:
+            logits = self.apply_action_mask(logits, obs)
+        return logits, self.value_head(z).squeeze(-1)
 
     def forward(self, obs: torch.Tensor, state: RecurrentState, valid: torch.Tensor | None = None):
         """Run over sequences in one recurrent call.
@@ -336,11 +359,20 @@ class RecurrentActorCritic(nn.Module):
         ``obs [B, L, ...]``, ``state`` h/c ``[K, B, H]`` -> ``logits [B, L, A]``, ``values [B, L]``,
         final state. Sequences never cross an episode start, so no resets happen inside.
         ``valid [B, L]``: see :meth:`encode` (outputs past a sequence's end are then meaningless).
+        With an action mask in the observations the logits come masked (:meth:`apply_action_mask`).
         """
         x = self.encode(obs, valid)
         out, s = self.run_core(x, state, valid)  # out [B, L, H]
-        logits, values = self.heads(out)
+        logits, values = self.heads(out, obs)
         return logits, values, s
+
+    def apply_action_mask(self, logits: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
+        """``logits [..., A]`` masked by the action mask in ``obs [..., *obs_shape]`` (unchanged
+        if the observations carry none)."""
+        if self.action_mask_cols is None:
+            return logits
+        off, size = self.action_mask_cols
+        return mask_logits(logits, obs[..., off:off + size] != 0)  # [..., A]
 
     def run_core(self, x: torch.Tensor, state: RecurrentState, valid: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, RecurrentState]:

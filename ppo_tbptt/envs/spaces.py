@@ -16,6 +16,13 @@ dtype): its ``D`` elements flattened, float32 in the rollout buffer, the space's
 pool's shared memory; :func:`ppo_tbptt.envs.vector.env_actions` reshapes them to the space's
 shape and clips them to its bounds, so the env only ever receives actions inside the space.
 
+Action masks. A Dict observation's top-level key ``action_mask`` (a MultiBinary(A) or a 1-D Box
+of 0 / 1 values, A = the action space's ``n``, or the sum of its ``nvec``: the per-dimension masks
+concatenated; 1 = allowed) is a part of kind ``mask``: stored in the flat vector like the others
+(so it travels with its observation through the buffer, the pool and autoreset), never encoded,
+and applied by the model to the policy's logits (:meth:`ppo_tbptt.model.RecurrentActorCritic.forward`).
+Each observation's mask must allow at least one action per dimension.
+
 Anything else raises :class:`UnsupportedSpaceError` (an :class:`EnvConfigError`) naming the space.
 """
 from __future__ import annotations
@@ -29,6 +36,8 @@ import numpy as np
 from .vector import EnvConfigError
 
 OBS_SUPPORTED = "Box, Discrete, MultiDiscrete, and Tuple / Dict of these"
+ACTION_MASK_KEY = "action_mask"
+_MASK_NAME = f"obs[{ACTION_MASK_KEY!r}]"
 ACTION_SUPPORTED = "Discrete, MultiDiscrete and Box (float)"
 
 
@@ -40,9 +49,10 @@ class UnsupportedSpaceError(EnvConfigError):
 class ObsPart:
     """One leaf of an observation space, as laid out in the flat vector.
 
-    ``kind`` is ``box`` (``shape`` its shape, values multiplied by ``scale`` in the model) or
+    ``kind`` is ``box`` (``shape`` its shape, values multiplied by ``scale`` in the model),
     ``discrete`` (Discrete: ``shape (1,)``; MultiDiscrete: ``shape (D,)``; dimension i takes the
-    ``nvec[i]`` values ``start[i] ..``, one-hot encoded in the model). ``name`` says where the
+    ``nvec[i]`` values ``start[i] ..``, one-hot encoded in the model) or ``mask`` (the action
+    mask, ``shape (A,)``; ``nvec`` the action dimensions' sizes, if known). ``name`` says where the
     leaf sits in the original space (``obs``, ``obs['pos']``, ``obs[1]``)."""
 
     name: str
@@ -102,7 +112,7 @@ def _leaves(space: gym.Space, name: str) -> Iterator[tuple[str, gym.Space]]:
             raise UnsupportedSpaceError(f"observation space {space} (at {name}) has no parts")
         for i, sub in enumerate(space.spaces):
             yield from _leaves(sub, f"{name}[{i}]")
-    elif isinstance(space, (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.MultiDiscrete)):
+    elif isinstance(space, (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.MultiDiscrete)) or name == _MASK_NAME:
         yield name, space
     else:
         where = "" if name == "obs" else f" (at {name})"
@@ -110,15 +120,45 @@ def _leaves(space: gym.Space, name: str) -> Iterator[tuple[str, gym.Space]]:
                                     f"{OBS_SUPPORTED}")
 
 
-def flat_observation_space(space: gym.Space) -> gym.spaces.Box:
+def _mask_part(leaf: gym.Space, offset: int, action_space: gym.Space | None) -> ObsPart:
+    """The ``mask`` part of an ``action_mask`` leaf, checked against ``action_space`` if given."""
+    n = int(np.prod(leaf.shape, dtype=np.int64)) if leaf.shape else 0
+    binary = isinstance(leaf, gym.spaces.MultiBinary) or (
+        isinstance(leaf, gym.spaces.Box) and bool(np.all(leaf.low >= 0)) and bool(np.all(leaf.high <= 1)))
+    if not binary or len(leaf.shape) != 1 or n == 0:
+        raise UnsupportedSpaceError(f"unsupported action mask {leaf} (at {_MASK_NAME}): it needs a "
+                                    "MultiBinary(A) or a Box of shape (A,) with values in [0, 1]")
+    nvec: tuple = (n,)
+    if action_space is not None:
+        if isinstance(action_space, gym.spaces.Discrete):
+            nvec = (int(action_space.n),)
+        elif isinstance(action_space, gym.spaces.MultiDiscrete) and np.asarray(action_space.nvec).ndim == 1:
+            nvec = tuple(int(k) for k in action_space.nvec)
+        else:
+            raise UnsupportedSpaceError(f"an action mask ({_MASK_NAME}) needs Discrete or MultiDiscrete "
+                                        f"actions, the action space is {action_space}")
+        if sum(nvec) != n:
+            raise UnsupportedSpaceError(f"the action mask {leaf} (at {_MASK_NAME}) has {n} entries, the "
+                                        f"action space {action_space} needs {sum(nvec)} "
+                                        f"({'+'.join(map(str, nvec))}: one per action of each dimension)")
+    return ObsPart(_MASK_NAME, "mask", offset, (n,), 1.0, nvec)
+
+
+def flat_observation_space(space: gym.Space, action_space: gym.Space | None = None) -> gym.spaces.Box:
     """``space`` itself if it is a Box of rank >= 1, else the :class:`FlatBox` of its flattening
-    (raises :class:`UnsupportedSpaceError` naming the first unsupported part)."""
+    (raises :class:`UnsupportedSpaceError` naming the first unsupported part). An ``action_mask``
+    key is checked against ``action_space`` if given (see the module docstring)."""
     if isinstance(space, gym.spaces.Box) and len(space.shape) >= 1:
         return space
     parts, lows, highs, dtypes = [], [], [], []
     offset = 0
     for name, leaf in _leaves(space, "obs"):
-        if isinstance(leaf, gym.spaces.Box):
+        if name == _MASK_NAME:
+            part = _mask_part(leaf, offset, action_space)
+            lows.append(np.zeros(part.size, np.uint8))
+            highs.append(np.ones(part.size, np.uint8))
+            dtypes.append(np.dtype(np.uint8))
+        elif isinstance(leaf, gym.spaces.Box):
             shape = tuple(leaf.shape) if leaf.shape else (1,)
             part = ObsPart(name, "box", offset, shape, box_scale(leaf))
             lows.append(np.broadcast_to(leaf.low, leaf.shape).reshape(-1))
@@ -141,6 +181,8 @@ def flat_observation_space(space: gym.Space) -> gym.spaces.Box:
             dtypes.append(_int_type(start.min(), last.max()))
         parts.append(part)
         offset += part.size
+    if all(p.kind == "mask" for p in parts):
+        raise UnsupportedSpaceError(f"observation space {space} has nothing to observe besides the action mask")
     dtype = np.result_type(*dtypes)
     low = np.concatenate(lows).astype(dtype)
     high = np.concatenate(highs).astype(dtype)
@@ -164,7 +206,19 @@ def flatten_observation(space: FlatBox, obs: Any) -> np.ndarray:
     out = np.empty(space.shape, space.dtype)
     for part, value in zip(space.parts, _values(space.source, obs)):
         out[part.offset:part.offset + part.size] = np.asarray(value).reshape(-1)
+        if part.kind == "mask":
+            check_action_mask(part, np.asarray(value).reshape(-1))
     return out
+
+
+def check_action_mask(part: ObsPart, mask: np.ndarray) -> None:
+    """Raise ValueError unless ``mask [A]`` holds only 0 / 1 and allows an action in every dimension."""
+    if mask.shape != part.shape or not np.all((mask == 0) | (mask == 1)):
+        raise ValueError(f"{part.name} must hold {part.size} values of 0 or 1, got {mask.tolist()}")
+    heads = np.add.reduceat(mask != 0, np.cumsum((0,) + part.nvec[:-1]))  # allowed actions per dimension
+    if not np.all(heads > 0):
+        which = "" if len(part.nvec) == 1 else f" (dimension {int(np.argmin(heads))} of {len(part.nvec)})"
+        raise ValueError(f"{part.name} allows no action{which}: {mask.astype(int).tolist()}")
 
 
 class FlattenObservation(gym.ObservationWrapper):
@@ -173,7 +227,8 @@ class FlattenObservation(gym.ObservationWrapper):
 
     def __init__(self, env: gym.Env, space: FlatBox | None = None):
         super().__init__(env)
-        self.observation_space = space if space is not None else flat_observation_space(env.observation_space)
+        self.observation_space = (space if space is not None
+                                  else flat_observation_space(env.observation_space, env.action_space))
 
     def observation(self, observation):
         return flatten_observation(self.observation_space, observation)
@@ -182,7 +237,7 @@ class FlattenObservation(gym.ObservationWrapper):
 def flatten_observations(env: gym.Env) -> gym.Env:
     """``env`` unchanged if its observations are a Box of rank >= 1, else wrapped in
     :class:`FlattenObservation` (raises :class:`UnsupportedSpaceError`)."""
-    space = flat_observation_space(env.observation_space)
+    space = flat_observation_space(env.observation_space, env.action_space)
     return env if space is env.observation_space else FlattenObservation(env, space)
 
 

@@ -5,7 +5,8 @@ The trainer only calls :class:`TruncationStrategy` (``base.py``):
 - ``before_update(model, rollout)``: once per update, after GAE (``adaptive`` re-estimates K here);
 - ``build(rollout) -> SequenceBatch``: the training sequences;
 - ``before_epoch(model, rollout, batch, epoch)``: ``tbptt.refresh_states`` rewrites start states;
-- ``forward(model, batch) -> (logits [S, L, A], values [S, L])``: the training forward pass;
+- ``forward(model, batch) -> (logits [S, L, A], values [S, L])``: the training forward pass (the
+  logits masked by the observations' action mask, as ``model.heads(out, batch.obs)`` does);
 - ``metrics() -> dict`` (scalars) and ``curves() -> dict`` (1-D arrays such as phi_k).
 
 One strategy per module (the README's "Truncation strategies" section describes each):

@@ -392,7 +392,7 @@ class AdaptiveStrategy(TruncationStrategy):
 
         def loss_fn(out_last: torch.Tensor) -> torch.Tensor:
             """The trained loss of one step at ratio 1 (no clipping acts there)."""
-            logits, values = model.heads(out_last[:, 0])  # [B, A], [B]
+            logits, values = model.heads(out_last[:, 0], seq.obs[:, -1])  # [B, A] (masked), [B]
             dist = model.dist(logits)
             logp = dist.log_prob(rollout.actions.reshape(T * N, -1)[last])  # [B]
             ret = rollout.returns.reshape(-1)[last]

@@ -53,4 +53,4 @@ class OverlapStrategy(TruncationStrategy):
                 state = RecurrentState.from_torch(state).detach().as_torch()
             rest, _ = model.core(x[sel, q:], state)  # [s, L - q, H]
             out[sel, q:] = rest
-        return model.heads(out)
+        return model.heads(out, batch.obs)

@@ -165,7 +165,7 @@ class RandomStrategy(TruncationStrategy):
         length = batch.valid.sum(dim=1)  # [S]
         out = segment_unroll(core_run(model.core), x, batch.init_state.tensors(), length, self.segment,
                              1.0 / (1.0 - self.cut_prob))  # [S, L, H]
-        return model.heads(out)
+        return model.heads(out, batch.obs)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "generator": self.generator.get_state()}
