@@ -1,6 +1,7 @@
 """Learning curves of several runs: success and return vs env steps and vs wall-clock time.
 
     python scripts/plot_runs.py runs/a runs/b --out curves.png [--labels "L=2" "L=16"] [--smooth 5]
+        [--metrics success commands_completed] [--x steps] [--eval-only]
 
 Reads each run folder's ``metrics.jsonl``. Training curves are ``charts/success`` and
 ``charts/episodic_return`` (the sampling policy on training levels, smoothed by a moving average of
@@ -27,6 +28,14 @@ PANELS = [  # (row, train tag, eval tag, y label)
     (0, "charts/success", "eval/success", "success rate"),
     (1, "charts/episodic_return", "eval/return", "episodic return"),
 ]
+METRICS = {"success": PANELS[0][1:], "return": PANELS[1][1:]}  # --metrics names with tags of their own
+
+
+def panels_for(metrics: list[str]) -> list[tuple]:
+    """The rows for ``--metrics``: ``success`` and ``return`` as above; any other NAME plots
+    ``charts/NAME`` and ``eval/NAME`` (e.g. ``commands_completed``, ``num_fails``)."""
+    return [(i, *METRICS.get(m, (f"charts/{m}", f"eval/{m}", m.replace("_", " "))))
+            for i, m in enumerate(metrics)]
 
 
 def series(rows: list[dict], tag: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -63,7 +72,10 @@ def smooth(v: np.ndarray, window: int) -> np.ndarray:
     return (c[idx] - c[lo]) / (idx - lo)
 
 
-def plot(runs: list[Path], labels: list[str], out: Path, window: int = 5, title: str | None = None) -> Path:
+def plot(runs: list[Path], labels: list[str], out: Path, window: int = 5, title: str | None = None,
+         metrics: list[str] | None = None, x: str = "both", eval_only: bool = False) -> Path:
+    """``metrics``: the rows (default success and return); ``x``: "steps", "time" or "both"
+    columns; ``eval_only``: leave out the training curves (only the periodic evaluations)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -73,26 +85,36 @@ def plot(runs: list[Path], labels: list[str], out: Path, window: int = 5, title:
         raise RuntimeError("plotting needs matplotlib: pip install 'ppo_tbptt[plot]'") from None
     data = [read_metrics(r) for r in runs]
     # a row no run has data for (success, for a task without a success flag) is left out
-    panels = [p for p in PANELS if any(len(series(rows, tag)[2]) for rows in data for tag in p[1:3])] or PANELS
-    fig, axes = plt.subplots(len(panels), 2, figsize=(9, 3 * len(panels)), sharey="row", squeeze=False)
+    wanted = panels_for(metrics) if metrics else PANELS
+    if eval_only:
+        wanted = [(row, None, eval_tag, ylabel) for row, _, eval_tag, ylabel in wanted]
+    panels = [p for p in wanted if any(len(series(rows, tag)[2]) for rows in data for tag in p[1:3] if tag)] or wanted
+    xs = {"steps": [0], "time": [1], "both": [0, 1]}[x]
+    fig, axes = plt.subplots(len(panels), len(xs), figsize=(4.5 * len(xs), 3 * len(panels)), sharey="row",
+                             squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (rows, label) in enumerate(zip(data, labels)):
         color = colors[i % len(colors)]
         for row, (_, train_tag, eval_tag, ylabel) in enumerate(panels):
-            steps, secs, vals = series(rows, train_tag)
+            steps, secs, vals = series(rows, train_tag) if train_tag else ([], [], [])
             esteps, esecs, evals = series(rows, eval_tag)
-            for col, (x, ex) in enumerate(((steps, esteps), (secs, esecs))):
+            for col, which in enumerate(xs):
+                xv, ex = ((steps, esteps), (secs, esecs))[which]
                 ax = axes[row, col]
                 if len(vals):
-                    ax.plot(x, smooth(vals, window), color=color, lw=1.5, label=f"{label} (train)")
+                    ax.plot(xv, smooth(vals, window), color=color, lw=1.5, label=f"{label} (train)")
                 if len(evals):
-                    ax.plot(ex, evals, color=color, ls="none", marker="o", ms=4, label=f"{label} (eval)")
+                    ax.plot(ex, evals, color=color, ls="-" if eval_only else "none", marker="o", ms=4,
+                            label=f"{label} (eval)")
                 ax.set_ylabel(ylabel if col == 0 else "")
                 ax.grid(alpha=0.3)
     for row in range(len(panels)):
-        axes[row, 0].set_xlabel("env steps")
-        axes[row, 0].xaxis.set_major_formatter(FuncFormatter(steps_label))
-        axes[row, 1].set_xlabel("wall-clock seconds")
+        for col, which in enumerate(xs):
+            if which == 0:
+                axes[row, col].set_xlabel("env steps")
+                axes[row, col].xaxis.set_major_formatter(FuncFormatter(steps_label))
+            else:
+                axes[row, col].set_xlabel("wall-clock seconds")
     handles, names = axes[0, 0].get_legend_handles_labels()
     if not handles:
         handles, names = axes[-1, 0].get_legend_handles_labels()
@@ -114,6 +136,13 @@ def main(argv=None) -> int:
     p.add_argument("--labels", nargs="+", default=None, help="one legend label per run (default: folder names)")
     p.add_argument("--smooth", type=int, default=5, help="moving-average window in updates (default 5; 1 = none)")
     p.add_argument("--title", default=None)
+    p.add_argument("--metrics", nargs="+", default=None, metavar="NAME",
+                   help="one row per metric: success, return, or any NAME logged as charts/NAME and eval/NAME "
+                        "(e.g. commands_completed); default: success return")
+    p.add_argument("--x", choices=("steps", "time", "both"), default="both",
+                   help="x axes: env steps, wall-clock seconds, or both columns (default)")
+    p.add_argument("--eval-only", action="store_true",
+                   help="only the periodic held-out evaluations (eval/*), joined by lines; no training curves")
     args = p.parse_args(argv)
     runs = [Path(r) for r in args.runs]
     labels = args.labels or [r.name if r.is_dir() else r.parent.name for r in runs]
@@ -121,7 +150,7 @@ def main(argv=None) -> int:
         print(f"error: {len(labels)} labels for {len(runs)} runs", file=sys.stderr)
         return 2
     try:
-        out = plot(runs, labels, Path(args.out), args.smooth, args.title)
+        out = plot(runs, labels, Path(args.out), args.smooth, args.title, args.metrics, args.x, args.eval_only)
     except (ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -92,3 +92,34 @@ def test_step_axis_labels_are_short(tmp_path, monkeypatch):
         assert ax.xaxis.get_major_formatter()(200_000, 0) == "200k"
     labels = [t.get_text() for t in step_axes[0].get_xticklabels()]
     assert any(label.endswith("k") for label in labels), labels
+
+
+def test_plot_runs_metrics_steps_only_and_eval_only(tmp_path, monkeypatch):
+    """--metrics picks the rows (any NAME reads charts/NAME and eval/NAME), --x steps drops the
+    wall-clock column, --eval-only draws the held-out evaluations alone."""
+    pytest.importorskip("matplotlib")
+    mod = _load_script()
+    run = _fake_run(tmp_path / "a", 0.05, with_eval=True)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()[:-1]]
+    for r in rows:
+        r["charts/commands_completed"] = 0.5
+        if "eval/success" in r:
+            r["eval/commands_completed"] = r["global_step"] / 1e5
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    import matplotlib.pyplot as plt
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    assert mod.main([str(run), "--out", str(tmp_path / "c.png"), "--metrics", "success", "commands_completed",
+                     "--x", "steps", "--eval-only"]) == 0
+    (fig,) = figures
+    assert [ax.get_xlabel() for ax in fig.axes] == ["env steps", "env steps"]
+    assert [ax.get_ylabel() for ax in fig.axes] == ["success rate", "commands completed"]
+    for ax, tag in zip(fig.axes, ("eval/success", "eval/commands_completed")):
+        (line,) = ax.get_lines()  # the evaluations only: no training curve
+        steps, _, vals = mod.series(rows, tag)
+        assert list(line.get_xdata()) == list(steps) and np.allclose(line.get_ydata(), vals)
+    mod.plot([run], ["a"], tmp_path / "d.png", metrics=["commands_completed"], x="time")
+    fig = figures[-1]
+    (ax,) = fig.axes
+    assert ax.get_xlabel() == "wall-clock seconds" and len(ax.get_lines()) == 2  # train curve and evals
+    assert np.allclose(ax.get_lines()[0].get_ydata(), 0.5)
