@@ -282,7 +282,7 @@ class FastGridMortarMayhem(_FastGridEnv):
         self.max_episode_steps = calc_max_episode_steps(max(p["command_count"]), max(p["command_show_duration"]),
                                                         max(p["command_show_delay"]), max(p["explosion_delay"]),
                                                         max(p["explosion_duration"]))
-        self._reward_sum, self._length = 0, 0
+        self._rewards, self._length = [], 0  # summed by sum() as memory-gym does (Python's float sum)
         n = p["arena_size"]
         self._art = mortar_art(n)
         flat = rng.integers(0, n ** 2)
@@ -398,10 +398,10 @@ class FastGridMortarMayhem(_FastGridEnv):
                     self._command_verify_step += 1
             else:
                 self._command_steps += 1
-        self._reward_sum = self._reward_sum + reward
+        self._rewards.append(reward)
         self._length += 1
         if done:
-            info = {"reward": self._reward_sum, "length": self._length, "success": success,
+            info = {"reward": sum(self._rewards), "length": self._length, "success": success,
                     "commands_completed": (self._current_command - 1 + success) / self.num_commands}
         else:
             info = {}
@@ -428,7 +428,7 @@ class FastGridMysteryPath(_FastGridEnv):
         self.t = 0
         p = self.reset_params = GridMysteryPathEnv.process_reset_params(options)
         self.max_episode_steps = p["max_steps"]
-        self._reward_sum, self._length = 0, 0
+        self._rewards, self._length = [], 0  # summed by sum() as memory-gym does (Python's float sum)
         g = self.grid_dim
         cardinal_origin = rng.choice(p["cardinal_origin_choice"])
         if cardinal_origin == 0:
@@ -535,13 +535,13 @@ class FastGridMysteryPath(_FastGridEnv):
                 self.is_off_path = True
             self._cross_cell = self._cell
         reward += p["reward_step"]
-        self._reward_sum = self._reward_sum + reward
+        self._rewards.append(reward)
         self._length += 1
         self.t += 1
         if self.t == self.max_episode_steps:
             done = True
         if done:
-            info = {"reward": self._reward_sum, "length": self._length, "success": success,
+            info = {"reward": sum(self._rewards), "length": self._length, "success": success,
                     "num_fails": self.num_fails}
         else:
             info = {}
