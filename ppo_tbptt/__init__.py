@@ -7,7 +7,8 @@ import os as _os
 # thread: a small CueRecall update went from 0.2 s to 10 s beside one other job. Passive waiting
 # (sleep at once) costs a single run nothing measurable. OpenMP reads this when torch loads its
 # runtime, so it takes effect where ppo_tbptt is imported before torch (every command line here);
-# set OMP_WAIT_POLICY yourself to choose otherwise. See "Several runs on one machine" in the README.
+# set OMP_WAIT_POLICY yourself to choose otherwise. See "Several runs on one machine" in the docs
+# (docs/throughput.md).
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"

@@ -37,10 +37,16 @@ class Schedule:
     """
 
     initial: float
+    """Value at step 0."""
     final: float | None = None
+    """Value at ``steps`` and after (ignored by ``constant``)."""
     kind: str = "constant"
+    """``constant``, ``linear`` or ``polynomial``."""
     power: float = 1.0
+    """``polynomial`` only: the exponent of the remaining fraction, (1 - step / steps) ** power."""
     steps: int = 0
+    """Environment steps over which the value moves; <= 0: over ``run.total_steps`` (a resume that
+    raises the total pins it at the old total)."""
 
     def value(self, step: int, total_steps: int) -> float:
         if self.kind == "constant" or self.final is None:
@@ -57,7 +63,8 @@ class EnvConfig:
     id: str = "MortarMayhem-Grid-v0"
     """Environment id: a MemoryGym id (e.g. ``MortarMayhem-Grid-v0``), ``CueRecall-v0``,
     ``PendulumNoVelocity-v0``, any registered gymnasium id, or ``module:EnvId`` (imports
-    ``module``, which registers the id); see the README's supported spaces."""
+    ``module``, which registers the id); see the docs' Bring your own environment page for the
+    supported spaces."""
     num_envs: int = 16
     """Number of parallel environments N."""
     reset_params: dict = field(default_factory=dict)
@@ -117,7 +124,7 @@ class ModelConfig:
     convolutions are (CPUs with AVX512-BF16 or AMX, recent GPUs)."""
     core_kernel: str = "auto"
     """``auto``: a GRU trained on a CPU runs ppo_tbptt's sequence kernel (``ppo_tbptt/gru.py``: the
-    same function with a hand-written backward pass; see the README, Throughput); ``torch``: ``nn.GRU``
+    same function with a hand-written backward pass; see the docs' Throughput page); ``torch``: ``nn.GRU``
     everywhere (packed sequences). Collection, evaluation, LSTMs and GPUs always use ``nn.GRU``/``nn.LSTM``."""
     reset_hidden_state: bool = True
     """Zero the recurrent state of an env when its episode ends."""

@@ -3,8 +3,8 @@
 # the grid fast path, a timed training run and its per-minute summary, all into OUT_DIR/report.md
 # within --budget seconds (default 480).
 #   scripts/gpu_check.sh OUT_DIR [--budget S] [--dry-run]
-# On a machine without network, wheels for what it lacks may sit in .whl/ (see the README's
-# "Measuring on a GPU machine"): they are installed into /tmp/site first.
+# On a machine without network, wheels for what it lacks may sit in .whl/ (see the docs'
+# "Measuring on a GPU machine", docs/throughput.md): they are installed into /tmp/site first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$#" -lt 1 ]; then

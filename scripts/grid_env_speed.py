@@ -7,8 +7,8 @@ measured one after the other; prints a Markdown table with the ratio.
 """
 from __future__ import annotations
 
+import argparse
 import os
-import sys
 import time
 
 import numpy as np
@@ -54,5 +54,12 @@ def main(seconds: float) -> None:
                   flush=True)
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("seconds", type=float, nargs="?", default=3.0,
+                   help="seconds of stepping per backend and task (default 3)")
+    return p.parse_args(argv)
+
+
 if __name__ == "__main__":
-    main(float(sys.argv[1]) if len(sys.argv) > 1 else 3.0)
+    main(parse_args().seconds)

@@ -58,13 +58,13 @@ def check_parity(model, cfg, sample_obs, path, envs=3, steps=60) -> dict:
 
 @pytest.fixture(scope="module")
 def cue_export(cue_run, tmp_path_factory):
-    """The README's export command run on ``cue_run`` (as ``runs/cue_recall`` in a fresh folder):
+    """The docs' export command (docs/evaluation.md) run on ``cue_run`` (as ``runs/cue_recall`` in a fresh folder):
     (that folder, the ONNX file, the command's output)."""
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("### Exporting a policy to ONNX"):]
+    text = (ROOT / "docs" / "evaluation.md").read_text()
+    section = text[text.index("## Exporting a policy to ONNX"):]
     command = re.search(r"```bash\n(python -m ppo_tbptt\.export .*?)\n```", section).group(1)
     args = command.split()[3:]
-    folder = tmp_path_factory.mktemp("readme")
+    folder = tmp_path_factory.mktemp("docs")
     (folder / "runs").mkdir()
     (folder / args[0]).symlink_to(cue_run)
     with pytest.MonkeyPatch.context() as mp:
@@ -153,12 +153,12 @@ def test_command_line_errors_are_one_line_exit_2(tmp_path, capsys):
     assert "ending in .onnx" in capsys.readouterr().err
 
 
-def test_readme_onnx_loop_runs(cue_export, monkeypatch, capsys):
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("### Exporting a policy to ONNX"):]
+def test_docs_onnx_loop_runs(cue_export, monkeypatch, capsys):
+    text = (ROOT / "docs" / "evaluation.md").read_text()
+    section = text[text.index("## Exporting a policy to ONNX"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     assert len(code.strip().splitlines()) <= 20
-    monkeypatch.chdir(cue_export[0])  # where the README's command wrote policy.onnx
-    exec(compile(code, "README.md (ONNX)", "exec"), {"__name__": "readme_onnx"})
+    monkeypatch.chdir(cue_export[0])  # where the docs' command wrote policy.onnx
+    exec(compile(code, "docs/evaluation.md (ONNX)", "exec"), {"__name__": "docs_onnx"})
     m = re.search(r"(\d+) episodes, (\d+) successes", capsys.readouterr().out)
     assert m and int(m.group(1)) >= 5

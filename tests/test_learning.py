@@ -75,8 +75,8 @@ def test_mortar_mayhem_grid_learns_a_command_only_memory_can_recall(tmp_path):
     """A real MemoryGym task: MortarMayhem-Grid-v0 with one command, shown before the agent may move
     and hidden while it moves. Guessing the command (what a memoryless policy can do) succeeds about
     one episode in four: the memoryless ablation of this config, trained for the config's full
-    1M steps, ends at 0.27 (95% CI 0.19-0.36) on these 100 held-out levels (README, "Learning
-    MemoryGym on a CPU"). After STEPS steps the recurrent agent must succeed on at least half of
+    1M steps, ends at 0.27 (95% CI 0.19-0.36) on these 100 held-out levels (docs/memorygym.md,
+    "Learning MemoryGym on a CPU"). After STEPS steps the recurrent agent must succeed on at least half of
     them by the true success flag (the env's own flag reports success for every one-command
     episode, so a test on it could not fail). Three seeds of the full config passed 0.9 held out
     by 400k-600k steps."""

@@ -9,7 +9,7 @@ The trainer only calls :class:`TruncationStrategy` (``base.py``):
   logits masked by the observations' action mask, as ``model.heads(out, batch.obs)`` does);
 - ``metrics() -> dict`` (scalars) and ``curves() -> dict`` (1-D arrays such as phi_k).
 
-One strategy per module (the README's "Truncation strategies" section describes each):
+One strategy per module (the docs' "Truncation strategies" page, docs/truncation.md, describes each):
 
 - ``fixed.py``: TBPTT(L, L), chunks of ``sequence_length``, one recurrent call.
 - ``overlap.py``: TBPTT(k1, k2), windows of k2 steps every k1 steps; the prefix carries gradient

@@ -170,8 +170,8 @@ def fit_decay(phi: np.ndarray, tau: int) -> tuple[float, float]:
 
 
 def tail_bound(phi: np.ndarray, beta: float, tau: int, K: int) -> float:
-    """Bound on the gradient mass that truncation at K drops (the README's "Truncation
-    strategies" gives the recipe).
+    """Bound on the gradient mass that truncation at K drops (the docs' "Truncation
+    strategies" page gives the recipe).
 
     ``sum_{k=K}^{tau-1} phi_k + phi_tau / (1 - beta)`` for K < tau, ``phi_tau beta^(K - tau) /
     (1 - beta)`` for K >= tau; infinite when ``beta >= 1``.
