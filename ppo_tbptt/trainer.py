@@ -1,4 +1,5 @@
-"""One readable PPO iteration: collect -> GAE -> sequences -> epochs x minibatches."""
+"""The run around the PPO update (:class:`ppo_tbptt.update.PPOUpdate`: collect -> GAE -> sequences
+-> epochs x minibatches): schedules, periodic evaluation, checkpoints, stopping, curriculum."""
 from __future__ import annotations
 
 import copy
@@ -19,20 +20,15 @@ from .config import Config, dump_yaml
 from .distributed import SINGLE, Distributed
 from .envs import EnvError, make_vector_env
 from .envs.pool import EnvWorkerError
-from .gae import compute_gae
 from .logger import MetricsWriter, RunLog, eval_line, progress_line
 from .tracking import open_tracker
 from .model import build_model
-from .ppo import LossCoefs, ppo_loss_from_outputs
+from .ppo import LossCoefs
 from .progress import UpdateProgress
 from .rollout import Collector
-from .sequences import minibatch_indices
 from .truncation import make_strategy
+from .update import PPOUpdate, TrainingDiverged, episode_scalars
 from .utils import seed_everything, stream_seed
-
-
-class TrainingDiverged(FloatingPointError):
-    """An update produced a non-finite loss or gradient: training stops before anything is saved."""
 
 
 class EnvFailure(RuntimeError):
@@ -49,30 +45,6 @@ class EnvFailure(RuntimeError):
 class _StopNow(BaseException):
     """Raised inside an update when a signal asks to stop: the update in flight is abandoned.
     (A BaseException, so that no ``except Exception`` on the way swallows it.)"""
-
-
-def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:
-    var = target.var()
-    return float("nan") if var == 0 else float(1.0 - (target - pred).var() / var)
-
-
-def episode_scalars(episodes: list) -> dict:
-    """Means of the finished episodes' statistics under their chart names (empty if none ended)."""
-    if not episodes:
-        return {}
-    out = {
-        "charts/episodic_return": float(np.mean([e.ret for e in episodes])),
-        "charts/episodic_length": float(np.mean([e.length for e in episodes])),
-        "charts/episodes": float(len(episodes)),
-    }
-    succ = [e.success for e in episodes if e.success is not None]
-    if succ:
-        out["charts/success"] = float(np.mean(succ))
-        out["charts/success_episodes"] = float(len(succ))  # the episodes that report success
-    for key in sorted({k for e in episodes for k in e.extra}):
-        vals = [e.extra[key] for e in episodes if key in e.extra]
-        out[f"charts/{key}"] = float(np.mean(vals))
-    return out
 
 
 def rng_states(device: torch.device) -> dict:
@@ -189,7 +161,11 @@ class Trainer:
         self.truncation = make_strategy(cfg)
         self.dist.seed_rank(cfg.run.seed, [self.shuffle_gen] + [g for g in vars(self.truncation).values()
                                                                 if isinstance(g, torch.Generator)])
-        self.batch_size = cfg.ppo.rollout_steps * self.envs.num_envs * self.dist.world_size  # all ranks' steps
+        self.ppo_update = PPOUpdate(cfg, self.model, self.optimizer, self.collector, self.truncation,
+                                    self.shuffle_gen, self.dist, device, first_env=self.first_env,
+                                    collect_threads=self.collect_threads, learn_threads=self.learn_threads,
+                                    on_phase=self._start_phase, on_minibatch=self._on_minibatch)
+        self.batch_size = self.ppo_update.batch_size  # env steps per update, all ranks' together
         self.total_updates = -(-cfg.run.total_steps // self.batch_size)
         self.planned_steps = self.total_updates * self.batch_size  # total_steps in whole updates
         self.global_step = 0
@@ -255,90 +231,25 @@ class Trainer:
 
     # ---- one update -----------------------------------------------------------------------------
     def train_update(self) -> dict:
-        cfg = self.cfg
+        """One PPO update (:class:`ppo_tbptt.update.PPOUpdate`) at the schedules' current values,
+        then the curriculum's step: the update's scalars. Raises TrainingDiverged if a loss or a
+        gradient was not finite."""
         lr, coefs = self.coefs()
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-
-        t0 = time.perf_counter()
-        wait0 = self.collector.wait_seconds
-        self.model.eval()
-        if self.progress is not None:
-            self.progress.start_phase("collect", self.batch_size)
-        torch.set_num_threads(self.collect_threads)
-        try:
-            rollout, episodes = self.collector.collect()
-        finally:
-            torch.set_num_threads(self.learn_threads)
-        episodes = self.dist.gather_episodes(episodes, self.first_env)  # all ranks' on rank 0
+        result = self.ppo_update(lr, coefs)  # collect -> GAE -> sequences -> epochs x minibatches
         self.global_step += self.batch_size
-        t1 = time.perf_counter()
-
-        adv, ret = compute_gae(rollout.rewards, rollout.values, rollout.terminated, rollout.truncated,
-                               rollout.bootstrap_value, cfg.ppo.gamma, cfg.ppo.gae_lambda,
-                               rollout.truncation_values)
-        rollout.advantages.copy_(adv)
-        rollout.returns.copy_(ret)
-        self.truncation.before_update(self.model, rollout)
-        self.dist.sync_truncation(self.truncation, rollout.episode_start)
-        batch = self.truncation.build(rollout)
-
-        self.model.train()
-        sums: dict[str, torch.Tensor] = {}
-        count = 0
-        first_kl = None
-        finite = torch.ones((), dtype=torch.bool, device=self.device)  # checked once, after the epochs
-        if self.progress is not None:
-            self.progress.start_phase("learn", cfg.ppo.epochs * cfg.ppo.minibatches)
-        for epoch in range(cfg.ppo.epochs):
-            self.truncation.before_epoch(self.model, rollout, batch, epoch)
-            for mb_idx in minibatch_indices(batch.num_sequences, cfg.ppo.minibatches, self.shuffle_gen):
-                mb = batch.select(mb_idx.to(self.device))
-                mb, mb_coefs = self.dist.normalise_advantages(mb, coefs)  # over all ranks' minibatches
-                logits, values = self.truncation.forward(self.model, mb)
-                out = ppo_loss_from_outputs(self.model, mb, logits, values, mb_coefs)
-                self.optimizer.zero_grad(set_to_none=True)
-                finite &= torch.isfinite(out.loss.detach())
-                out.loss.backward()
-                # the gradient of the loss over all ranks' minibatches, then clipped alike on every rank
-                share = self.dist.average_gradients(self.model.parameters(), mb.mask)
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.ppo.max_grad_norm)
-                finite &= torch.isfinite(grad_norm)  # a finite loss can still have non-finite gradients
-                self.optimizer.step()
-                out.metrics = self.dist.weigh(out.metrics, share)
-                if first_kl is None:
-                    first_kl = out.metrics["losses/approx_kl"]
-                out.metrics["losses/grad_norm"] = grad_norm.detach()
-                for k, v in out.metrics.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                count += 1
-                self._on_minibatch(count)
-        sums, first_kl, finite = self.dist.reduce_update(sums, first_kl, finite)
-        if not bool(finite):
+        if not result.finite:
             raise TrainingDiverged(
                 f"non-finite loss or gradient in update {self.update + 1} (env steps {self.global_step - self.batch_size:,}"
                 f"..{self.global_step:,}): training stopped and nothing was saved from it; the weights "
                 "are no longer usable, the run's last checkpoint is intact (try a lower ppo.lr or "
                 "ppo.max_grad_norm, or look for non-finite rewards or observations)")
-        t2 = time.perf_counter()
         self.update += 1
-
-        scalars = {k: float(v) / count for k, v in sums.items()}
-        scalars["losses/first_minibatch_kl"] = float(first_kl)
-        scalars["losses/explained_variance"] = explained_variance(rollout.values.flatten(),
-                                                                  rollout.returns.flatten())
-        scalars.update(episode_scalars(episodes))
-        scalars.update({
-            "charts/learning_rate": lr, "charts/ent_coef": coefs.ent_coef, "charts/clip": coefs.clip,
-            "charts/update": float(self.update),
-            "tbptt/sequences_per_batch": float(batch.num_sequences),
-            "tbptt/padding_fraction": 1.0 - float(batch.mask.mean()),
-            "time/collect_seconds": t1 - t0, "time/update_seconds": t2 - t1,
-            "time/env_wait_seconds": self.collector.wait_seconds - wait0,
-        })
-        scalars.update(self.dist.rollout_scalars(rollout, batch))  # over all ranks ({} with one)
-        scalars.update(self.dist.truncation_metrics(self.truncation))  # over all ranks
-        scalars.update(self._curriculum_step(episodes))
+        scalars = dict(result.losses)
+        scalars.update(episode_scalars(result.episodes))
+        scalars.update({"charts/learning_rate": lr, "charts/ent_coef": coefs.ent_coef, "charts/clip": coefs.clip,
+                        "charts/update": float(self.update)})
+        scalars.update(result.batch)
+        scalars.update(self._curriculum_step(result.episodes))
         if self.writer is not None:
             for tag, curve in self.truncation.curves().items():
                 self.writer.curve(tag, curve, self.global_step)
@@ -508,6 +419,10 @@ class Trainer:
         self._check_stop()
         if self.progress is not None:  # (rank 0's steps stand for every rank's: the ranks step alike)
             self.progress.advance(steps * self.dist.world_size)
+
+    def _start_phase(self, phase: str, total: int) -> None:
+        if self.progress is not None:
+            self.progress.start_phase(phase, total)
 
     def _on_minibatch(self, done: int) -> None:
         self._check_stop()
