@@ -17,7 +17,7 @@ import torch
 from . import checkpoint as ckpt
 from . import curriculum
 from .config import Config, dump_yaml
-from .distributed import SINGLE, Distributed
+from .parallel import SINGLE, SingleProcess
 from .envs import EnvError, make_vector_env
 from .envs.pool import EnvWorkerError
 from .logger import MetricsWriter, RunLog, eval_line, progress_line
@@ -103,11 +103,10 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: Path, device: torch.device, log: bool = True,
                  quiet: bool = False, resume: dict | None = None, resume_path: Path | None = None,
-                 dist: Distributed | None = None):
+                 dist: SingleProcess | None = None):
         self.cfg = cfg
         self.dist = SINGLE if dist is None else dist
-        self.dist.check_config(cfg)
-        device = self.dist.device(device)
+        device = self.dist.place(cfg, device)
         self.device = device
         self.run_dir = Path(run_dir)
         self.quiet = quiet or not self.dist.is_main
@@ -151,7 +150,6 @@ class Trainer:
         """The rest of ``__init__``, once the envs exist (they are closed if this raises)."""
         self.model = build_model(self.envs.single_observation_space, self.envs.single_action_space,
                                  cfg.model).to(device)
-        self.dist.broadcast_model(self.model)  # every rank starts from rank 0's weights
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.ppo.lr.initial,
                                           eps=cfg.ppo.adam_eps)
         self.collector = Collector(self.envs, self.model, cfg.ppo.rollout_steps, device,
@@ -159,8 +157,9 @@ class Trainer:
         self.collector.progress = self._on_collect_step
         self.shuffle_gen = torch.Generator().manual_seed(stream_seed(cfg.run.seed, "minibatch shuffle"))
         self.truncation = make_strategy(cfg)
-        self.dist.seed_rank(cfg.run.seed, [self.shuffle_gen] + [g for g in vars(self.truncation).values()
-                                                                if isinstance(g, torch.Generator)])
+        # every rank from rank 0's weights, with its own action, shuffle and cut streams
+        self.dist.start(self.model, cfg.run.seed, [self.shuffle_gen] + [
+            g for g in vars(self.truncation).values() if isinstance(g, torch.Generator)])
         self.ppo_update = PPOUpdate(cfg, self.model, self.optimizer, self.collector, self.truncation,
                                     self.shuffle_gen, self.dist, device, first_env=self.first_env,
                                     collect_threads=self.collect_threads, learn_threads=self.learn_threads,
@@ -435,7 +434,7 @@ class Trainer:
             self.progress.advance(done)
 
     def _rank_prefix(self) -> str:
-        return f"rank {self.dist.rank} of {self.dist.world_size}: " if self.dist.enabled else ""
+        return self.dist.rank_prefix
 
     def boundary_state(self) -> dict:
         """:meth:`state_dict` at an update boundary, detached from the live model and optimizer (a
