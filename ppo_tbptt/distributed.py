@@ -39,7 +39,6 @@ import dataclasses
 import datetime
 import hashlib
 import os
-from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
@@ -248,6 +247,12 @@ class Distributed(SingleProcess):
         (:meth:`seed_rank`)."""
         self.broadcast_model(model)
         self.seed_rank(seed, generators)
+
+    def stopping(self, console):
+        """How a signal stops the ranks (:class:`ppo_tbptt.stopping.StopTogether`: after the update
+        in flight, once they agree)."""
+        from .stopping import StopTogether
+        return StopTogether(console, self)
 
     def broadcast_model(self, model: torch.nn.Module) -> None:
         """Give every rank rank 0's parameters and buffers."""

@@ -11,7 +11,8 @@ The interface, in the order a run uses it:
 
 - set-up: :meth:`~SingleProcess.place` (the config checks and this rank's device),
   :meth:`~SingleProcess.env_kwargs` (this rank's slice of the envs), :meth:`~SingleProcess.start`
-  (rank 0's weights and per-rank random streams);
+  (rank 0's weights and per-rank random streams), :meth:`~SingleProcess.stopping` (how a signal
+  stops the run);
 - one update: :meth:`~SingleProcess.gather_episodes`, :meth:`~SingleProcess.sync_truncation`,
   :meth:`~SingleProcess.normalise_advantages`, :meth:`~SingleProcess.average_gradients`,
   :meth:`~SingleProcess.weigh`, :meth:`~SingleProcess.reduce_update`,
@@ -82,6 +83,13 @@ class SingleProcess:
         """Once the model and the random streams exist: every rank from rank 0's weights, with its
         own streams (``generators``: the minibatch shuffle, a strategy's sampler). Nothing here."""
 
+    def stopping(self, console):
+        """How a signal stops this process (:class:`ppo_tbptt.stopping.StopAtOnce`: at once, the
+        update in flight discarded). ``console``: the :class:`ppo_tbptt.console.Console` that answers."""
+        from .stopping import StopAtOnce
+        return StopAtOnce(console)
+
+    # ---- one update ------------------------------------------------------------------------------
     def gather_episodes(self, episodes: list, first_env: int) -> list:
         """Every rank's finished episodes on rank 0: ``episodes`` as they are."""
         return episodes
