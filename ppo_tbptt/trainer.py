@@ -281,13 +281,7 @@ class Trainer:
                             if self.dist.is_main:  # (the other ranks wait for its score)
                                 scalars.update(self.evaluate())
                     except StopNow:
-                        phase = self.console.phase_text()
-                        if self.progress is not None:
-                            self.progress.abandon_update()
-                            self.progress.flush_notices()  # the signal's own line first
-                        path = self.stop_at_boundary(boundary)
-                        aborted = True
-                        self.say(f"stopped during update {self.update + 1:,}{phase}: that update is discarded")
+                        path, aborted = self._discard_update(boundary), True
                         break
                     except ENV_ERRORS as exc:
                         self.stop.env_failure(self, exc, boundary)
@@ -319,6 +313,16 @@ class Trainer:
             finally:
                 self.close()
         return scalars
+
+    def _discard_update(self, boundary: dict) -> Path:
+        """A signal stopped the update in flight: back to ``boundary``, saved; its checkpoint."""
+        phase = self.console.phase_text()
+        if self.progress is not None:
+            self.progress.abandon_update()
+            self.progress.flush_notices()  # the signal's own line first
+        path = self.stop_at_boundary(boundary)
+        self.say(f"stopped during update {self.update + 1:,}{phase}: that update is discarded")
+        return path
 
     def _note_eval(self, scalars: dict) -> bool:
         """After an evaluation: its score (rank 0's, on every rank); whether it is the best so far."""
