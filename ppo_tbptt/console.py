@@ -76,6 +76,7 @@ class Console:
             self.progress.start_phase(name, total)
 
     def advance(self, done: int) -> None:
+        """``done`` of the phase's total are done (env steps, minibatches or episodes)."""
         if self.progress is not None:
             self.progress.advance(done)
 
@@ -88,6 +89,7 @@ class Console:
         return f" ({verb}: {p.done:,} of {p.total:,} {unit})"
 
     def close(self) -> None:
+        """Stop the progress (its pending notices are printed) and close ``train.log``."""
         if self.progress is not None:
             self.progress.close()
             self.progress = None

@@ -174,6 +174,7 @@ class StopTogether(StopAtOnce):
 
     @property
     def received(self) -> bool:
+        """Whether a signal has asked this rank to stop, or the ranks have agreed to."""
         return self.signal is not None or self.seen is not None
 
     def request(self, signum: int) -> None:
@@ -187,6 +188,7 @@ class StopTogether(StopAtOnce):
         """(Not watched: the handler's answer, at the end of a torch call, is soon enough.)"""
 
     def notice(self, signum: int) -> str:
+        """The line that answers a signal: the update in flight finishes first."""
         return (f"{signal.Signals(signum).name} received: every rank finishes this update, then one "
                 "checkpoint is saved (send it again to stop at once, without saving)")
 
