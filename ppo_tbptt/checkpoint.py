@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 CKPT_RE = re.compile(r"^step_(\d+)\.pt$")
@@ -113,3 +115,35 @@ def prune(ckpt_dir: Path, keep: int) -> None:
         return
     for p in checkpoint_files(ckpt_dir)[:-keep]:
         p.unlink(missing_ok=True)
+
+
+def rng_states(device: torch.device) -> dict:
+    """python, numpy and torch global RNG states as checkpoint-safe data (no pickled objects)."""
+    np_state = np.random.get_state(legacy=False)
+    out = {
+        "python": random.getstate(),
+        "numpy": {"bit_generator": np_state["bit_generator"],
+                  "key": torch.from_numpy(np.asarray(np_state["state"]["key"], np.int64)),
+                  "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                  "gauss": float(np_state["gauss"])},
+        "torch": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        out["cuda"] = torch.cuda.get_rng_state(device)
+    return out
+
+
+def set_rng_states(states: dict, device: torch.device) -> None:
+    """Restore :func:`rng_states`'s output."""
+    random.setstate(_tuplify(states["python"]))
+    n = states["numpy"]
+    np.random.set_state({"bit_generator": n["bit_generator"],
+                         "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    torch.set_rng_state(states["torch"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x

@@ -39,11 +39,12 @@ import dataclasses
 import datetime
 import hashlib
 import os
-from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 import torch
+
+from .parallel import SINGLE, RankLost, SingleProcess  # noqa: F401  (SINGLE, RankLost: also named here)
 
 #: Seconds a collective waits for the other ranks before giving up (default :data:`DEFAULT_TIMEOUT`).
 TIMEOUT_ENV = "PPO_TBPTT_DIST_TIMEOUT"
@@ -54,10 +55,6 @@ RANK_KEYS = ("rng", "shuffle_generator", "collector", "truncation")
 
 #: Per-minibatch metrics that are the same on every rank (computed after the gradient all-reduce).
 RANK_INVARIANT = ("losses/grad_norm",)
-
-
-class RankLost(RuntimeError):
-    """Another rank died or stopped answering: a collective failed or timed out."""
 
 
 def env_share(num_envs: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -107,25 +104,26 @@ def param_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-class Distributed:
-    """This process's place in a data-parallel run, and the collectives the trainer needs.
+class Distributed(SingleProcess):
+    """This process's place in a data-parallel run of ``world_size`` (2 or more) ranks: the
+    methods of the seam :class:`ppo_tbptt.parallel.SingleProcess`, as collectives.
 
-    With one process (``world_size`` 1, :data:`SINGLE`) every method is the identity or a no-op,
-    so a plain run's numbers are exactly those of a run without this module."""
+    A plain run of one process never gets here: :meth:`from_environment` gives it
+    :data:`ppo_tbptt.parallel.SINGLE`."""
 
-    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0, local_world_size: int = 1,
+    def __init__(self, rank: int = 0, world_size: int = 2, local_rank: int = 0, local_world_size: int = 1,
                  backend: str | None = None):
+        if int(world_size) < 2:
+            raise ValueError(f"a data-parallel run has two or more ranks, not {world_size}; one process "
+                             "is ppo_tbptt.parallel.SINGLE")
         self.rank, self.world_size = int(rank), int(world_size)
         self.local_rank, self.local_world_size = int(local_rank), int(local_world_size)
         self.backend = backend
 
     @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+    def rank_prefix(self) -> str:
+        """``rank r of W: ``, before a message (every rank may write one)."""
+        return f"rank {self.rank} of {self.world_size}: "
 
     def __repr__(self) -> str:
         return (f"Distributed(rank={self.rank}, world_size={self.world_size}, local_rank={self.local_rank}, "
@@ -157,18 +155,23 @@ class Distributed:
         return cls(rank, world, local_rank, local_world, backend)
 
     def close(self) -> None:
-        """Leave the process group (nothing to do with one process)."""
-        if self.enabled:
-            import torch.distributed as dist
-            if dist.is_initialized():
-                try:
-                    dist.destroy_process_group()
-                except Exception:  # a group whose peers are gone: nothing left to tidy
-                    pass
+        """Leave the process group."""
+        import torch.distributed as dist
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # a group whose peers are gone: nothing left to tidy
+                pass
+
+    def place(self, cfg, device: torch.device) -> torch.device:
+        """Raise ConfigError if the config cannot be split over the ranks (:meth:`check_config`),
+        ValueError if ``device`` does not fit this rank (:meth:`device`); else this rank's device."""
+        self.check_config(cfg)
+        return self.device(device)
 
     def device(self, device: torch.device) -> torch.device:
         """The training device of this rank: a CUDA device becomes ``cuda:LOCAL_RANK``."""
-        if not self.enabled or device.type != "cuda":
+        if device.type != "cuda":
             return device
         if device.index is not None and device.index != self.local_rank:
             raise ValueError(f"run.device={device} names one GPU, but under torchrun each rank trains on "
@@ -181,10 +184,8 @@ class Distributed:
         return torch.device("cuda", self.local_rank)
 
     def env_kwargs(self, env_cfg) -> dict:
-        """``make_vector_env`` arguments for this rank's slice of the envs (``{}`` with one process):
+        """``make_vector_env`` arguments for this rank's slice of the envs:
         its env count, its first global env index, and its share of the machine's cores for a pool."""
-        if not self.enabled:
-            return {}
         first, count = env_share(env_cfg.num_envs, self.rank, self.world_size)
         from .envs.pool import usable_cpus
         return {"num_envs": count, "first_env": first,
@@ -208,15 +209,12 @@ class Distributed:
 
     def all_reduce(self, tensor: torch.Tensor, what: str, op: str = "sum") -> torch.Tensor:
         """In-place all-reduce of ``tensor`` (``op`` sum or max); returns it."""
-        if self.enabled:
-            import torch.distributed as dist
-            self._call(what, dist.all_reduce, tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+        import torch.distributed as dist
+        self._call(what, dist.all_reduce, tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
         return tensor
 
     def broadcast_object(self, obj, what: str = "a broadcast from rank 0"):
         """Rank 0's ``obj`` on every rank (picklable)."""
-        if not self.enabled:
-            return obj
         import torch.distributed as dist
         box = [obj if self.is_main else None]
         self._call(what, dist.broadcast_object_list, box, src=0)
@@ -224,8 +222,6 @@ class Distributed:
 
     def gather_objects(self, obj, what: str) -> list | None:
         """Every rank's ``obj`` as a list in rank order on rank 0; None on the other ranks."""
-        if not self.enabled:
-            return [obj]
         import torch.distributed as dist
         out = [None] * self.world_size if self.is_main else None
         self._call(what, dist.gather_object, obj, out, dst=0)
@@ -234,8 +230,6 @@ class Distributed:
     def from_main(self, fn: Callable, errors: tuple = (Exception,)):
         """``fn()`` run on rank 0 only, its result on every rank; one of ``errors`` raised there is
         raised on every rank (so all ranks stop with the same message)."""
-        if not self.enabled:
-            return fn()
         result = error = None
         if self.is_main:
             try:
@@ -248,10 +242,20 @@ class Distributed:
         return result
 
     # ---- start-up --------------------------------------------------------------------------------
+    def start(self, model: torch.nn.Module, seed: int, generators: Iterable[torch.Generator]) -> None:
+        """Every rank from rank 0's weights (:meth:`broadcast_model`), with its own random streams
+        (:meth:`seed_rank`)."""
+        self.broadcast_model(model)
+        self.seed_rank(seed, generators)
+
+    def stopping(self, console):
+        """How a signal stops the ranks (:class:`ppo_tbptt.stopping.StopTogether`: after the update
+        in flight, once they agree)."""
+        from .stopping import StopTogether
+        return StopTogether(console, self)
+
     def broadcast_model(self, model: torch.nn.Module) -> None:
         """Give every rank rank 0's parameters and buffers."""
-        if not self.enabled:
-            return
         import torch.distributed as dist
         with torch.no_grad():
             for t in model.state_dict().values():
@@ -271,8 +275,6 @@ class Distributed:
     # ---- one update ------------------------------------------------------------------------------
     def gather_episodes(self, episodes: list, first_env: int) -> list:
         """All ranks' finished episodes (env indices made global) on rank 0; [] elsewhere."""
-        if not self.enabled:
-            return episodes
         mine = [dataclasses.replace(e, env_index=e.env_index + first_env) for e in episodes]
         parts = self.gather_objects(mine, "gathering episode statistics")
         return [] if parts is None else [e for p in parts for e in p]
@@ -282,7 +284,7 @@ class Distributed:
         on every rank, so that all ranks train with the same truncation; when the strategy chose
         anew this update, rank 0 chooses again with every rank's ``episode_start [T, N_r]`` side
         by side, so that the choice holds for the whole run's rollout."""
-        if self.enabled and hasattr(strategy, "K") and hasattr(strategy, "estimate"):
+        if hasattr(strategy, "K") and hasattr(strategy, "estimate"):
             if episode_start is not None and strategy.estimated:
                 parts = self.gather_objects(episode_start.cpu(), "gathering the ranks' episode starts")
                 if self.is_main:
@@ -292,10 +294,10 @@ class Distributed:
 
     def truncation_metrics(self, strategy) -> dict:
         """The strategy's scalars, its ratios (:meth:`TruncationStrategy.ratios`) summed over all
-        ranks (one all-reduce): figures of the whole run's rollout. Unchanged with one process."""
+        ranks (one all-reduce): figures of the whole run's rollout."""
         out = strategy.metrics()
         ratios = strategy.ratios()
-        if not self.enabled or not ratios:
+        if not ratios:
             return out
         keys = sorted(ratios)
         vec = torch.tensor([ratios[k][i] for i in (0, 1) for k in keys], dtype=torch.float64)
@@ -307,8 +309,8 @@ class Distributed:
     def normalise_advantages(self, mb, coefs):
         """With ``coefs.norm_advantages``: ``mb`` with its advantages normalised by the masked mean
         and standard deviation over the union of the ranks' minibatches, and ``coefs`` that do not
-        normalise again. Unchanged with one process."""
-        if not self.enabled or not coefs.norm_advantages:
+        normalise again."""
+        if not coefs.norm_advantages:
             return mb, coefs
         m = mb.mask.to(torch.float64)
         a = mb.advantages.to(torch.float64)
@@ -323,10 +325,8 @@ class Distributed:
     def average_gradients(self, params: Iterable[torch.nn.Parameter], mask: torch.Tensor):
         """Replace each rank's gradients (of its masked-mean loss over ``mask``'s loss steps) by the
         gradient of the masked mean over the union of the ranks' minibatches: ``sum_r (n_r / n)
-        grad_r``. Returns this rank's share ``n_r / n`` (a 0-d tensor; 1.0 with one process).
+        grad_r``. Returns this rank's share ``n_r / n`` (a 0-d tensor).
         A parameter without a gradient on every rank keeps none."""
-        if not self.enabled:
-            return 1.0
         params = list(params)
         count = mask.sum().to(torch.float32)
         dev = mask.device
@@ -347,16 +347,12 @@ class Distributed:
     def weigh(self, metrics: dict, share) -> dict:
         """A minibatch's metrics weighted by this rank's share of its loss steps (summed over the
         ranks at the end of the update: the union minibatch's masked means)."""
-        if not self.enabled:
-            return metrics
         return {k: v * share for k, v in metrics.items()}
 
     def reduce_update(self, sums: dict, first_kl, finite: torch.Tensor):
         """End of an update: the metric sums (weighted by :meth:`weigh`) and the first minibatch's
         KL summed over the ranks, and whether every rank's losses and gradients were finite (one
-        all-reduce). Unchanged with one process."""
-        if not self.enabled:
-            return sums, first_kl, finite
+        all-reduce)."""
         keys = sorted(k for k in sums if k not in RANK_INVARIANT)
         dev = finite.device
         vec = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32, device=dev) for k in keys]
@@ -369,9 +365,7 @@ class Distributed:
 
     def rollout_scalars(self, rollout, batch) -> dict:
         """Statistics of the whole rollout over all ranks: explained variance, sequences and the
-        padding share (one all-reduce); {} with one process (the trainer's own are exact)."""
-        if not self.enabled:
-            return {}
+        padding share (one all-reduce)."""
         y = rollout.returns.flatten().to(torch.float64)
         d = y - rollout.values.flatten().to(torch.float64)
         mask = batch.mask
@@ -401,8 +395,6 @@ class Distributed:
         """A checkpoint of the whole run on rank 0 (None elsewhere): ``state`` (rank 0's) with a
         ``distributed`` entry holding the world size and every rank's :data:`RANK_KEYS` parts.
         Also checks that all ranks hold the same parameters (they must, bit for bit)."""
-        if not self.enabled:
-            return state
         part = {k: state[k] for k in RANK_KEYS if k in state}
         part["digest"] = param_digest(model)
         parts = self.gather_objects(part, "gathering the ranks' checkpoint parts")
@@ -416,20 +408,6 @@ class Distributed:
         out["distributed"] = {"world_size": self.world_size, "ranks": parts}
         return out
 
-    def check_world_size(self, state: dict, path) -> None:
-        """Raise CheckpointError if ``state`` (a checkpoint) was written by a run of another world size."""
-        from .checkpoint import CheckpointError
-        saved = state.get("distributed")
-        saved_world = 1 if saved is None else int(saved["world_size"])
-        if saved_world != self.world_size:
-            how = ("python -m ppo_tbptt.train --resume" if saved_world == 1 else
-                   f"torchrun with {saved_world} processes in all (--nnodes x --nproc_per_node) and -m "
-                   "ppo_tbptt.train --resume")
-            raise CheckpointError(
-                f"checkpoint {path}: written by a run of {saved_world} process{'es' if saved_world != 1 else ''} "
-                f"(ranks), this one has {self.world_size}: each rank's envs, recurrent state and random "
-                f"streams are in the checkpoint, so resume with the same number: {how} ...")
-
     def rank_state(self, state: dict, path) -> dict:
         """``state`` (a checkpoint) as this rank restores it: its own :data:`RANK_KEYS` parts.
         Raises CheckpointError if the checkpoint was written by a run of another world size."""
@@ -440,19 +418,3 @@ class Distributed:
         out = dict(state)
         out.update(saved["ranks"][self.rank])
         return out
-
-    def load_latest(self, run_dir) -> tuple[Path, dict]:
-        """The newest checkpoint of ``run_dir`` and its contents, read on rank 0 and sent to the
-        others (their machines need no copy of the run folder). Raises CheckpointError on all ranks."""
-        from . import checkpoint as ckpt
-
-        def read():
-            path = ckpt.latest_checkpoint(run_dir)
-            return str(path), ckpt.load_checkpoint(path)
-
-        path, state = self.from_main(read, (ckpt.CheckpointError,))
-        return Path(path), state
-
-
-#: The context of a plain single-process run.
-SINGLE = Distributed()

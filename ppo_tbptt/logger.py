@@ -1,5 +1,5 @@
 """All metrics flow here: TensorBoard scalars (and a tracker's, e.g. wandb), one JSON line per update,
-a console progress line."""
+and ``train.log`` (the console's lines are written by :mod:`ppo_tbptt.console`)."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,6 @@ import os
 import sys
 import time
 from pathlib import Path
-
-from .utils import format_duration
 
 
 class MetricsWriter:
@@ -117,48 +115,6 @@ def truncate_jsonl(path: Path, max_step: int) -> int:
         tmp.write_text("".join(f"{line}\n" for line in kept))
         os.replace(tmp, path)
     return dropped
-
-
-def progress_line(update: int, total_updates: int, step: int, total_steps: int, sps: float,
-                  scalars: dict, elapsed: float, update_seconds: float | None = None) -> str:
-    """The line printed after each update. ``total_steps``: the steps the run will have trained
-    when it ends (whole updates). ``update_seconds``: the expected time per update, if known."""
-    ret = scalars.get("charts/episodic_return")
-    succ = scalars.get("charts/success")
-    eta = (total_steps - step) / sps if sps > 0 else float("inf")
-    parts = [f"update {update}/{total_updates}", f"step {step:,}/{total_steps:,} ({100 * step / total_steps:.1f}%)",
-             f"SPS {sps:,.0f}"]
-    if scalars.get("curriculum/stage") is not None:
-        parts.append(f"stage {scalars['curriculum/stage']:.0f}")
-    parts += [f"return {ret:.3f}" if ret is not None else "return -",
-              f"success {succ:.2f}" if succ is not None else "success -",
-              f"kl {scalars.get('losses/approx_kl', float('nan')):.4f}"]
-    if update_seconds is not None:
-        parts.append(f"{update_seconds:.1f} s/update")
-    parts += [f"elapsed {format_duration(elapsed)}", f"ETA {format_duration(eta)}"]
-    return " | ".join(parts)
-
-
-def eval_line(step: int, scalars: dict) -> str:
-    """The console line of a periodic evaluation (``eval/*`` scalars)."""
-    n = scalars.get("eval/episodes")
-    parts = [f"eval at step {step:,}" + (f" ({n:.0f} held-out episodes)" if n is not None else "")]
-    if scalars.get("eval/success") is not None:
-        lo, hi = scalars.get("eval/success_low"), scalars.get("eval/success_high")
-        ci = f" (95% CI {lo:.2f}-{hi:.2f})" if lo is not None and hi is not None else ""
-        target = "target task " if scalars.get("eval_stage/stage") is not None else ""
-        parts.append(f"{target}success {scalars['eval/success']:.3f}{ci}")
-    if scalars.get("eval/return") is not None:
-        parts.append(f"return {scalars['eval/return']:.3f}")
-    if scalars.get("eval/length") is not None:
-        parts.append(f"length {scalars['eval/length']:.1f}")
-    if scalars.get("eval_stage/stage") is not None:
-        stage_success = scalars.get("eval_stage/success")
-        parts.append(f"stage {scalars['eval_stage/stage']:.0f} success "
-                     + (f"{stage_success:.3f}" if stage_success is not None else "-"))
-    if "eval/best" in scalars:
-        parts.append("new best: checkpoints/best.pt")
-    return " | ".join(parts)
 
 
 def console(line: str) -> None:

@@ -69,8 +69,8 @@ def _field(cfg: Config, dotted: str):
 def plan_resume(run_dir: Path, overrides: list[str] | None = None, dist=None) -> ResumePlan:
     """Load ``run_dir``'s latest checkpoint and the config a resume with ``overrides`` would use.
 
-    ``dist`` (a :class:`distributed.Distributed`, for a data-parallel run): rank 0 alone reads the
-    checkpoint and sends it to the other ranks (their machines need no copy of the run folder);
+    ``dist`` (the seam of :mod:`ppo_tbptt.parallel`; in a data-parallel run, rank 0 alone reads the
+    checkpoint and sends it to the other ranks (their machines need no copy of the run folder));
     every rank then makes the same checks below, so all raise the same error, and a checkpoint of
     another number of ranks is refused here, before any env starts. Without ``dist`` (e.g.
     ``--print-config``) the checkpoint's number of ranks is not checked here.
@@ -78,7 +78,7 @@ def plan_resume(run_dir: Path, overrides: list[str] | None = None, dist=None) ->
     Raises CheckpointError (missing, unreadable, weights only, its own config invalid, another
     number of ranks) or ConfigError (a bad override, or one that changes a field a resume cannot
     change)."""
-    from .distributed import SINGLE
+    from .parallel import SINGLE
     run_dir = Path(run_dir)
     path, state = (SINGLE if dist is None else dist).load_latest(run_dir)  # (with one process: read here)
     try:

@@ -248,9 +248,9 @@ def main(argv=None) -> int:
             print(list_configs())
             return 0
         return print_config(args, _overrides(args))
-    from .distributed import Distributed, RankLost
+    from .parallel import RankLost, from_environment
     try:  # one rank of a torchrun group, or a plain single process
-        dist = Distributed.from_environment()
+        dist = from_environment()
     except (RuntimeError, ValueError, KeyError) as exc:
         print(f"error: cannot join the torchrun process group: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
@@ -273,8 +273,8 @@ def _overrides(args) -> list[str]:
 
 
 def train_main(args, dist) -> int:
-    """:func:`main` once this process knows its rank (``dist``; :data:`distributed.SINGLE` for a
-    plain run)."""
+    """:func:`main` once this process knows its place in the run (``dist``, the seam of
+    :mod:`ppo_tbptt.parallel`: :data:`~ppo_tbptt.parallel.SINGLE` for a plain run)."""
     from .tracking import check_installed
     overrides = _overrides(args)
     if args.resume:
@@ -282,8 +282,7 @@ def train_main(args, dist) -> int:
     try:
         cfg, device = config_and_device(args.config, overrides)
         name, cfg, note = substitute_for_cpu(args.config, cfg, device, overrides, args.exact)
-        dist.check_config(cfg)  # env.num_envs is the total over the ranks
-        device = dist.device(device)
+        device = dist.place(cfg, device)  # (env.num_envs is the total over the ranks)
         check_installed(cfg)
     except ValueError as exc:  # ConfigError, TrackingError, or cuda asked for where there is none
         print(f"error: {exc}", file=sys.stderr)

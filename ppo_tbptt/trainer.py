@@ -1,109 +1,42 @@
-"""One readable PPO iteration: collect -> GAE -> sequences -> epochs x minibatches."""
+"""The run around the PPO update: schedules, periodic evaluation, checkpoints, stopping, curriculum.
+
+:class:`Trainer` owns one run's envs, model, optimizer and counters. :meth:`Trainer.train_update`
+is one iteration of the algorithm (:class:`ppo_tbptt.update.PPOUpdate`: collect -> GAE ->
+sequences -> epochs x minibatches) at the schedules' current values; :meth:`Trainer.train` is the
+loop around it: after each update it logs, evaluates every ``run.eval_every`` steps, keeps the best
+checkpoint, writes one every ``run.checkpoint_every`` steps, promotes the curriculum and stops at
+``run.total_steps``, on a signal (:mod:`ppo_tbptt.stopping`) or after ``run.max_seconds``. Its
+lines go through :class:`ppo_tbptt.console.Console`; the other ranks of a data-parallel run
+through the seam ``dist`` (:mod:`ppo_tbptt.parallel`), chosen once when the trainer is built.
+"""
 from __future__ import annotations
 
 import copy
-import os
-import random
 import signal
-import sys
-import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import checkpoint as ckpt
 from . import curriculum
+from .checkpoint import rng_states, set_rng_states
 from .config import Config, dump_yaml
-from .distributed import SINGLE, Distributed
-from .envs import EnvError, make_vector_env
-from .envs.pool import EnvWorkerError
-from .gae import compute_gae
-from .logger import MetricsWriter, RunLog, eval_line, progress_line
-from .tracking import open_tracker
+from .console import Console, end_lines, eval_line, plan_lines, progress_line, stage_line
+from .envs import make_vector_env
+from .logger import MetricsWriter
 from .model import build_model
-from .ppo import LossCoefs, ppo_loss_from_outputs
-from .progress import UpdateProgress
+from .parallel import SINGLE, SingleProcess
+from .ppo import LossCoefs
 from .rollout import Collector
-from .sequences import minibatch_indices
+from .stopping import ENV_ERRORS, EnvFailure, StopNow
+from .tracking import open_tracker
 from .truncation import make_strategy
-from .utils import seed_everything, stream_seed
+from .update import PPOUpdate, TrainingDiverged, episode_scalars
+from .utils import format_duration, seed_everything, stream_seed
 
-
-class TrainingDiverged(FloatingPointError):
-    """An update produced a non-finite loss or gradient: training stops before anything is saved."""
-
-
-class EnvFailure(RuntimeError):
-    """An env kept failing (a pool gives up on a worker after repeated failures; a serial env's
-    first exception): training stopped after saving the state of the last update boundary (in a
-    data-parallel run: without saving, the last periodic checkpoint stays as it is).
-    ``details`` holds what does not fit one line (e.g. the worker's traceback)."""
-
-    def __init__(self, message: str, details: str = ""):
-        super().__init__(message)
-        self.details = details
-
-
-class _StopNow(BaseException):
-    """Raised inside an update when a signal asks to stop: the update in flight is abandoned.
-    (A BaseException, so that no ``except Exception`` on the way swallows it.)"""
-
-
-def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:
-    var = target.var()
-    return float("nan") if var == 0 else float(1.0 - (target - pred).var() / var)
-
-
-def episode_scalars(episodes: list) -> dict:
-    """Means of the finished episodes' statistics under their chart names (empty if none ended)."""
-    if not episodes:
-        return {}
-    out = {
-        "charts/episodic_return": float(np.mean([e.ret for e in episodes])),
-        "charts/episodic_length": float(np.mean([e.length for e in episodes])),
-        "charts/episodes": float(len(episodes)),
-    }
-    succ = [e.success for e in episodes if e.success is not None]
-    if succ:
-        out["charts/success"] = float(np.mean(succ))
-        out["charts/success_episodes"] = float(len(succ))  # the episodes that report success
-    for key in sorted({k for e in episodes for k in e.extra}):
-        vals = [e.extra[key] for e in episodes if key in e.extra]
-        out[f"charts/{key}"] = float(np.mean(vals))
-    return out
-
-
-def rng_states(device: torch.device) -> dict:
-    """python, numpy and torch global RNG states as checkpoint-safe data (no pickled objects)."""
-    np_state = np.random.get_state(legacy=False)
-    out = {
-        "python": random.getstate(),
-        "numpy": {"bit_generator": np_state["bit_generator"],
-                  "key": torch.from_numpy(np.asarray(np_state["state"]["key"], np.int64)),
-                  "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
-                  "gauss": float(np_state["gauss"])},
-        "torch": torch.get_rng_state(),
-    }
-    if device.type == "cuda":
-        out["cuda"] = torch.cuda.get_rng_state(device)
-    return out
-
-
-def set_rng_states(states: dict, device: torch.device) -> None:
-    random.setstate(_tuplify(states["python"]))
-    n = states["numpy"]
-    np.random.set_state({"bit_generator": n["bit_generator"],
-                         "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
-                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
-    torch.set_rng_state(states["torch"])
-    if device.type == "cuda" and "cuda" in states:
-        torch.cuda.set_rng_state(states["cuda"], device)
-
-
-def _tuplify(x):
-    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+__all__ = ["Trainer", "TrainingDiverged", "EnvFailure", "collect_threads", "next_multiple",
+           "rng_states", "set_rng_states"]
 
 
 def next_multiple(step: int, every: int) -> int | None:
@@ -125,61 +58,55 @@ class Trainer:
 
     ``resume``: a checkpoint dict (from :func:`checkpoint.load_checkpoint`) to continue from; then
     every bit of state that influences later updates is restored (see :meth:`state_dict`).
-    ``dist``: this process's rank in a data-parallel run (:mod:`ppo_tbptt.distributed`); it steps
-    its share of ``env.num_envs``, and only rank 0 logs, evaluates and writes checkpoints.
+    ``dist``: this process's place in the run (:mod:`ppo_tbptt.parallel`; None: one process). A
+    rank of a data-parallel run (:class:`ppo_tbptt.distributed.Distributed`) steps its share of
+    ``env.num_envs``, and only rank 0 logs, evaluates and writes checkpoints.
     """
 
     def __init__(self, cfg: Config, run_dir: Path, device: torch.device, log: bool = True,
                  quiet: bool = False, resume: dict | None = None, resume_path: Path | None = None,
-                 dist: Distributed | None = None):
+                 dist: SingleProcess | None = None):
         self.cfg = cfg
         self.dist = SINGLE if dist is None else dist
-        self.dist.check_config(cfg)
-        device = self.dist.device(device)
-        self.device = device
+        self.device = device = self.dist.place(cfg, device)
         self.run_dir = Path(run_dir)
         self.quiet = quiet or not self.dist.is_main
         log = log and self.dist.is_main  # the run's files: rank 0 alone writes them
-        # feedback while starting and within each update (not with quiet)
-        self.progress: UpdateProgress | None = None if self.quiet else UpdateProgress(0)
-        self._log = RunLog(self.run_dir) if log else None  # train.log: the console's lines
+        self.console = Console(self.run_dir, self.quiet, log, self.dist.rank_prefix)
+        self.stop = self.dist.stopping(self.console)  # how a signal stops this process
         if cfg.run.torch_threads > 0:
             torch.set_num_threads(cfg.run.torch_threads)
         self.learn_threads = torch.get_num_threads()
         self.collect_threads = collect_threads(cfg, device, self.learn_threads)
         seed_everything(cfg.run.seed)
-        env_kw = self.dist.env_kwargs(cfg.env)  # {} with one process
+        env_kw = self.dist.env_kwargs(cfg.env)  # {} with one process: all the envs
         self.first_env = env_kw.get("first_env", 0)
         t0 = time.perf_counter()
-        local = (f" ({env_kw['num_envs']} on each of {self.dist.world_size} ranks)"
-                 if self.dist.enabled else "")
-        self._task(f"starting {cfg.env.num_envs} {cfg.env.id} envs{local} (env.vector: {cfg.env.vector})")
+        local = (f" ({env_kw['num_envs']} on each of {self.dist.world_size} ranks)" if env_kw else "")
+        self.console.task(f"starting {cfg.env.num_envs} {cfg.env.id} envs{local} (env.vector: {cfg.env.vector})")
         try:
             self.envs = make_vector_env(cfg.env, cfg.run.seed, device=device.type,
                                         curriculum=cfg.curriculum, **env_kw)
         except BaseException:
-            self._close_feedback()
+            self.console.close()
             raise
         if hasattr(self.envs, "on_warning"):  # a worker pool that replaced a dead worker says so
             self.envs.on_warning = self.warn
-        self._task(f"envs ready in {time.perf_counter() - t0:.1f} s; building the model"
-                   + (f" and restoring {resume_path}" if resume is not None else ""))
+        self.console.task(f"envs ready in {time.perf_counter() - t0:.1f} s; building the model"
+                          + (f" and restoring {resume_path}" if resume is not None else ""))
         try:
             self._build(cfg, device, log, resume, resume_path)
         except BaseException:
             self.envs.close()  # a bad checkpoint or config must not leave worker processes behind
-            self._close_feedback()
+            self.console.close()
             raise
-        if self.progress is not None:
-            self.progress.end_task()
-            self.progress.total_updates = self.total_updates
+        self.console.ready(self.total_updates)
 
     def _build(self, cfg: Config, device: torch.device, log: bool, resume: dict | None,
                resume_path: Path | None) -> None:
         """The rest of ``__init__``, once the envs exist (they are closed if this raises)."""
         self.model = build_model(self.envs.single_observation_space, self.envs.single_action_space,
                                  cfg.model).to(device)
-        self.dist.broadcast_model(self.model)  # every rank starts from rank 0's weights
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.ppo.lr.initial,
                                           eps=cfg.ppo.adam_eps)
         self.collector = Collector(self.envs, self.model, cfg.ppo.rollout_steps, device,
@@ -187,9 +114,14 @@ class Trainer:
         self.collector.progress = self._on_collect_step
         self.shuffle_gen = torch.Generator().manual_seed(stream_seed(cfg.run.seed, "minibatch shuffle"))
         self.truncation = make_strategy(cfg)
-        self.dist.seed_rank(cfg.run.seed, [self.shuffle_gen] + [g for g in vars(self.truncation).values()
-                                                                if isinstance(g, torch.Generator)])
-        self.batch_size = cfg.ppo.rollout_steps * self.envs.num_envs * self.dist.world_size  # all ranks' steps
+        # every rank from rank 0's weights, with its own action, shuffle and cut streams
+        self.dist.start(self.model, cfg.run.seed, [self.shuffle_gen] + [
+            g for g in vars(self.truncation).values() if isinstance(g, torch.Generator)])
+        self.ppo_update = PPOUpdate(cfg, self.model, self.optimizer, self.collector, self.truncation,
+                                    self.shuffle_gen, self.dist, device, first_env=self.first_env,
+                                    collect_threads=self.collect_threads, learn_threads=self.learn_threads,
+                                    on_phase=self.console.phase, on_minibatch=self._on_minibatch)
+        self.batch_size = self.ppo_update.batch_size  # env steps per update, all ranks' together
         self.total_updates = -(-cfg.run.total_steps // self.batch_size)
         self.planned_steps = self.total_updates * self.batch_size  # total_steps in whole updates
         self.global_step = 0
@@ -197,10 +129,6 @@ class Trainer:
         self.elapsed = 0.0  # training wall-clock seconds, summed over resumed segments
         self.best_eval: float | None = None
         self.evaluator = None
-        self._stop_signal: int | None = None
-        self._signal_seen: int | None = None  # a data-parallel rank's signal, until the ranks agree
-        self._stop_now = False  # a signal asked to stop inside the update in flight
-        self._answered = False  # the signal's message is out
         self.time_limited = False  # train() stopped at run.max_seconds
         # the curriculum's promotion rule (None without one); a stage reached, to announce
         self.promotion = (curriculum.Promotion(cfg.curriculum, curriculum.num_stages(cfg))
@@ -244,8 +172,9 @@ class Trainer:
                 trainer.warn(line)
         return trainer
 
-    # ---- schedules ------------------------------------------------------------------------------
+    # ---- one update -----------------------------------------------------------------------------
     def coefs(self) -> tuple[float, LossCoefs]:
+        """The learning rate and loss coefficients of the schedules at ``global_step``."""
         o, total = self.cfg.ppo, self.cfg.run.total_steps
         lr = o.lr.value(self.global_step, total)
         coefs = LossCoefs(clip=o.clip.value(self.global_step, total),
@@ -253,92 +182,26 @@ class Trainer:
                           norm_advantages=o.norm_advantages, clip_value_loss=o.clip_value_loss)
         return lr, coefs
 
-    # ---- one update -----------------------------------------------------------------------------
     def train_update(self) -> dict:
-        cfg = self.cfg
+        """One PPO update (:class:`ppo_tbptt.update.PPOUpdate`) at the schedules' current values,
+        then the curriculum's step: the update's scalars. Raises TrainingDiverged if a loss or a
+        gradient was not finite."""
         lr, coefs = self.coefs()
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-
-        t0 = time.perf_counter()
-        wait0 = self.collector.wait_seconds
-        self.model.eval()
-        if self.progress is not None:
-            self.progress.start_phase("collect", self.batch_size)
-        torch.set_num_threads(self.collect_threads)
-        try:
-            rollout, episodes = self.collector.collect()
-        finally:
-            torch.set_num_threads(self.learn_threads)
-        episodes = self.dist.gather_episodes(episodes, self.first_env)  # all ranks' on rank 0
+        result = self.ppo_update(lr, coefs)  # collect -> GAE -> sequences -> epochs x minibatches
         self.global_step += self.batch_size
-        t1 = time.perf_counter()
-
-        adv, ret = compute_gae(rollout.rewards, rollout.values, rollout.terminated, rollout.truncated,
-                               rollout.bootstrap_value, cfg.ppo.gamma, cfg.ppo.gae_lambda,
-                               rollout.truncation_values)
-        rollout.advantages.copy_(adv)
-        rollout.returns.copy_(ret)
-        self.truncation.before_update(self.model, rollout)
-        self.dist.sync_truncation(self.truncation, rollout.episode_start)
-        batch = self.truncation.build(rollout)
-
-        self.model.train()
-        sums: dict[str, torch.Tensor] = {}
-        count = 0
-        first_kl = None
-        finite = torch.ones((), dtype=torch.bool, device=self.device)  # checked once, after the epochs
-        if self.progress is not None:
-            self.progress.start_phase("learn", cfg.ppo.epochs * cfg.ppo.minibatches)
-        for epoch in range(cfg.ppo.epochs):
-            self.truncation.before_epoch(self.model, rollout, batch, epoch)
-            for mb_idx in minibatch_indices(batch.num_sequences, cfg.ppo.minibatches, self.shuffle_gen):
-                mb = batch.select(mb_idx.to(self.device))
-                mb, mb_coefs = self.dist.normalise_advantages(mb, coefs)  # over all ranks' minibatches
-                logits, values = self.truncation.forward(self.model, mb)
-                out = ppo_loss_from_outputs(self.model, mb, logits, values, mb_coefs)
-                self.optimizer.zero_grad(set_to_none=True)
-                finite &= torch.isfinite(out.loss.detach())
-                out.loss.backward()
-                # the gradient of the loss over all ranks' minibatches, then clipped alike on every rank
-                share = self.dist.average_gradients(self.model.parameters(), mb.mask)
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.ppo.max_grad_norm)
-                finite &= torch.isfinite(grad_norm)  # a finite loss can still have non-finite gradients
-                self.optimizer.step()
-                out.metrics = self.dist.weigh(out.metrics, share)
-                if first_kl is None:
-                    first_kl = out.metrics["losses/approx_kl"]
-                out.metrics["losses/grad_norm"] = grad_norm.detach()
-                for k, v in out.metrics.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                count += 1
-                self._on_minibatch(count)
-        sums, first_kl, finite = self.dist.reduce_update(sums, first_kl, finite)
-        if not bool(finite):
+        if not result.finite:
             raise TrainingDiverged(
                 f"non-finite loss or gradient in update {self.update + 1} (env steps {self.global_step - self.batch_size:,}"
                 f"..{self.global_step:,}): training stopped and nothing was saved from it; the weights "
                 "are no longer usable, the run's last checkpoint is intact (try a lower ppo.lr or "
                 "ppo.max_grad_norm, or look for non-finite rewards or observations)")
-        t2 = time.perf_counter()
         self.update += 1
-
-        scalars = {k: float(v) / count for k, v in sums.items()}
-        scalars["losses/first_minibatch_kl"] = float(first_kl)
-        scalars["losses/explained_variance"] = explained_variance(rollout.values.flatten(),
-                                                                  rollout.returns.flatten())
-        scalars.update(episode_scalars(episodes))
-        scalars.update({
-            "charts/learning_rate": lr, "charts/ent_coef": coefs.ent_coef, "charts/clip": coefs.clip,
-            "charts/update": float(self.update),
-            "tbptt/sequences_per_batch": float(batch.num_sequences),
-            "tbptt/padding_fraction": 1.0 - float(batch.mask.mean()),
-            "time/collect_seconds": t1 - t0, "time/update_seconds": t2 - t1,
-            "time/env_wait_seconds": self.collector.wait_seconds - wait0,
-        })
-        scalars.update(self.dist.rollout_scalars(rollout, batch))  # over all ranks ({} with one)
-        scalars.update(self.dist.truncation_metrics(self.truncation))  # over all ranks
-        scalars.update(self._curriculum_step(episodes))
+        scalars = dict(result.losses)
+        scalars.update(episode_scalars(result.episodes))
+        scalars.update({"charts/learning_rate": lr, "charts/ent_coef": coefs.ent_coef, "charts/clip": coefs.clip,
+                        "charts/update": float(self.update)})
+        scalars.update(result.batch)
+        scalars.update(self._curriculum_step(result.episodes))
         if self.writer is not None:
             for tag, curve in self.truncation.curves().items():
                 self.writer.curve(tag, curve, self.global_step)
@@ -362,26 +225,139 @@ class Trainer:
             won = p.window_success()  # (rank 0's: the others hold no window)
             stage = p.advance(self.global_step, self.elapsed)
             self.envs.set_stage(stage)
-            n = curriculum.num_stages(self.cfg)
-            self._stage_note = (
-                f"curriculum: stage {stage} of 0..{n - 1}{' (the target task)' if p.final else ''} "
-                f"reached at step {self.global_step:,}, {{elapsed}} of training"
-                + (f" (stage {stage - 1}: success {won:.3f} over its last {p.window} episodes)"
-                   if won is not None else "")
-                + f": {curriculum.describe(curriculum.stage_params(self.cfg, stage))}")
+            self._stage_note = stage_line(self.cfg, p, self.global_step, won)
         return scalars
 
     def _announce_stage(self) -> None:
         """The console line of a stage reached in the last update (with the run's wall clock)."""
         if self._stage_note is None:
             return
-        from .utils import format_duration
         self.promotion.history[-1]["elapsed"] = self.elapsed
         self.say(self._stage_note.format(elapsed=format_duration(self.elapsed)))
         self._stage_note = None
 
     # ---- the loop -------------------------------------------------------------------------------
+    def train(self, handle_signals: bool = True) -> dict:
+        """Train to ``run.total_steps`` (rounded up to whole updates), or until ``run.max_seconds``
+        have passed (then ``time_limited`` is true; a checkpoint is saved either way).
+
+        SIGINT/SIGTERM (when ``handle_signals`` and in the main thread) stop at once: the update in
+        flight (collection, learning or its evaluation) is abandoned at its next env step,
+        minibatch or episode, the state of the last update boundary (kept as a copy at the start of
+        every update) is saved as its checkpoint, the envs are closed and train() returns (see
+        ``interrupted``); a second signal raises KeyboardInterrupt at once (the envs are still
+        closed). A non-finite loss or gradient raises TrainingDiverged (nothing saved); an env that
+        keeps failing raises EnvFailure after the last update boundary is saved.
+
+        In a data-parallel run (``dist``) a signal instead finishes the update in flight on every
+        rank; the ranks agree after each update whether to stop (any rank's signal, any rank's
+        time limit), then save one checkpoint together. No update-boundary copy is kept there (it
+        would cost every update a gather of every rank's state): an env that keeps failing on one
+        rank raises EnvFailure on that rank without saving, the other ranks' next collective fails
+        (RankLost) and the last periodic checkpoint stays as it is (see :mod:`ppo_tbptt.stopping`)."""
+        cfg = self.cfg
+        start, start_step, elapsed0 = time.time(), self.global_step, self.elapsed
+        next_ckpt = next_multiple(self.global_step, cfg.run.checkpoint_every)
+        next_eval = next_multiple(self.global_step, cfg.run.eval_every)
+        limit, clock0 = cfg.run.max_seconds, time.monotonic()
+        self.time_limited = False
+        scalars: dict = {}
+        self.console.reopen(self.total_updates)  # (closed by an earlier train())
+        for line in ([] if self.quiet else self._plan()):
+            self.say(line)
+        with self.stop.handlers(handle_signals):
+            try:
+                path = None
+                aborted = False
+                boundary = self.stop.boundary(self, None)  # what a stop inside the next update saves
+                while self.global_step < cfg.run.total_steps and self.stop.signal is None:
+                    if self.progress is not None:
+                        self.progress.start_update(self.update + 1)
+                    evaluated = False
+                    try:
+                        scalars = self.train_update()
+                        if next_eval is not None and self.global_step >= next_eval:
+                            evaluated = True
+                            if self.dist.is_main:  # (the other ranks wait for its score)
+                                scalars.update(self.evaluate())
+                    except StopNow:
+                        path, aborted = self._discard_update(boundary), True
+                        break
+                    except ENV_ERRORS as exc:
+                        self.stop.env_failure(self, exc, boundary)
+                    update_seconds = self.progress.end_update() if self.progress is not None else None
+                    new_best = False
+                    if evaluated:
+                        next_eval = next_multiple(self.global_step, cfg.run.eval_every)
+                        new_best = self._note_eval(scalars)
+                    self._log_update(scalars, start, start_step, elapsed0, update_seconds, evaluated)
+                    boundary = self.stop.boundary(self, boundary)
+                    if new_best:
+                        state = self.state_dict() if boundary is None else boundary  # (all ranks: a gather)
+                        if self.dist.is_main:
+                            ckpt.atomic_save(state, self.run_dir / "checkpoints" / "best.pt")
+                    if next_ckpt is not None and self.global_step >= next_ckpt:
+                        path = self.save_checkpoint(boundary)
+                        next_ckpt = next_multiple(self.global_step, cfg.run.checkpoint_every)
+                    # every rank stops after the same update (signals and clocks differ)
+                    over = self.stop.after_update(limit > 0 and time.monotonic() - clock0 >= limit)
+                    if over and self.global_step < cfg.run.total_steps:
+                        self.time_limited = True
+                        break
+                if path is None or path.stem != f"step_{self.global_step:012d}":
+                    path = self.save_checkpoint(boundary)
+                how = ("interrupted" if self.stop.signal is not None else
+                       "time limit" if self.time_limited else "done")
+                self.say(end_lines(how, self.global_step, self.run_dir, path, aborted=aborted, limit=limit,
+                                   total_steps=cfg.run.total_steps, seconds=time.time() - start))
+            finally:
+                self.close()
+        return scalars
+
+    def _discard_update(self, boundary: dict) -> Path:
+        """A signal stopped the update in flight: back to ``boundary``, saved; its checkpoint."""
+        phase = self.console.phase_text()
+        if self.progress is not None:
+            self.progress.abandon_update()
+            self.progress.flush_notices()  # the signal's own line first
+        path = self.stop_at_boundary(boundary)
+        self.say(f"stopped during update {self.update + 1:,}{phase}: that update is discarded")
+        return path
+
+    def _note_eval(self, scalars: dict) -> bool:
+        """After an evaluation: its score (rank 0's, on every rank); whether it is the best so far."""
+        score = self.dist.broadcast_object(self.eval_score(scalars) if self.dist.is_main else None)
+        if self.best_eval is None or score > self.best_eval:
+            self.best_eval = score
+            scalars["eval/best"] = score
+            return True
+        return False
+
+    def _log_update(self, scalars: dict, start: float, start_step: int, elapsed0: float,
+                    update_seconds: float | None, evaluated: bool) -> None:
+        """The update's row (metrics.jsonl, TensorBoard) and console lines, with the run's clock."""
+        elapsed = time.time() - start
+        self.elapsed = elapsed0 + elapsed
+        sps = (self.global_step - start_step) / max(elapsed, 1e-9)
+        scalars["charts/SPS"] = sps
+        scalars["time/elapsed_seconds"] = self.elapsed
+        if self.writer is not None:
+            self.writer.scalars(self.global_step, scalars)
+        self.say(progress_line(self.update, self.total_updates, self.global_step,
+                               self.planned_steps, sps, scalars, self.elapsed, update_seconds))
+        self._announce_stage()
+        if evaluated:
+            self.say(eval_line(self.global_step, scalars))
+
+    def _plan(self) -> list[str]:
+        """What this process will train (and that totals round to whole updates), said at the start."""
+        return plan_lines(self.cfg, self.batch_size, self.envs.num_envs, self.dist.world_size, self.update,
+                          self.total_updates, self.global_step, self.planned_steps, self.promotion)
+
+    # ---- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self, state: dict | None = None) -> Path:
+        """Write ``state`` (default :meth:`state_dict`) as ``checkpoints/step_<global_step>.pt``
+        (rank 0 alone writes) and prune old ones to ``run.keep_checkpoints``; returns the path."""
         path = self.run_dir / "checkpoints" / f"step_{self.global_step:012d}.pt"
         state = self.state_dict() if state is None else state
         if self.dist.is_main:
@@ -431,6 +407,29 @@ class Trainer:
             self.promotion.load_state_dict(state["curriculum"])
         set_rng_states(state["rng"], self.device)
 
+    def boundary_state(self) -> dict:
+        """:meth:`state_dict` at an update boundary, detached from the live model and optimizer (a
+        copy of their tensors; everything else is plain data or copies already): what a stop in
+        the middle of the next update saves. Costs a copy of the weights and Adam's moments."""
+        state = self.state_dict()
+        state["model"] = {k: v.detach().clone() for k, v in state["model"].items()}
+        state["optimizer"] = copy.deepcopy(state["optimizer"])
+        state["truncation"] = copy.deepcopy(state["truncation"])
+        return state
+
+    def stop_at_boundary(self, boundary: dict) -> Path:
+        """Abandon the update in flight: counters, weights and optimizer back to ``boundary``, which
+        is saved as that step's checkpoint (unless one is on disk already: then it is the same)."""
+        self.global_step = int(boundary["global_step"])
+        self.update = int(boundary["update"])
+        self.elapsed = float(boundary["elapsed"])
+        self.model.load_state_dict(boundary["model"])
+        self.optimizer.load_state_dict(boundary["optimizer"])
+        path = self.run_dir / "checkpoints" / f"step_{self.global_step:012d}.pt"
+        if not path.is_file():
+            self.save_checkpoint(boundary)
+        return path
+
     # ---- evaluation -----------------------------------------------------------------------------
     def evaluate(self) -> dict:
         """Evaluate on the first ``run.eval_episodes`` held-out level seeds -> ``eval/*`` scalars.
@@ -452,8 +451,7 @@ class Trainer:
             if self.evaluator is None:
                 self.evaluator = Evaluator(curriculum.stage_env(self.cfg), min(self.cfg.env.num_envs, len(seeds)))
             for prefix, params in runs:
-                if self.progress is not None:
-                    self.progress.start_phase("evaluate", len(seeds))
+                self.console.phase("evaluate", len(seeds))
                 result = self.evaluator.run(self.model, seeds, deterministic=False, device=self.device,
                                             sample_seed=self.cfg.run.seed, progress=self._on_episode,
                                             reset_params=params)
@@ -470,323 +468,55 @@ class Trainer:
         """What "best" means: eval success, or eval return for tasks without a success flag."""
         return float(scalars.get("eval/success", scalars.get("eval/return")))
 
-    # ---- feedback and stopping inside an update -------------------------------------------------
+    # ---- console, progress and signals ----------------------------------------------------------
+    @property
+    def progress(self):
+        """The :class:`~ppo_tbptt.progress.UpdateProgress` of the update in flight (None: quiet)."""
+        return self.console.progress
+
     def say(self, line: str, err: bool = False) -> None:
         """A console line (not with ``quiet``), also written to the run's ``train.log``."""
-        if not self.quiet:
-            if self.progress is not None:
-                self.progress.write(line, err)
-            else:
-                print(line, file=sys.stderr if err else sys.stdout, flush=True)
-        if self._log is not None:
-            self._log.write(line)
+        self.console.say(line, err)
 
     def warn(self, message: str) -> None:
         """A warning (also with ``quiet``, and on every rank): stderr and ``train.log``."""
-        line = f"warning: {self._rank_prefix()}{message}"
-        if self.progress is not None:
-            self.progress.write(line, err=True)
-        else:
-            print(line, file=sys.stderr, flush=True)
-        if self._log is not None:
-            self._log.write(line)
-
-    def _task(self, text: str) -> None:
-        """A start-up step that may take a while (repeated with its seconds while it lasts)."""
-        if self.progress is not None:
-            self.progress.start_task(text)
-        elif not self.quiet:
-            print(text, flush=True)
-        if self._log is not None:
-            self._log.write(text)
-
-    def _check_stop(self) -> None:
-        if self._stop_now:
-            raise _StopNow()
+        self.console.warn(message)
 
     def _on_collect_step(self, steps: int) -> None:
-        self._check_stop()
-        if self.progress is not None:  # (rank 0's steps stand for every rank's: the ranks step alike)
-            self.progress.advance(steps * self.dist.world_size)
+        self.stop.check()
+        # (rank 0's steps stand for every rank's: the ranks step alike)
+        self.console.advance(steps * self.dist.world_size)
 
     def _on_minibatch(self, done: int) -> None:
-        self._check_stop()
-        if self.progress is not None:
-            self.progress.advance(done)
+        self.stop.check()
+        self.console.advance(done)
 
     def _on_episode(self, done: int, total: int, episodes: list) -> None:
-        self._check_stop()
-        if self.progress is not None:
-            self.progress.advance(done)
+        self.stop.check()
+        self.console.advance(done)
 
-    def _rank_prefix(self) -> str:
-        return f"rank {self.dist.rank} of {self.dist.world_size}: " if self.dist.enabled else ""
-
-    def boundary_state(self) -> dict:
-        """:meth:`state_dict` at an update boundary, detached from the live model and optimizer (a
-        copy of their tensors; everything else is plain data or copies already): what a stop in
-        the middle of the next update saves. Costs a copy of the weights and Adam's moments."""
-        state = self.state_dict()
-        state["model"] = {k: v.detach().clone() for k, v in state["model"].items()}
-        state["optimizer"] = copy.deepcopy(state["optimizer"])
-        state["truncation"] = copy.deepcopy(state["truncation"])
-        return state
-
-    def _stop_at_boundary(self, boundary: dict) -> Path:
-        """Abandon the update in flight: counters, weights and optimizer back to ``boundary``, which
-        is saved as that step's checkpoint (unless one is on disk already: then it is the same)."""
-        self.global_step = int(boundary["global_step"])
-        self.update = int(boundary["update"])
-        self.elapsed = float(boundary["elapsed"])
-        self.model.load_state_dict(boundary["model"])
-        self.optimizer.load_state_dict(boundary["optimizer"])
-        path = self.run_dir / "checkpoints" / f"step_{self.global_step:012d}.pt"
-        if not path.is_file():
-            self.save_checkpoint(boundary)
-        return path
-
-    # ---- signals --------------------------------------------------------------------------------
-    # One process stops at once (the update in flight is discarded, the last boundary saved). The
-    # ranks of a data-parallel run cannot: a rank that left its update would leave the others
-    # waiting in a collective, and the boundary would need every rank's part. So there a signal
-    # finishes the update, the ranks agree after it (an all-reduce of the signals seen) and all
-    # of them save one checkpoint together.
     def request_stop(self, signum: int = signal.SIGINT) -> None:
-        """Stop at the next update boundary: save a checkpoint, close the envs, return from train()."""
-        if self.dist.enabled:  # the ranks agree on it at the end of the update (see train())
-            self._signal_seen = int(signum)
-        else:
-            self._stop_signal = int(signum)
+        """Stop at the next update boundary: save a checkpoint, close the envs, return from train()
+        (ranks: once they agree, at the end of the update in flight)."""
+        self.stop.request(signum)
 
     def _on_signal(self, signum, frame) -> None:
-        if self._stop_signal is not None or self._signal_seen is not None:
-            raise KeyboardInterrupt(f"second signal ({signal.Signals(signum).name}): stopping now")
-        self.request_stop(signum)
-        if not self.dist.enabled:
-            self._stop_now = True  # the update in flight stops at its next env step or minibatch
-        if self.progress is not None and not self._answered:  # (printing here could interrupt a
-            self._answered = True                              # print: the helper thread does it)
-            self.progress.notice(self._signal_notice(signum))
-
-    def _signal_notice(self, signum: int) -> str:
-        if self.dist.enabled:
-            return (f"{signal.Signals(signum).name} received: every rank finishes this update, then one "
-                    "checkpoint is saved (send it again to stop at once, without saving)")
-        learning = self.progress is not None and self.progress.phase == "learn"
-        when = "once the minibatch in progress is done" if learning else "now"
-        return (f"{signal.Signals(signum).name} received: stopping {when}; the update in flight is "
-                "discarded and the last update boundary saved (send it again to stop without saving)")
+        self.stop.on_signal(signum, frame)
 
     def _on_wakeup(self, signum: int) -> None:
-        """The helper thread's early view of a signal (from the wakeup fd), while the main thread
-        may still be inside a long torch call: answer at once and ask the update to stop; the
-        handler above still runs in the main thread when it can, and counts the signals."""
-        if signum not in (signal.SIGINT, signal.SIGTERM) or self._answered or self.dist.enabled:
-            return
-        self._answered = True
-        self._stop_now = True
-        if self.progress is not None:
-            self.progress.write(self._signal_notice(signum))
+        self.stop.on_wakeup(signum)
+
+    @property
+    def _stop_now(self) -> bool:
+        return self.stop.now
 
     @property
     def interrupted(self) -> int | None:
         """The signal number that stopped training early, or None."""
-        return self._stop_signal
-
-    def _plan(self) -> None:
-        """Say at the start what this process will train (and that totals round to whole updates)."""
-        cfg, batch = self.cfg, self.batch_size
-        todo = max(0, self.total_updates - self.update)
-        ranks = (f", {self.dist.world_size} ranks of {self.envs.num_envs} envs" if self.dist.enabled else "")
-        self.say(f"{batch:,} env steps per update ({cfg.env.num_envs} envs x {cfg.ppo.rollout_steps} steps{ranks}), "
-                 f"{cfg.ppo.epochs} epoch{'s' if cfg.ppo.epochs != 1 else ''} x {cfg.ppo.minibatches} "
-                 f"minibatch{'es' if cfg.ppo.minibatches != 1 else ''}; {todo:,} update{'s' if todo != 1 else ''} to go "
-                 f"(env steps {self.global_step:,} -> {self.planned_steps:,})")
-        if self.promotion is not None:
-            p, n = self.promotion, curriculum.num_stages(cfg)
-            c = cfg.curriculum
-            self.say(f"curriculum: stage {p.stage} of 0..{n - 1}"
-                     f"{' (the target task)' if p.final else ''}: "
-                     f"{curriculum.describe(curriculum.stage_params(cfg, p.stage))}"
-                     + ("" if p.final else f"; the next stage at a success of {c.threshold:g} over "
-                                           f"{c.window} episodes")
-                     + (f"; earlier stages in {c.share:.0%} of episodes" if c.share and p.stage else ""))
-        if self.planned_steps != cfg.run.total_steps:
-            what = ("is less than one update" if cfg.run.total_steps < batch
-                    else "is not a whole number of updates")
-            self.say(f"note: run.total_steps = {cfg.run.total_steps:,} {what} of {batch:,} env steps: "
-                     f"training {self.total_updates:,} update{'s' if self.total_updates != 1 else ''} = "
-                     f"{self.planned_steps:,} steps")
-
-    def train(self, handle_signals: bool = True) -> dict:
-        """Train to ``run.total_steps`` (rounded up to whole updates), or until ``run.max_seconds``
-        have passed (then ``time_limited`` is true; a checkpoint is saved either way).
-
-        SIGINT/SIGTERM (when ``handle_signals`` and in the main thread) stop at once: the update in
-        flight (collection, learning or its evaluation) is abandoned at its next env step,
-        minibatch or episode, the state of the last update boundary (kept as a copy at the start of
-        every update) is saved as its checkpoint, the envs are closed and train() returns (see
-        ``interrupted``); a second signal raises KeyboardInterrupt at once (the envs are still
-        closed). A non-finite loss or gradient raises TrainingDiverged (nothing saved); an env that
-        keeps failing raises EnvFailure after the last update boundary is saved.
-
-        In a data-parallel run (``dist``) a signal instead finishes the update in flight on every
-        rank; the ranks agree after each update whether to stop (any rank's signal, any rank's
-        time limit), then save one checkpoint together. No update-boundary copy is kept there (it
-        would cost every update a gather of every rank's state): an env that keeps failing on one
-        rank raises EnvFailure on that rank without saving, the other ranks' next collective fails
-        (RankLost) and the last periodic checkpoint stays as it is."""
-        cfg = self.cfg
-        start, start_step, elapsed0 = time.time(), self.global_step, self.elapsed
-        next_ckpt = next_multiple(self.global_step, cfg.run.checkpoint_every)
-        next_eval = next_multiple(self.global_step, cfg.run.eval_every)
-        limit, clock0 = cfg.run.max_seconds, time.monotonic()
-        self.time_limited = False
-        scalars: dict = {}
-        old_handlers = {}
-        if self.progress is None and not self.quiet:  # (closed by an earlier train())
-            self.progress = UpdateProgress(self.total_updates)
-        if not self.quiet:
-            self._plan()
-        wakeup = None  # (read end, write end, the wakeup fd before)
-        if handle_signals and threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                old_handlers[sig] = signal.signal(sig, self._on_signal)
-            if self.progress is not None and not self.dist.enabled:
-                r, w = os.pipe()
-                os.set_blocking(r, False)
-                os.set_blocking(w, False)
-                wakeup = (r, w, signal.set_wakeup_fd(w, warn_on_full_buffer=False))
-                self.progress.watch_fd(r, self._on_wakeup)
-        try:
-            path = None
-            aborted = False
-            boundary = self._boundary_or_stop(None)  # what a stop inside the next update saves (None: ranks)
-            while self.global_step < cfg.run.total_steps and self._stop_signal is None:
-                if self.progress is not None:
-                    self.progress.start_update(self.update + 1)
-                evaluated = False
-                try:
-                    scalars = self.train_update()
-                    if next_eval is not None and self.global_step >= next_eval:
-                        evaluated = True
-                        if self.dist.is_main:  # (the other ranks wait for its score)
-                            scalars.update(self.evaluate())
-                except _StopNow:
-                    phase = self._phase_text()
-                    if self.progress is not None:
-                        self.progress.abandon_update()
-                        self.progress.flush_notices()  # the signal's own line first
-                    path = self._stop_at_boundary(boundary)
-                    aborted = True
-                    self.say(f"stopped during update {self.update + 1:,}{phase}: that update is discarded")
-                    break
-                except (EnvWorkerError, EnvError) as exc:
-                    self._env_failure(exc, boundary)
-                update_seconds = self.progress.end_update() if self.progress is not None else None
-                new_best = False
-                if evaluated:
-                    next_eval = next_multiple(self.global_step, cfg.run.eval_every)
-                    score = self.dist.broadcast_object(self.eval_score(scalars) if self.dist.is_main else None)
-                    if self.best_eval is None or score > self.best_eval:
-                        self.best_eval = score
-                        scalars["eval/best"] = score
-                        new_best = True
-                elapsed = time.time() - start
-                self.elapsed = elapsed0 + elapsed
-                sps = (self.global_step - start_step) / max(elapsed, 1e-9)
-                scalars["charts/SPS"] = sps
-                scalars["time/elapsed_seconds"] = self.elapsed
-                if self.writer is not None:
-                    self.writer.scalars(self.global_step, scalars)
-                self.say(progress_line(self.update, self.total_updates, self.global_step,
-                                       self.planned_steps, sps, scalars, self.elapsed, update_seconds))
-                self._announce_stage()
-                if evaluated:
-                    self.say(eval_line(self.global_step, scalars))
-                boundary = self._boundary_or_stop(boundary)
-                if new_best:
-                    state = self.state_dict() if boundary is None else boundary  # (all ranks: a gather)
-                    if self.dist.is_main:
-                        ckpt.atomic_save(state, self.run_dir / "checkpoints" / "best.pt")
-                if next_ckpt is not None and self.global_step >= next_ckpt:
-                    path = self.save_checkpoint(boundary)
-                    next_ckpt = next_multiple(self.global_step, cfg.run.checkpoint_every)
-                over = limit > 0 and time.monotonic() - clock0 >= limit
-                if self.dist.enabled:  # every rank stops after the same update (signals, clocks differ)
-                    self._stop_signal, over = self.dist.agree(self._signal_seen, over)
-                if over and self.global_step < cfg.run.total_steps:
-                    self.time_limited = True
-                    break
-            if path is None or path.stem != f"step_{self.global_step:012d}":
-                path = self.save_checkpoint(boundary)
-            if self._stop_signal is not None:
-                self.say(f"interrupted at {self.global_step:,} steps; checkpoint {path}"
-                         f"{' (the last update boundary)' if aborted else ''}\n"
-                         f"resume with: python -m ppo_tbptt.train --resume {self.run_dir}")
-            elif self.time_limited:
-                self.say(f"time limit run.max_seconds={limit:g} reached at {self.global_step:,} of "
-                         f"{cfg.run.total_steps:,} steps; checkpoint {path}\n"
-                         f"resume with: python -m ppo_tbptt.train --resume {self.run_dir}")
-            else:
-                self.say(f"done: {self.global_step:,} steps in {time.time() - start:.1f}s; checkpoint {path}")
-        finally:
-            self.close()
-            for sig, handler in old_handlers.items():
-                signal.signal(sig, handler)
-            if wakeup is not None:
-                signal.set_wakeup_fd(wakeup[2])
-                os.close(wakeup[0])
-                os.close(wakeup[1])
-        return scalars
-
-    def _boundary_or_stop(self, previous: dict | None) -> dict | None:
-        """:meth:`boundary_state` now; if the envs fail to report their states, stop as below with
-        the previous boundary. None in a data-parallel run (see :meth:`train`)."""
-        if self.dist.enabled:
-            return None
-        try:
-            return self.boundary_state()
-        except (EnvWorkerError, EnvError) as exc:
-            self._env_failure(exc, previous)
-
-    def _env_failure(self, exc: Exception, boundary: dict | None):
-        """An env failed for good: save ``boundary`` (if any) and raise EnvFailure (one line; the
-        rest of the message, e.g. a worker's traceback, goes to ``details``)."""
-        if self.progress is not None:
-            self.progress.abandon_update()
-        first, _, details = str(exc).partition("\n")
-        if self.dist.enabled:  # no boundary kept; a checkpoint would need every rank (see train())
-            files = ckpt.checkpoint_files(self.run_dir / "checkpoints")  # (if on this machine)
-            kept = (f"the last periodic checkpoint {files[-1]} is intact" if files else
-                    f"the run's periodic checkpoints (rank 0 writes them, in {self.run_dir}) are intact")
-            raise EnvFailure(f"{self._rank_prefix()}{first}; training stopped on every rank without saving: "
-                             f"{kept}; resume with the same ranks and --resume {self.run_dir}",
-                             details) from None
-        if boundary is None:
-            raise EnvFailure(f"{first}; training stopped before its first update", details) from None
-        path = self._stop_at_boundary(boundary)
-        raise EnvFailure(f"{first}; training stopped: checkpoint {path} holds the last update boundary "
-                         f"(step {self.global_step:,}); resume with: python -m ppo_tbptt.train --resume "
-                         f"{self.run_dir}", details) from None
-
-    def _phase_text(self) -> str:
-        p = self.progress
-        if p is None or p.phase is None:
-            return ""
-        from .progress import PHASES
-        verb, unit = PHASES[p.phase]
-        return f" ({verb}: {p.done:,} of {p.total:,} {unit})"
-
-    def _close_feedback(self) -> None:
-        if self.progress is not None:
-            self.progress.close()
-            self.progress = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        return self.stop.signal
 
     def close(self) -> None:
+        """Close the evaluator, the envs, the metrics writer and the console (train() does this)."""
         if self.evaluator is not None:
             self.evaluator.close()
             self.evaluator = None
@@ -794,4 +524,4 @@ class Trainer:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
-        self._close_feedback()
+        self.console.close()

@@ -79,7 +79,7 @@ def replay_update(trainer, rollout, plans: list[list[torch.Tensor]]) -> dict:
     """``trainer.train_update()`` on ``rollout`` instead of a fresh collection, with the minibatches
     of each epoch taken from ``plans`` instead of the shuffle; records the gradient that reaches
     every optimizer step. Returns the scalars, the gradients and the parameters after the update."""
-    import ppo_tbptt.trainer as trainer_mod
+    import ppo_tbptt.update as update_mod
     trainer.collector.collect = lambda: (rollout, [])
     epochs = iter(plans)
 
@@ -94,13 +94,13 @@ def replay_update(trainer, rollout, plans: list[list[torch.Tensor]]) -> dict:
         grads.append([p.grad.detach().clone() for p in trainer.model.parameters()])
         return step(*a, **k)
 
-    real = trainer_mod.minibatch_indices
-    trainer_mod.minibatch_indices = planned
+    real = update_mod.minibatch_indices
+    update_mod.minibatch_indices = planned
     trainer.optimizer.step = recording_step
     try:
         scalars = trainer.train_update()
     finally:
-        trainer_mod.minibatch_indices = real
+        update_mod.minibatch_indices = real
         trainer.optimizer.step = step
     return {"scalars": scalars, "grads": grads,
             "params": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}}

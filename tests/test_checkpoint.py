@@ -240,8 +240,8 @@ def test_non_finite_loss_stops_training_without_saving(tmp_path, monkeypatch, ca
     """A NaN loss, or a finite loss with NaN gradients (injected in the last minibatch of the second
     update) ends training with a one-line error and exit code 1 before the poisoned weights reach a
     checkpoint or the next rollout."""
-    import ppo_tbptt.trainer as trainer_mod
-    real = trainer_mod.ppo_loss_from_outputs
+    import ppo_tbptt.update as update_mod
+    real = update_mod.ppo_loss_from_outputs
     calls = {"n": 0}
 
     def poisoned(model, *args, **kwargs):
@@ -256,7 +256,7 @@ def test_non_finite_loss_stops_training_without_saving(tmp_path, monkeypatch, ca
                 assert torch.isfinite(out.loss)
         return out
 
-    monkeypatch.setattr(trainer_mod, "ppo_loss_from_outputs", poisoned)
+    monkeypatch.setattr(update_mod, "ppo_loss_from_outputs", poisoned)
     over = [a for o in TINY + ["run.checkpoint_every=64", f"run.out_dir={tmp_path}"] for a in ("--set", o)]
     assert train_cli.main(["--config", "cue_recall", *over, "--run-name", "r"]) == 1
     err = capsys.readouterr().err.strip()
