@@ -6,7 +6,7 @@ average their gradients so that every rank takes the step of the masked-mean los
 of their minibatches. The ranks keep identical parameters: they start from rank 0's weights, apply
 the same averaged (then clipped) gradient and run the same Adam step.
 
-The maths (proved in the README's "Scaling out with torchrun" section, tested in
+The maths (proved in the documentation's "Scaling out with torchrun" page, tested in
 ``tests/test_distributed.py``):
 
 - A rank's loss is a masked mean over its ``n_r`` loss steps, ``L_r = S_r / n_r``. The union's loss
