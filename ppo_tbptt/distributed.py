@@ -104,6 +104,19 @@ def param_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def _import_compiler() -> None:
+    """Import ``torch._dynamo`` before the process group exists. Its first import (which the first
+    optimizer triggers) keeps references to the default process group that
+    ``destroy_process_group`` does not drop: the group's gloo threads (and rank 0's store server)
+    would then outlive :meth:`Distributed.close` and be torn down, if at all, while the
+    interpreter exits, where a rank can abort in C++ ("terminate called without an active
+    exception"). Imported first, it holds no reference to the group, and closing ends them."""
+    try:
+        import torch._dynamo  # noqa: F401
+    except ImportError:  # a build without the compiler: nothing to hold the group either
+        pass
+
+
 class Distributed(SingleProcess):
     """This process's place in a data-parallel run of ``world_size`` (2 or more) ranks: the
     methods of the seam :class:`ppo_tbptt.parallel.SingleProcess`, as collectives.
@@ -150,12 +163,13 @@ class Distributed(SingleProcess):
         backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
         if cuda and local_rank < torch.cuda.device_count():
             torch.cuda.set_device(local_rank)
+        _import_compiler()
         dist.init_process_group(backend, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout))
         return cls(rank, world, local_rank, local_world, backend)
 
     def close(self) -> None:
-        """Leave the process group."""
+        """Leave the process group (its threads end here: see :func:`_import_compiler`)."""
         import torch.distributed as dist
         if dist.is_initialized():
             try:

@@ -3,6 +3,7 @@ localhost (what torchrun sets up, without its agent), and the tasks they run."""
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import json
 import os
 import signal
@@ -45,7 +46,29 @@ def run_ranks(task: str, world: int, out: Path, timeout: float = 180, **kwargs) 
                 p.join(5)
 
 
+#: The threads of a process group (gloo's event loop and work threads, rank 0's TCPStore server),
+#: as /proc names them; a rank that exits while they run may abort in C++ (std::terminate).
+GROUP_THREADS = ("gloo", "pt_gloo", "pt_tcpstore")
+
+
+def group_threads() -> list[str]:
+    """The names of this process's process-group threads still running (Linux; [] elsewhere)."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return []
+    names = []
+    for t in tasks.iterdir():
+        try:
+            names.append((t / "comm").read_text().strip())
+        except OSError:  # the thread ended meanwhile
+            continue
+    return sorted(n for n in names if n.startswith(GROUP_THREADS))
+
+
 def _rank_main(rank: int, world: int, port: int, task: str, out: str, kwargs: dict) -> None:
+    # a rank that dies of a fatal signal (an abort in C++ included) prints every thread's Python
+    # stack first: where it was, which the parent's "terminated with signal" does not say
+    faulthandler.enable(all_threads=True)
     os.environ.update(rank_environ(rank, world, port))
     torch.set_num_threads(1)
     import ppo_tbptt
@@ -56,6 +79,8 @@ def _rank_main(rank: int, world: int, port: int, task: str, out: str, kwargs: di
         TASKS[task](dist, Path(out), **kwargs)
     finally:
         dist.close()
+    left = group_threads()  # (after a clean task: an exception is reported as it is)
+    assert not left, f"rank {rank}: process-group threads still running after close(): {left}"
 
 
 # ---- data for the equivalence test -----------------------------------------------------------------

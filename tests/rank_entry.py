@@ -1,10 +1,13 @@
 """``python tests/rank_entry.py RC_DIR ARGS...``: ``python -m ppo_tbptt.train ARGS...`` that also
-writes its exit code to ``RC_DIR/rank<RANK>.rc``, so a test can read every torchrun rank's code."""
+writes its exit code to ``RC_DIR/rank<RANK>.rc``, so a test can read every torchrun rank's code.
+A rank that dies of a fatal signal (an abort in C++ included) prints its threads' Python stacks."""
+import faulthandler
 import os
 import sys
 from pathlib import Path
 
 if __name__ == "__main__":
+    faulthandler.enable(all_threads=True)
     rc_dir = Path(sys.argv[1])
     code = 1
     try:
