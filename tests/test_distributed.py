@@ -448,7 +448,9 @@ def test_an_env_that_keeps_failing_on_one_rank_stops_every_rank_and_keeps_the_la
     assert [p.returncode for p in top] == [1, 1] and took < 60, (took, errs[0][-2000:], errs[1][-2000:])
     lines1 = [line for line in errs[1].splitlines() if not line.startswith("warning:")]
     assert len(lines1) == 1 and lines1[0].startswith("error: rank 1 of 2: ") and "Traceback" not in errs[1], errs[1]
-    assert "step raised ValueError: boom" in lines1[0] and "the same worker failed 3 times in a row" in lines1[0]
+    # the env's own error, whether the last failure came from a step ("...: step raised ValueError:
+    # boom") or from the replay that restores a replaced worker's episodes ("failed: ValueError: boom")
+    assert "ValueError: boom" in lines1[0] and "the same worker failed 3 times in a row" in lines1[0]
     assert "without saving" in lines1[0] and "is intact" in lines1[0]
     assert errs[1].count("warning: rank 1 of 2: ") == 2 and "replacing it" in errs[1]
     lines0 = [line for line in errs[0].splitlines() if line.startswith("error:")]
