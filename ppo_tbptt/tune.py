@@ -349,6 +349,18 @@ def requeue(trial) -> None:
 
 
 # ---- the study ------------------------------------------------------------------------------------------
+_CREATE_ATTEMPTS = 5
+
+
+def _lost_creation_race(exc: BaseException) -> bool:
+    """Whether ``exc`` is what a process sees when another one created the same tables or rows
+    first (SQLite, PostgreSQL and MySQL wordings)."""
+    if type(exc).__name__ not in ("OperationalError", "IntegrityError", "ProgrammingError"):
+        return False
+    text = str(exc).lower()
+    return any(k in text for k in ("already exists", "unique constraint", "duplicate"))
+
+
 def storage_for(url: str, heartbeat: int):
     """Optuna's RDB storage at ``url`` with a heartbeat: a trial whose process died is found stale
     by a later process, marked FAIL, and its parameters queued again once."""
@@ -360,9 +372,18 @@ def storage_for(url: str, heartbeat: int):
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # (the heartbeat is marked experimental)
-            return storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat, **kw)
+        for attempt in range(_CREATE_ATTEMPTS):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # (the heartbeat is marked experimental)
+                    return storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat, **kw)
+            except Exception as exc:
+                # processes started together on a new database race to create its tables and its
+                # version row: the loser sees "already exists" or a unique-key clash; by the next
+                # try the winner has made them, and opening finds them in place
+                if attempt + 1 == _CREATE_ATTEMPTS or not _lost_creation_race(exc):
+                    raise
+                time.sleep(0.1 * (attempt + 1))
     except (optuna.exceptions.OptunaError, ValueError, ImportError) as exc:
         raise ValueError(f"--storage {url}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
     except Exception as exc:  # sqlalchemy's own errors: no such driver, cannot connect

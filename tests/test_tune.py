@@ -247,3 +247,30 @@ def test_two_processes_work_on_one_study_through_its_storage(tmp_path):
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
     assert len({t.user_attrs["run_dir"] for t in trials}) == 4  # a run folder each
     assert [sum(f"trial {n}: " in o for o in outs) for n in range(4)] == [1, 1, 1, 1]  # each ran once
+
+
+def test_processes_opening_a_new_storage_together_all_get_it(tmp_path, monkeypatch):
+    """Processes started together race to create a new database's tables: the one that loses
+    (the table or the version row already there) tries again and finds them, instead of exiting."""
+    import sqlalchemy.exc
+    from optuna import storages
+    real, calls = storages.RDBStorage, []
+
+    def racing(url, **kw):
+        calls.append(url)
+        if len(calls) == 1:  # another process made the tables between our check and our CREATE
+            raise sqlalchemy.exc.OperationalError("CREATE TABLE studies", {}, Exception("table studies already exists"))
+        if len(calls) == 2:  # ... and its version row between our SELECT and our INSERT
+            raise sqlalchemy.exc.IntegrityError("INSERT", {}, Exception("UNIQUE constraint failed: version_info.version_info_id"))
+        return real(url, **kw)
+
+    monkeypatch.setattr(storages, "RDBStorage", racing)
+    monkeypatch.setattr(T.time, "sleep", lambda s: None)
+    assert isinstance(T.storage_for(f"sqlite:///{tmp_path / 'study.db'}", 5), real) and len(calls) == 3
+
+    calls.clear()  # any other failure is reported at once, not retried
+    monkeypatch.setattr(storages, "RDBStorage", lambda url, **kw: calls.append(url) or (_ for _ in ()).throw(
+        sqlalchemy.exc.OperationalError("connect", {}, Exception("unable to open database file"))))
+    with pytest.raises(ValueError, match="cannot open it: OperationalError"):
+        T.storage_for(f"sqlite:///{tmp_path / 'other.db'}", 5)
+    assert len(calls) == 1
