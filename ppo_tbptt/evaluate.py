@@ -126,6 +126,9 @@ def format_summary(s: dict, cfg, file: Path, seed_range: tuple[int, int]) -> str
     lines.append(f"length:     {s['length_mean']:.1f} steps")
     for k, v in s["task_stats"].items():
         lines.append(f"{k}: {v['mean']:.3f} ± {v['ci95_halfwidth']:.3f}")
+    if s.get("per_command"):
+        lines.append("per command (carried out / reached): " + ", ".join(
+            f"{c['command']}: {c['carried_out']}/{c['reached']} ({c['rate']:.2f})" for c in s["per_command"]))
     return "\n".join(lines)
 
 

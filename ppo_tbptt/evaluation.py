@@ -45,6 +45,25 @@ def no_seed() -> int:
     raise RuntimeError("evaluation envs are always reset with an explicit level seed")
 
 
+def command_breakdown(episodes) -> list[dict]:
+    """For tasks of commands carried out in order (Mortar Mayhem: ``commands_completed`` and
+    ``command_count`` per episode): for each command k, how many episodes reached it (carried out
+    the k-1 before it and had at least k) and how many carried it out, with a Wilson 95% interval.
+    Which command fails shows what a memory holds: an agent that keeps two commands of three
+    carries out the first two and guesses the third. Empty for other tasks."""
+    done = [(round(e.extra["commands_completed"] * e.extra["command_count"]), int(e.extra["command_count"]))
+            for e in episodes if "commands_completed" in e.extra and "command_count" in e.extra]
+    out = []
+    for k in range(1, max((n for _, n in done), default=0) + 1):
+        reached = sum(1 for c, n in done if n >= k and c >= k - 1)
+        carried = sum(1 for c, n in done if n >= k and c >= k)
+        if reached:
+            lo, hi = wilson_interval(carried, reached)
+            out.append({"command": k, "reached": reached, "carried_out": carried, "rate": carried / reached,
+                        "ci95": [lo, hi]})
+    return out
+
+
 @dataclasses.dataclass
 class EvalResult:
     """Finished episodes in episode order (episode i ran on level ``seeds[i]``) and their frames."""
@@ -76,6 +95,9 @@ class EvalResult:
             sm, sh = mean_interval([e.extra[key] for e in eps if key in e.extra])
             stats[key] = {"mean": sm, "ci95_halfwidth": sh}
         out["task_stats"] = stats
+        per_command = command_breakdown(eps)
+        if per_command:
+            out["per_command"] = per_command
         out["seeds"] = [int(s) for s in self.seeds]
         out["per_episode"] = [
             {"seed": e.seed, "return": e.ret, "length": e.length, "success": e.success, **e.extra}

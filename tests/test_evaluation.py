@@ -11,7 +11,9 @@ import torch
 from eval_helpers import tiny_config, train_tiny
 from ppo_tbptt import checkpoint as ckpt
 from ppo_tbptt import evaluate as cli
-from ppo_tbptt.evaluation import evaluate_policy, mean_interval, overlap, seeds_from_range, wilson_interval
+from ppo_tbptt.envs import EpisodeStats
+from ppo_tbptt.evaluation import (EvalResult, command_breakdown, evaluate_policy, mean_interval, overlap,
+                                  seeds_from_range, wilson_interval)
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +41,24 @@ def test_mean_interval_and_ranges():
         seeds_from_range((10, 12), 3)
     assert overlap((0, 10), (5, 20)) == (5, 10)
     assert overlap((0, 10), (10, 20)) is None
+
+
+def test_per_command_breakdown_counts_who_reached_and_who_carried_out_each_command():
+    def ep(done: int, n: int):
+        return EpisodeStats(0, 0, 0.0, 10, float(done == n), {"commands_completed": done / n, "command_count": n})
+    # three 3-command episodes that carried out 3, 2 and 0 commands; a 1-command success; a
+    # 2-command episode that failed its second
+    eps = [ep(3, 3), ep(2, 3), ep(0, 3), ep(1, 1), ep(1, 2)]
+    rows = command_breakdown(eps)
+    assert [(r["command"], r["reached"], r["carried_out"]) for r in rows] == [(1, 5, 4), (2, 3, 2), (3, 2, 1)]
+    assert rows[2]["rate"] == 0.5 and rows[2]["ci95"] == list(wilson_interval(1, 2))
+    summary = EvalResult(eps, [0] * 5, False).summary()
+    assert summary["per_command"] == rows
+    text = cli.format_summary({**summary, "global_step": 0}, tiny_config(), "ckpt.pt", (0, 5))
+    assert "per command (carried out / reached): 1: 4/5 (0.80), 2: 2/3 (0.67), 3: 1/2 (0.50)" in text
+    # a task without commands has none
+    assert command_breakdown([EpisodeStats(0, 0, 1.0, 5, 1.0)]) == []
+    assert "per_command" not in EvalResult([EpisodeStats(0, 0, 1.0, 5, 1.0)], [0], False).summary()
 
 
 def test_evaluate_policy_one_episode_per_seed_and_reproducible(trained_run):

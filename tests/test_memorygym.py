@@ -63,7 +63,7 @@ def test_mortar_mayhem_failed_last_command_is_not_a_success():
         info = play_grid(env, seed, fail_command=2)
         assert info["raw_success"] == 1 and info["raw_commands_completed"] == 1.0  # memory-gym 1.0.2
         assert info["success"] == 0
-        assert info["commands_completed"] == pytest.approx(2 / 3)
+        assert info["commands_completed"] == pytest.approx(2 / 3) and info["command_count"] == 3
         assert info["reward"] == pytest.approx(0.2)  # two commands rewarded, not the third
     env.close()
 
@@ -80,6 +80,7 @@ def test_mortar_mayhem_oracle_succeeds_and_early_failures_stay_failures():
             continue
         info = play_grid(env, seed, fail_command=0)
         assert info["success"] == 0 == info["raw_success"] and info["commands_completed"] == 0.0
+        assert info["command_count"] == 3
     env.close()
 
 

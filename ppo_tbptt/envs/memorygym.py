@@ -31,7 +31,8 @@ class MortarMayhemTrueSuccess(gym.Wrapper):
     its tiles explode, ends the episode with fewer commands verified or off the target.)
     ``commands_completed`` keeps the env's definition, commands survived / commands, with the true
     success in place of the flag. The env's values move to ``raw_success`` and
-    ``raw_commands_completed``.
+    ``raw_commands_completed``. ``command_count`` is the episode's number of commands (sampled per
+    episode from a list), so that ``commands_completed * command_count`` commands were carried out.
     """
 
     def step(self, action):
@@ -47,4 +48,5 @@ class MortarMayhemTrueSuccess(gym.Wrapper):
             if "commands_completed" in info:
                 info["raw_commands_completed"] = info["commands_completed"]
                 info["commands_completed"] = (verified - 1 + success) / u.num_commands
+                info["command_count"] = int(u.num_commands)
         return obs, reward, terminated, truncated, info
