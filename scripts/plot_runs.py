@@ -118,10 +118,13 @@ def plot(runs: list[Path], labels: list[str], out: Path, window: int = 5, title:
     handles, names = axes[0, 0].get_legend_handles_labels()
     if not handles:
         handles, names = axes[-1, 0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 4), fontsize=8, frameon=False)
+    ncol = min(len(names), 2 * len(xs))  # two entries fit the width of one column of panels
+    legend_rows = -(-len(names) // ncol) if names else 0
+    fig.legend(handles, names, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     if title:
         fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.14 / len(panels), 1, 1))  # room for the legend: 0.4 inch
+    # room for the legend: 0.2 inch a row, and 0.2 more
+    fig.tight_layout(rect=(0, (0.2 + 0.2 * legend_rows) / (3 * len(panels)), 1, 1))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=80)
