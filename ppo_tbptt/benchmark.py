@@ -24,9 +24,11 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -411,35 +413,82 @@ def format_sweep(sweep: dict) -> str:
 
 
 COMPARE_ROWS = ("policy_only", "collect", "train")
+_SUMMARISED = ("steps_per_second", "collect_seconds_per_update", "update_seconds_per_update")
 
 
-def run_compare(named: list[tuple[str, Config]], device: torch.device, seconds: float, log=print) -> dict:
+def run_compare(named: list[tuple[str, Config]], device: torch.device, seconds: float, repeat: int = 1,
+                rows: Sequence[str] = COMPARE_ROWS, log=print) -> dict:
     """The policy side, collection and end-to-end training of several configs, one after the
-    other in one process (the same machine state), for a side-by-side table."""
-    runs = []
-    for name, cfg in named:
-        log(f"  config {name}:", file=sys.stderr, flush=True)
-        rep = run_benchmark(cfg, device, seconds, baselines=False, only=set(COMPARE_ROWS), log=log)
-        rep["name"] = name
-        runs.append(rep)
-    return {"device": str(device), "machine": machine_description(device), "seconds": seconds, "configs": runs}
+    other in one process (the same machine state), for a side-by-side table.
+
+    With ``repeat`` > 1 the configs are measured in turn ``repeat`` times (A, B, ..., A, B, ...),
+    so that the machine's drift hits each of them alike; each figure is then the median over the
+    rounds (with its min-max), and a config's end-to-end ratio to the first config is the median of
+    the ratios within each round."""
+    runs = [{"name": name, "rounds": []} for name, _ in named]
+    for k in range(repeat):
+        for (name, cfg), run in zip(named, runs):
+            log(f"  config {name}" + (f" (round {k + 1} of {repeat})" if repeat > 1 else "") + ":",
+                file=sys.stderr, flush=True)
+            rep = run_benchmark(cfg, device, seconds, baselines=False, only=set(rows), log=log)
+            run["config"] = rep["config"]
+            run["rounds"].append(rep["results"])
+    for run in runs:
+        run["results"] = _median_results(run["rounds"])
+        if "train" in rows:
+            ratios = [r["train"]["steps_per_second"] / first["train"]["steps_per_second"]
+                      for r, first in zip(run["rounds"], runs[0]["rounds"])]
+            run["train_ratio"] = {"median": statistics.median(ratios), "min": min(ratios),
+                                  "max": max(ratios), "rounds": ratios}
+    return {"device": str(device), "machine": machine_description(device), "seconds": seconds,
+            "repeat": repeat, "configs": runs}
+
+
+def _median_results(rounds: list[dict]) -> dict:
+    """One config's measurements over the rounds: each row as in its first round, with the
+    figures in ``_SUMMARISED`` replaced by their median over the rounds and their ``{name}_range``
+    (min, max) added."""
+    out = {}
+    for key, first in rounds[0].items():
+        row = dict(first)
+        for f in _SUMMARISED:
+            if f in first:
+                vals = [r[key][f] for r in rounds]
+                row[f] = statistics.median(vals)
+                row[f + "_range"] = [min(vals), max(vals)]
+        out[key] = row
+    return out
 
 
 def format_compare(report: dict) -> str:
-    lines = [f"device {report['device']}; machine: {report['machine']}", "",
+    many = report.get("repeat", 1) > 1
+
+    def rate(results: dict, key: str) -> str:
+        if key not in results:
+            return "-"
+        r = results[key]
+        lo, hi = r.get("steps_per_second_range", (None, None))
+        return f"{r['steps_per_second']:,.0f}" + (f" ({lo:,.0f}-{hi:,.0f})" if many else "")
+
+    lines = [f"device {report['device']}; machine: {report['machine']}"
+             + (f"; medians of {report['repeat']} rounds (min-max), the configs measured in turn each round"
+                if many else ""), "",
              "| config | env | obs | model | batch | policy side | collection | end-to-end | "
              "per update: collect / learn (s) | end-to-end vs first |",
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
-    first = None
     for rep in report["configs"]:
         c, r = rep["config"], rep["results"]
-        t = r["train"]
-        first = first or t["steps_per_second"]
-        obs = "x".join(map(str, t["obs_shape"]))
-        lines.append(f"| {rep['name']} | {c['env']} | {obs} | {t['model']} | {c['batch']:,} | "
-                     f"{r['policy_only']['steps_per_second']:,.0f} | {r['collect']['steps_per_second']:,.0f} | "
-                     f"{t['steps_per_second']:,.0f} | {t['collect_seconds_per_update']:.2f} / "
-                     f"{t['update_seconds_per_update']:.2f} | {t['steps_per_second'] / first:.2f}x |")
+        t = r.get("train")
+        model = t["model"] if t else "-"
+        obs = "x".join(map(str, t["obs_shape"])) if t else "-"
+        per_update = f"{t['collect_seconds_per_update']:.2f} / {t['update_seconds_per_update']:.2f}" if t else "-"
+        ratio = "-"
+        if "train_ratio" in rep:
+            q = rep["train_ratio"]
+            ratio = f"{q['median']:.2f}x" + (f" ({q['min']:.2f}-{q['max']:.2f})" if many else "")
+        lines.append(f"| {rep['name']} | {c['env']} | {obs} | {model} | {c['batch']:,} | "
+                     f"{rate(r, 'policy_only')} | {rate(r, 'collect')} | {rate(r, 'train')} | "
+                     f"{per_update} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -458,7 +507,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="compare layouts: envs x rollout steps, e.g. 32x512,64x256,128x128")
     p.add_argument("--compare", action="append", default=[], metavar="CONFIG",
                    help="also measure this config (repeatable; the same --set overrides apply to it) and "
-                        "print the policy side, collection and end-to-end training of each side by side")
+                        "print the policy side, collection and end-to-end training of each side by side "
+                        "(--only may name a subset of these three)")
+    p.add_argument("--repeat", type=int, default=1, metavar="K",
+                   help="with --compare: measure the configs in turn K times and report medians, min-max "
+                        "and the median of each round's end-to-end ratio (default 1)")
     p.add_argument("--ranks", default="", metavar="W,...",
                    help="instead: end-to-end training as this many torchrun ranks each, e.g. 1,2 "
                         "(env.num_envs in all, split over the ranks; see ppo_tbptt.benchmark_ranks)")
@@ -471,6 +524,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.seconds <= 0:
         p.error("--seconds must be > 0")
+    if args.repeat < 1:
+        p.error("--repeat must be >= 1")
+    if args.repeat > 1 and not args.compare:
+        p.error("--repeat applies to --compare")
     return args
 
 
@@ -497,9 +554,9 @@ def main(argv=None) -> int:
         print(f"error: --only: unknown {', '.join(sorted(unknown))} (known: {', '.join(MEASUREMENTS)})",
               file=sys.stderr)
         return 2
-    if args.compare and (args.sweep or only):
-        print("error: --compare measures policy_only, collect and train; it does not combine with "
-              "--sweep or --only", file=sys.stderr)
+    if args.compare and (args.sweep or only - set(COMPARE_ROWS)):
+        print("error: --compare measures policy_only, collect and train (--only may pick among them); "
+              "it does not combine with --sweep or other measurements", file=sys.stderr)
         return 2
     if args.compare:
         try:
@@ -509,7 +566,8 @@ def main(argv=None) -> int:
             return 2
         print(f"benchmark comparison: {', '.join(n for n, _ in named)}, {args.seconds:g} s per measurement",
               file=sys.stderr, flush=True)
-        report = run_compare(named, device, args.seconds)
+        rows = [r for r in COMPARE_ROWS if not only or r in only]
+        report = run_compare(named, device, args.seconds, repeat=args.repeat, rows=rows)
         print(format_compare(report))
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2))

@@ -84,6 +84,56 @@ def test_benchmark_sweep_bad_layout_exit_2():
         assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr, r.stderr
 
 
+def test_benchmark_compare_repeats_the_configs_in_turn(tmp_path):
+    other = tmp_path / "cue_small.yaml"  # a second config: cue_recall with a smaller GRU
+    text = (ROOT / "ppo_tbptt" / "configs" / "cue_recall.yaml").read_text()
+    assert "hidden_size: 64" in text
+    other.write_text(text.replace("hidden_size: 64", "hidden_size: 16"))
+    out = tmp_path / "cmp.json"
+    r = subprocess.run([sys.executable, "-m", "ppo_tbptt.benchmark", "--config", "cue_recall",
+                        "--compare", str(other), "--only", "train,policy_only", "--repeat", "3",
+                        "--set", "env.num_envs=4", "--set", "ppo.rollout_steps=16", "--set", "ppo.minibatches=2",
+                        "--set", "run.torch_threads=1", "--seconds", "0.2", "--device", "cpu", "--json", str(out)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(out.read_text())
+    assert rep["repeat"] == 3 and [c["name"] for c in rep["configs"]] == ["cue_recall", str(other)]
+    # measured in turn: A, B, A, B, A, B
+    order = [line.strip() for line in r.stderr.splitlines() if line.strip().startswith("config ")]
+    assert order == [f"config {n} (round {k} of 3):" for k in (1, 2, 3) for n in ("cue_recall", str(other))]
+    first = rep["configs"][0]["rounds"]
+    for c in rep["configs"]:
+        assert len(c["rounds"]) == 3 and all(list(rd) == ["policy_only", "train"] for rd in c["rounds"])
+        for key in ("policy_only", "train"):
+            vals = sorted(rd[key]["steps_per_second"] for rd in c["rounds"])
+            assert c["results"][key]["steps_per_second"] == vals[1]  # the median of three
+            assert c["results"][key]["steps_per_second_range"] == [vals[0], vals[2]]
+        ratios = [rd["train"]["steps_per_second"] / f["train"]["steps_per_second"] for rd, f in zip(c["rounds"], first)]
+        q = c["train_ratio"]
+        assert q["rounds"] == ratios and q["median"] == sorted(ratios)[1]
+        assert (q["min"], q["max"]) == (min(ratios), max(ratios))
+        t = c["results"]["train"]
+        row = next(line for line in r.stdout.splitlines() if line.startswith(f"| {c['name']} |"))
+        cells = [x.strip() for x in row.strip("|").split("|")]
+        lo, hi = t["steps_per_second_range"]
+        assert cells[5] == f"{c['results']['policy_only']['steps_per_second']:,.0f} " \
+            f"({c['results']['policy_only']['steps_per_second_range'][0]:,.0f}-" \
+            f"{c['results']['policy_only']['steps_per_second_range'][1]:,.0f})"
+        assert cells[6] == "-"  # collection was not asked for
+        assert cells[7] == f"{t['steps_per_second']:,.0f} ({lo:,.0f}-{hi:,.0f})"
+        assert cells[9] == f"{q['median']:.2f}x ({q['min']:.2f}-{q['max']:.2f})"
+    assert rep["configs"][0]["train_ratio"]["rounds"] == [1.0, 1.0, 1.0]
+    assert "LSTM 64 |" in r.stdout and "LSTM 16 |" in r.stdout
+
+
+def test_benchmark_compare_bad_input_exit_2():
+    for bad in (["--repeat", "0", "--compare", "cue_recall"], ["--repeat", "2"],
+                ["--compare", "cue_recall", "--only", "train,env_only"]):
+        r = subprocess.run([sys.executable, "-m", "ppo_tbptt.benchmark", "--config", "cue_recall", *bad],
+                           capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_ranks_rate_is_the_steps_between_the_first_and_last_update():
     from ppo_tbptt.benchmark_ranks import format_ranks, parse_ranks, rate_from_rows
     rows = [{"global_step": 64 * i, "time": 100.0 + 0.5 * i, "time/collect_seconds": 0.1 * i,
