@@ -32,16 +32,17 @@ class _GRULayer(torch.autograd.Function):
         n = gi.new_empty(N, H)       # candidate state
         gh = gi.new_empty(N, G)      # h W_hh^T + b_hh
         wt = w_hh.t()
-        hp, i = h0, 0
-        for b in batch_sizes:
-            rows = slice(i, i + b)
-            hp = hp[:b]
-            g, ght = gi[rows], gh[rows]
+        # every step's rows as views, made in one call per buffer (cheaper than slicing per step)
+        steps = zip(*(x.split(batch_sizes) for x in (*gi.split([2 * H, H], 1), gh, *gh.split([2 * H, H], 1),
+                                                    rz, *rz.split([H, H], 1), n, out)))
+        hp = h0
+        for b, (gi_rz, gi_n, ght, gh_rz, gh_n, r_z, r, z, nt, ht) in zip(batch_sizes, steps):
+            if b < hp.shape[0]:
+                hp = hp[:b]
             torch.addmm(b_hh, hp, wt, out=ght)
-            r_z = torch.add(g[:, :2 * H], ght[:, :2 * H], out=rz[rows]).sigmoid_()
-            nt = torch.addcmul(g[:, 2 * H:], r_z[:, :H], ght[:, 2 * H:], out=n[rows]).tanh_()
-            hp = torch.addcmul(nt, r_z[:, H:], hp - nt, out=out[rows])  # (1 - z) n + z h
-            i += b
+            torch.add(gi_rz, gh_rz, out=r_z).sigmoid_()
+            torch.addcmul(gi_n, r, gh_n, out=nt).tanh_()
+            hp = torch.addcmul(nt, z, hp - nt, out=ht)  # (1 - z) n + z h
         ctx.batch_sizes = batch_sizes
         ctx.save_for_backward(h0, w_hh, out, rz, n, gh)
         return out, torch.cat([out[last], h0[len(last):]])
@@ -69,14 +70,12 @@ class _GRULayer(torch.autograd.Function):
             dout = out.new_zeros(N, H)
         d_all = out.new_empty(N, H)  # d loss / d h' at every step
         dgh = out.new_empty(N, 3 * H)
-        i = N
-        for b in reversed(bs):
-            rows = slice(i - b, i)
-            d = torch.add(dh[:b], dout[rows], out=d_all[rows])
-            g = dgh[rows]
-            torch.mul(d.unsqueeze(1), cgh[rows].view(b, 3, H), out=g.view(b, 3, H))
-            torch.addmm(d * z[rows], g, w_hh, out=dh[:b])
-            i -= b
+        rows = [x.split(bs) for x in (dout, d_all, dgh, cgh, z)]
+        for b, dout_t, d_t, g, cgh_t, z_t in zip(reversed(bs), *(reversed(x) for x in rows)):
+            dh_t = dh if b == B else dh[:b]
+            d = torch.add(dh_t, dout_t, out=d_t)
+            torch.mul(d.unsqueeze(1), cgh_t.view(b, 3, H), out=g.view(b, 3, H))
+            torch.addmm(d * z_t, g, w_hh, out=dh_t)
         dgi = torch.cat([dgh[:, :2 * H], d_all * a], 1)  # [N, 3H]
         return dgi, dh, dgh.t() @ hprev, dgh.sum(0), None, None
 
