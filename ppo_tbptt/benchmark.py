@@ -564,8 +564,8 @@ def main(argv=None) -> int:
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        print(f"benchmark comparison: {', '.join(n for n, _ in named)}, {args.seconds:g} s per measurement",
-              file=sys.stderr, flush=True)
+        print(f"benchmark comparison: {', '.join(n for n, _ in named)}, {args.seconds:g} s per measurement"
+              + (f", {args.repeat} rounds" if args.repeat > 1 else ""), file=sys.stderr, flush=True)
         rows = [r for r in COMPARE_ROWS if not only or r in only]
         report = run_compare(named, device, args.seconds, repeat=args.repeat, rows=rows)
         print(format_compare(report))
