@@ -1,0 +1,198 @@
+"""What a Mortar Mayhem policy does where it fails: for each command, how many held-out episodes
+reached it, carried it out, and, of those that failed it, which move the agent made instead.
+
+    python scripts/mortar_mayhem_failures.py runs/<name> [--stage N] [--episodes 300]
+
+A failure at command k (0 = the first) is put in the first of these classes that fits it:
+- ``left the tile``: the agent stood on command k's tile when it was checked and stepped off
+  while the tiles exploded (a timing error, not a memory error);
+- ``previous command's move``: it moved as command k-1 said (repeated the last command);
+- ``a later command's move``: as one of commands k+1, k+2, ... said (skipped ahead);
+- ``an earlier command's move``: as one of commands 0..k-2 said;
+- ``no command's move``: a move no command of the episode asked for.
+A move is the agent's tile at the check minus the tile command k-1 ended on. The three middle
+classes are errors of order: the agent held a command but produced it at the wrong time. The grid
+version has five commands (four moves and stay), so a wrong move often fits one of them by chance;
+the ``chance`` row is what the classes would count if each failure at a check had been a wrong move
+drawn uniformly from the commands that keep the agent in the arena.
+
+Levels are the config's held-out ``env.eval_seeds`` (the first ``--episodes`` of them), actions
+are sampled (``--deterministic``: the most likely action), one env in this process. The classes
+need the env's command list and tiles, which memory-gym's ``GridMortarMayhemEnv`` and its port
+(``env.backend: fast``) keep under the same names.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+for _k, _v in (("SDL_VIDEODRIVER", "dummy"), ("SDL_AUDIODRIVER", "dummy"), ("PYGAME_HIDE_SUPPORT_PROMPT", "1")):
+    os.environ.setdefault(_k, _v)
+
+import torch  # noqa: E402
+
+CLASSES = ("left the tile", "previous command's move", "a later command's move",
+           "an earlier command's move", "no command's move")
+
+
+def classify(commands: list, moves: dict, failed: int, start: tuple, agent: tuple, on_tile: bool) -> str:
+    """The class of a failure at command ``failed`` (0-based) of ``commands`` (keys of ``moves``,
+    each a tile offset), from ``start`` (the tile command ``failed - 1`` ended on) to ``agent``
+    (the agent's tile at the check); ``on_tile``: the check passed and the agent left later."""
+    if on_tile:
+        return CLASSES[0]
+    made = (agent[0] - start[0], agent[1] - start[1])
+    said = [tuple(moves[c]) for c in commands]
+    if failed > 0 and said[failed - 1] == made:
+        return CLASSES[1]
+    if made in said[failed + 1:]:
+        return CLASSES[2]
+    if made in said[:max(0, failed - 1)]:
+        return CLASSES[3]
+    return CLASSES[4]
+
+
+def start_tiles(commands: list, moves: dict, last_target: tuple, upto: int) -> list[tuple]:
+    """The tile before each command 0..upto, walked back from ``last_target`` (command ``upto``'s tile)."""
+    tiles = [tuple(last_target)]
+    for c in reversed(commands[:upto + 1]):
+        m = moves[c]
+        tiles.append((tiles[-1][0] - m[0], tiles[-1][1] - m[1]))
+    return tiles[::-1][:upto + 1]
+
+
+def chance(commands: list, moves: dict, failed: int, start: tuple, allowed: int, size: int) -> dict:
+    """For a failure at a check: each class's probability had the agent made one of the wrong
+    moves that the first ``allowed`` commands offer (inside a ``size`` x ``size`` arena) at random."""
+    right = tuple(moves[commands[failed]])
+    wrong = [tuple(m) for m in list(moves.values())[:allowed] if tuple(m) != right
+             and 0 <= start[0] + m[0] < size and 0 <= start[1] + m[1] < size]
+    out = dict.fromkeys(CLASSES, 0.0)
+    for m in wrong:
+        out[classify(commands, moves, failed, start, (start[0] + m[0], start[1] + m[1]), False)] += 1 / len(wrong)
+    return out
+
+
+def run_episode(model, env, seed: int, params: dict, deterministic: bool, gen: torch.Generator) -> dict:
+    """One episode -> {"commands": n, "completed": k, "class": the failure's class, None on success}."""
+    from memory_gym.pygame_assets import Command
+    obs, _ = env.reset(seed=seed, options=params)
+    u = env.unwrapped
+    commands = list(u._commands)
+    state = model.initial_state(1)
+    passed = 0  # checks passed (rewarded commands)
+    while True:
+        with torch.no_grad():
+            logits, _, state = model(torch.as_tensor(obs)[None, None], state)
+            d = model.dist(logits[:, 0])
+            if deterministic:
+                action = int(d.mode()[0, 0])
+            else:  # drawn from this script's own generator: the same episodes on every run
+                action = int(torch.multinomial(d.probs[0][0], 1, generator=gen))
+        obs, reward, terminated, truncated, info = env.step(action)
+        passed += reward > 0
+        if terminated or truncated:
+            break
+    n = int(u.num_commands)
+    completed = round(info["commands_completed"] * n)
+    if info.get("success"):
+        return {"commands": n, "completed": completed, "class": None}
+    failed = int(u._current_command) - 1  # the command whose check or explosion ended the episode
+    if failed != completed:
+        raise RuntimeError(f"seed {seed}: the env counts {completed} commands carried out, the "
+                           f"failed command is {failed}")
+    start = start_tiles(commands, Command.COMMANDS, u._target_pos, failed)[failed]
+    on_tile = passed > failed  # its check was rewarded: the agent left during the explosion
+    cls = classify(commands, Command.COMMANDS, failed, start, tuple(u.normalized_agent_position), on_tile)
+    odds = None if on_tile else chance(commands, Command.COMMANDS, failed, start,
+                                       int(u.reset_params["allowed_commands"]), int(u.reset_params["arena_size"]))
+    return {"commands": n, "completed": completed, "class": cls, "chance": odds}
+
+
+def breakdown(episodes: list[dict]) -> list[dict]:
+    """Per command: reached, carried out, and the failures by class."""
+    out = []
+    for k in range(max((e["commands"] for e in episodes), default=0)):
+        reached = [e for e in episodes if e["commands"] > k and e["completed"] >= k]
+        if not reached:
+            continue
+        fails = [e for e in reached if e["completed"] == k]
+        failed = Counter(e["class"] for e in fails)
+        odds = Counter()
+        for e in fails:
+            odds.update(e["chance"] or {})
+        out.append({"command": k, "reached": len(reached), "carried_out": len(reached) - len(fails),
+                    "failures": {c: failed.get(c, 0) for c in CLASSES},
+                    "chance": {c: odds.get(c, 0.0) for c in CLASSES}})
+    return out
+
+
+def format_table(rows: list[dict], episodes: int, successes: int) -> str:
+    head = ["command", "reached", "carried out"] + list(CLASSES)
+    lines = [f"{episodes} episodes, {successes} carried out every command",
+             " | ".join(head), " | ".join("---" for _ in head)]
+    for r in rows:
+        lines.append(" | ".join([str(r["command"]), str(r["reached"]), str(r["carried_out"])]
+                                + [str(r["failures"][c]) for c in CLASSES]))
+    total, odds = Counter(), Counter()
+    for r in rows:
+        total.update(r["failures"])
+        odds.update(r["chance"])
+    lines.append(" | ".join(["all", "", ""] + [str(total[c]) for c in CLASSES]))
+    lines.append(" | ".join(["chance", "", ""] + ["-" if c == CLASSES[0] else f"{odds[c]:.1f}" for c in CLASSES]))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run", help="run folder or checkpoint file")
+    p.add_argument("--stage", type=int, default=None, help="curriculum stage (default: the target task)")
+    p.add_argument("--episodes", type=int, default=300)
+    p.add_argument("--deterministic", action="store_true")
+    p.add_argument("--json", default=None, help="also write the table as JSON here")
+    args = p.parse_args(argv)
+    from ppo_tbptt import curriculum
+    from ppo_tbptt.checkpoint import CheckpointError
+    from ppo_tbptt.config import ConfigError
+    from ppo_tbptt.envs import MORTAR_MAYHEM_IDS, make_env
+    from ppo_tbptt.evaluate import load_policy
+    from ppo_tbptt.evaluation import seeds_from_range
+    if args.episodes < 1:
+        print(f"error: --episodes must be >= 1, got {args.episodes}", file=sys.stderr)
+        return 2
+    try:
+        model, cfg, _, file = load_policy(args.run, torch.device("cpu"))
+        env_cfg = curriculum.stage_env(cfg, args.stage)
+        seeds = seeds_from_range(tuple(cfg.env.eval_seeds), args.episodes)
+    except (CheckpointError, ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if cfg.env.id not in MORTAR_MAYHEM_IDS or "Grid" not in cfg.env.id:
+        print(f"error: {cfg.env.id} is not a grid Mortar Mayhem id", file=sys.stderr)
+        return 2
+    torch.set_num_threads(1)
+    model.eval()
+    env = make_env(env_cfg)
+    gen = torch.Generator().manual_seed(0)
+    try:
+        episodes = [run_episode(model, env, s, dict(env_cfg.reset_params), args.deterministic, gen)
+                    for s in seeds]
+    finally:
+        env.close()
+    rows = breakdown(episodes)
+    successes = sum(e["class"] is None for e in episodes)
+    print(f"{file}, reset params {curriculum.describe(env_cfg.reset_params)}")
+    print(format_table(rows, len(episodes), successes))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"checkpoint": str(file), "reset_params": env_cfg.reset_params,
+                                               "episodes": len(episodes), "successes": successes,
+                                               "commands": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

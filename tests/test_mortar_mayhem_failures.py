@@ -1,0 +1,156 @@
+"""scripts/mortar_mayhem_failures.py: the classes of a failed command, the chance row, and the
+counts over real episodes (both env backends) agreeing with the env's own."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from ppo_tbptt import config as C
+from ppo_tbptt.envs import make_env
+from ppo_tbptt.model import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("mortar_mayhem_failures", ROOT / "scripts" / "mortar_mayhem_failures.py")
+mmf = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mmf)
+
+MOVES = {"right": (1, 0), "down": (0, 1), "left": (-1, 0), "up": (0, -1), "stay": (0, 0)}
+LEFT, PREV, LATER, EARLIER, NONE = mmf.CLASSES
+
+
+@pytest.mark.parametrize("agent, on_tile, expected", [
+    ((3, 2), True, LEFT),      # passed the check, stepped off in the explosion: whatever its tile
+    ((2, 3), False, PREV),     # "down" again: command 1's move
+    ((2, 1), False, LATER),    # "up": command 3's
+    ((1, 2), False, EARLIER),  # "left": command 0's (not the previous one)
+    ((2, 2), False, NONE),     # "stay": no command of this episode
+    ((3, 3), False, NONE),     # a diagonal: no command at all
+])
+def test_classify_each_class(agent, on_tile, expected):
+    commands = ["left", "down", "right", "up"]  # failing command 2 ("right") from tile (2, 2)
+    assert mmf.classify(commands, MOVES, 2, (2, 2), agent, on_tile) == expected
+
+
+def test_classify_priority_and_bounds():
+    # a move that both the previous and a later command made counts as the previous one's
+    assert mmf.classify(["up", "down", "right", "down"], MOVES, 2, (2, 2), (2, 3), False) == PREV
+    # ... one that a later and an earlier command made, as a later one's
+    assert mmf.classify(["down", "up", "right", "down"], MOVES, 2, (2, 2), (2, 3), False) == LATER
+    # the first command has no previous one, and the failing command's own move is not "later"
+    assert mmf.classify(["up", "up"], MOVES, 0, (2, 2), (2, 1), False) == LATER
+    assert mmf.classify(["up", "left"], MOVES, 0, (2, 2), (2, 1), False) == NONE
+    # command k-1 is the previous one, not an earlier one
+    assert mmf.classify(["left", "up", "right"], MOVES, 2, (2, 2), (2, 1), False) == PREV
+    assert mmf.classify(["left", "up", "right"], MOVES, 2, (2, 2), (1, 2), False) == EARLIER
+
+
+def test_start_tiles_walk_back_from_the_last_target():
+    commands = ["right", "down", "down", "left"]
+    # from (1, 1): right -> (2, 1), down -> (2, 2), down -> (2, 3), left -> (1, 3)
+    assert mmf.start_tiles(commands, MOVES, (2, 3), 2) == [(1, 1), (2, 1), (2, 2)]
+    assert mmf.start_tiles(commands, MOVES, (1, 3), 3) == [(1, 1), (2, 1), (2, 2), (2, 3)]
+
+
+def test_chance_spreads_one_failure_over_the_wrong_moves_in_the_arena():
+    commands = ["left", "down", "right", "up"]
+    # in the middle: 4 wrong moves (down: previous, up: later, left: earlier, stay: none)
+    odds = mmf.chance(commands, MOVES, 2, (2, 2), 5, 5)
+    assert odds == {LEFT: 0.0, PREV: 0.25, LATER: 0.25, EARLIER: 0.25, NONE: 0.25}
+    # in the bottom-left corner (0, 4): down and left leave the arena; up and stay remain
+    odds = mmf.chance(commands, MOVES, 2, (0, 4), 5, 5)
+    assert odds == {LEFT: 0.0, PREV: 0.0, LATER: 0.5, EARLIER: 0.0, NONE: 0.5}
+    # only the first `allowed` commands count: with 4, "stay" is no option
+    odds = mmf.chance(commands, MOVES, 2, (2, 2), 4, 5)
+    assert odds == pytest.approx({LEFT: 0.0, PREV: 1 / 3, LATER: 1 / 3, EARLIER: 1 / 3, NONE: 0.0})
+
+
+def test_breakdown_counts():
+    eps = [{"commands": 3, "completed": 3, "class": None, "chance": None},
+           {"commands": 3, "completed": 1, "class": PREV, "chance": dict.fromkeys(mmf.CLASSES, 0.2)},
+           {"commands": 3, "completed": 0, "class": NONE, "chance": dict.fromkeys(mmf.CLASSES, 0.2)},
+           {"commands": 2, "completed": 1, "class": LEFT, "chance": None}]
+    rows = mmf.breakdown(eps)
+    assert [(r["reached"], r["carried_out"]) for r in rows] == [(4, 3), (3, 1), (1, 1)]
+    assert rows[0]["failures"][NONE] == 1 and sum(rows[0]["failures"].values()) == 1
+    assert rows[1]["failures"][PREV] == 1 and rows[1]["failures"][LEFT] == 1
+    assert rows[1]["chance"][PREV] == pytest.approx(0.2)  # the failure "left the tile" adds no chance
+
+
+@pytest.mark.parametrize("backend", ["memorygym", "fast"])
+def test_episodes_of_an_untrained_policy_agree_with_the_env(backend):
+    """Each episode's failed command is the one the env's commands_completed names (the script
+    raises otherwise), the tiles walked back start where the agent spawned, and the table adds up."""
+    env_cfg = C.EnvConfig(id="MortarMayhem-Grid-v0", downsample=4, backend=backend,
+                          reset_params={"command_count": [4]})
+    env = make_env(env_cfg)
+    model = build_model(env.observation_space, env.action_space, C.ModelConfig(hidden_size=16, hidden_layer=16))
+    gen = torch.Generator().manual_seed(0)
+    try:
+        eps = []
+        for seed in range(12):
+            obs, _ = env.reset(seed=seed, options={"command_count": [4]})
+            spawn = tuple(env.unwrapped.normalized_agent_position)
+            e = mmf.run_episode(model, env, seed, {"command_count": [4]}, False, gen)
+            if e["class"] is not None:
+                from memory_gym.pygame_assets import Command
+                u = env.unwrapped
+                assert mmf.start_tiles(list(u._commands), Command.COMMANDS, u._target_pos, e["completed"])[0] == spawn
+            eps.append(e)
+    finally:
+        env.close()
+    rows = mmf.breakdown(eps)
+    assert rows[0]["reached"] == 12
+    for r in rows:
+        assert r["carried_out"] + sum(r["failures"].values()) == r["reached"]
+    assert any(e["class"] is not None for e in eps)  # an untrained policy fails somewhere
+    text = mmf.format_table(rows, len(eps), sum(e["class"] is None for e in eps))
+    assert text.splitlines()[-1].startswith("chance")
+
+
+def test_cli_refuses_another_env(tmp_path, capsys):
+    from eval_helpers import train_tiny
+    train_tiny(tmp_path / "run")
+    assert mmf.main([str(tmp_path / "run"), "--episodes", "2"]) == 2
+    assert "not a grid Mortar Mayhem id" in capsys.readouterr().err
+    assert mmf.main([str(tmp_path / "run"), "--episodes", "0"]) == 2
+    assert mmf.main([str(tmp_path / "missing")]) == 2
+
+
+class _StayThenWalk:
+    """A scripted policy: waits until the tiles of a check light up, then walks forward."""
+
+    def __init__(self, env):
+        self.env, self.n = env, env.action_space.n
+
+    def initial_state(self, batch):
+        return None
+
+    def __call__(self, obs, state):
+        action = 3 if self.env.unwrapped._tiles_on else 0
+        logits = torch.full((1, 1, self.n), -30.0)
+        logits[0, 0, action] = 0.0
+        return logits, None, state
+
+    def dist(self, logits):
+        from ppo_tbptt.model import ActionDist
+        return ActionDist(logits, [self.n])
+
+
+def test_leaving_the_tile_in_the_explosion_is_told_apart_from_a_wrong_move():
+    env = make_env(C.EnvConfig(id="MortarMayhem-Grid-v0", downsample=4, backend="fast"))
+    policy = _StayThenWalk(env)
+    classes = {"stay": [], "move": []}
+    try:
+        for seed in range(40):
+            e = mmf.run_episode(policy, env, seed, {"command_count": [3]}, True, torch.Generator())
+            classes["stay" if env.unwrapped._commands[0] == "stay" else "move"].append((e["completed"], e["class"]))
+    finally:
+        env.close()
+    # a first command other than "stay": the agent never moved, so it failed that command's check
+    assert classes["move"] and all(c == 0 and cls in (LATER, NONE) for c, cls in classes["move"])
+    # "stay" first: it passed the check and walked off in the explosion (unless a wall held it)
+    assert (0, LEFT) in classes["stay"]
+    assert all(cls != LEFT or c == 0 for c, cls in classes["stay"])
