@@ -1,5 +1,6 @@
-"""scripts/mortar_mayhem_failures.py: the classes of a failed command, the chance row, and the
-counts over real episodes (both env backends) agreeing with the env's own."""
+"""scripts/memorygym_failures.py: the classes of a failed Mortar Mayhem command and their chance
+row, Mystery Path's repeated falls, and the counts over real episodes (both env backends) agreeing
+with the env's own."""
 from __future__ import annotations
 
 import importlib.util
@@ -13,7 +14,7 @@ from ppo_tbptt.envs import make_env
 from ppo_tbptt.model import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("mortar_mayhem_failures", ROOT / "scripts" / "mortar_mayhem_failures.py")
+spec = importlib.util.spec_from_file_location("memorygym_failures", ROOT / "scripts" / "memorygym_failures.py")
 mmf = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mmf)
 
@@ -93,7 +94,7 @@ def test_episodes_of_an_untrained_policy_agree_with_the_env(backend):
         for seed in range(12):
             obs, _ = env.reset(seed=seed, options={"command_count": [4]})
             spawn = tuple(env.unwrapped.normalized_agent_position)
-            e = mmf.run_episode(model, env, seed, {"command_count": [4]}, False, gen)
+            e = mmf.mortar_episode(model, env, seed, {"command_count": [4]}, False, gen)
             if e["class"] is not None:
                 from memory_gym.pygame_assets import Command
                 u = env.unwrapped
@@ -114,7 +115,7 @@ def test_cli_refuses_another_env(tmp_path, capsys):
     from eval_helpers import train_tiny
     train_tiny(tmp_path / "run")
     assert mmf.main([str(tmp_path / "run"), "--episodes", "2"]) == 2
-    assert "not a grid Mortar Mayhem id" in capsys.readouterr().err
+    assert "neither MortarMayhem-Grid-v0 nor MysteryPath-Grid-v0" in capsys.readouterr().err
     assert mmf.main([str(tmp_path / "run"), "--episodes", "0"]) == 2
     assert mmf.main([str(tmp_path / "missing")]) == 2
 
@@ -145,7 +146,7 @@ def test_leaving_the_tile_in_the_explosion_is_told_apart_from_a_wrong_move():
     classes = {"stay": [], "move": []}
     try:
         for seed in range(40):
-            e = mmf.run_episode(policy, env, seed, {"command_count": [3]}, True, torch.Generator())
+            e = mmf.mortar_episode(policy, env, seed, {"command_count": [3]}, True, torch.Generator())
             classes["stay" if env.unwrapped._commands[0] == "stay" else "move"].append((e["completed"], e["class"]))
     finally:
         env.close()
@@ -154,3 +155,71 @@ def test_leaving_the_tile_in_the_explosion_is_told_apart_from_a_wrong_move():
     # "stay" first: it passed the check and walked off in the explosion (unless a wall held it)
     assert (0, LEFT) in classes["stay"]
     assert all(cls != LEFT or c == 0 for c, cls in classes["stay"])
+
+
+class _Forward:
+    """A scripted policy: always forward."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def initial_state(self, batch):
+        return None
+
+    def __call__(self, obs, state):
+        logits = torch.full((1, 1, self.n), -30.0)
+        logits[0, 0, 3] = 0.0
+        return logits, None, state
+
+    def dist(self, logits):
+        from ppo_tbptt.model import ActionDist
+        return ActionDist(logits, [self.n])
+
+
+@pytest.mark.parametrize("backend", ["memorygym", "fast"])
+def test_mystery_path_falls_counted_as_the_env_counts_them(backend):
+    """Walking straight on from the origin falls into the same cell again and again (every fall
+    after the first is a repeat) unless the walk reaches the goal or a wall; the script's falls
+    equal the env's num_fails (it raises otherwise)."""
+    env = make_env(C.EnvConfig(id="MysteryPath-Grid-v0", downsample=4, backend=backend))
+    policy = _Forward(env.action_space.n)
+    try:
+        eps = [mmf.mystery_episode(policy, env, seed, {}, True, torch.Generator()) for seed in range(10)]
+    finally:
+        env.close()
+    fell = [e for e in eps if e["falls"]]
+    assert fell
+    for e in fell:
+        assert e["cells"] == 1 and e["repeats"] == e["falls"] - 1 and e["falls"] > 2
+    s = mmf.mystery_summary(eps)
+    assert s["falls"] == pytest.approx(sum(e["falls"] for e in eps) / 10)
+    assert s["repeated_share"] == pytest.approx(sum(e["falls"] - 1 for e in fell) / sum(e["falls"] for e in fell))
+
+
+def test_mystery_summary_of_an_agent_that_never_falls_twice():
+    eps = [{"success": 1, "steps": 30, "falls": 2, "cells": 2, "repeats": 0},
+           {"success": 0, "steps": 128, "falls": 4, "cells": 3, "repeats": 1}]
+    s = mmf.mystery_summary(eps)
+    assert (s["success"], s["steps"], s["falls"], s["cells"], s["repeats"]) == (0.5, 79.0, 3.0, 2.5, 0.5)
+    assert s["repeated_share"] == pytest.approx(1 / 6)
+    assert "17% of the falls" in mmf.format_mystery(s)
+
+
+@pytest.mark.parametrize("name, key", [("mystery_path_grid_cpu", "repeated_share"), ("mortar_mayhem_grid_cpu", "commands")])
+def test_cli_on_each_env(name, key, tmp_path, monkeypatch, capsys):
+    """The whole command on an untrained policy of the shipped config (the target task)."""
+    import ppo_tbptt.evaluate as ev
+    cfg = C.load(name, ["env.vector=serial"])
+    env = make_env(cfg.env)
+    model = build_model(env.observation_space, env.action_space, cfg.model)
+    env.close()
+    monkeypatch.setattr(ev, "load_policy", lambda path, device: (model, cfg, {}, Path(path)))
+    out = tmp_path / "f.json"
+    assert mmf.main(["somewhere", "--episodes", "3", "--json", str(out)]) == 0
+    import json
+    got = json.loads(out.read_text())
+    assert got["env_id"] == cfg.env.id and key in got
+    from ppo_tbptt import curriculum
+    target = curriculum.stage_params(cfg)  # the last stage: the published task
+    assert got["reset_params"] == target
+    assert f"reset params {curriculum.describe(target)}" in capsys.readouterr().out

@@ -1,9 +1,10 @@
-"""What a Mortar Mayhem policy does where it fails: for each command, how many held-out episodes
-reached it, carried it out, and, of those that failed it, which move the agent made instead.
+"""Where a MemoryGym grid policy fails, on held-out levels: for Mortar Mayhem, which move the agent
+made at the command it failed; for Mystery Path, how often it fell off where it had fallen before.
 
-    python scripts/mortar_mayhem_failures.py runs/<name> [--stage N] [--episodes 300]
+    python scripts/memorygym_failures.py runs/<name> [--stage N] [--episodes 300]
 
-A failure at command k (0 = the first) is put in the first of these classes that fits it:
+**Mortar Mayhem** (``MortarMayhem-Grid-v0``). For each command, how many episodes reached it and carried it
+out; a failure at command k (0 = the first) is put in the first of these classes that fits it:
 - ``left the tile``: the agent stood on command k's tile when it was checked and stepped off
   while the tiles exploded (a timing error, not a memory error);
 - ``previous command's move``: it moved as command k-1 said (repeated the last command);
@@ -16,9 +17,14 @@ version has five commands (four moves and stay), so a wrong move often fits one 
 the ``chance`` row is what the classes would count if each failure at a check had been a wrong move
 drawn uniformly from the commands that keep the agent in the arena.
 
+**Mystery Path** (``MysteryPath-Grid-v0``). Per episode: success, steps, falls (steps onto a cell
+off the hidden path, after which the env puts the agent back on the origin), the cells fallen into,
+and repeated falls: falls into a cell the agent had already fallen into in that episode. An agent
+that remembers where it fell repeats none; one without memory repeats most of its falls.
+
 Levels are the config's held-out ``env.eval_seeds`` (the first ``--episodes`` of them), actions
-are sampled (``--deterministic``: the most likely action), one env in this process. The classes
-need the env's command list and tiles, which memory-gym's ``GridMortarMayhemEnv`` and its port
+are sampled (``--deterministic``: the most likely action), one env in this process. The figures
+need the env's state (commands, tiles, the path), which memory-gym's grid envs and their port
 (``env.backend: fast``) keep under the same names.
 """
 from __future__ import annotations
@@ -77,8 +83,20 @@ def chance(commands: list, moves: dict, failed: int, start: tuple, allowed: int,
     return out
 
 
-def run_episode(model, env, seed: int, params: dict, deterministic: bool, gen: torch.Generator) -> dict:
-    """One episode -> {"commands": n, "completed": k, "class": the failure's class, None on success}."""
+def act(model, obs, state, deterministic: bool, gen: torch.Generator):
+    """The policy's action for one observation -> (action, new state)."""
+    with torch.no_grad():
+        logits, _, state = model(torch.as_tensor(obs)[None, None], state)
+        d = model.dist(logits[:, 0])
+        if deterministic:
+            return int(d.mode()[0, 0]), state
+        # drawn from this script's own generator: the same episodes on every run
+        return int(torch.multinomial(d.probs[0][0], 1, generator=gen)), state
+
+
+def mortar_episode(model, env, seed: int, params: dict, deterministic: bool, gen: torch.Generator) -> dict:
+    """One Mortar Mayhem episode -> {"commands": n, "completed": k, "class": the failure's class,
+    None on success, "chance": the classes' odds for a random wrong move, None where they do not apply}."""
     from memory_gym.pygame_assets import Command
     obs, _ = env.reset(seed=seed, options=params)
     u = env.unwrapped
@@ -86,13 +104,7 @@ def run_episode(model, env, seed: int, params: dict, deterministic: bool, gen: t
     state = model.initial_state(1)
     passed = 0  # checks passed (rewarded commands)
     while True:
-        with torch.no_grad():
-            logits, _, state = model(torch.as_tensor(obs)[None, None], state)
-            d = model.dist(logits[:, 0])
-            if deterministic:
-                action = int(d.mode()[0, 0])
-            else:  # drawn from this script's own generator: the same episodes on every run
-                action = int(torch.multinomial(d.probs[0][0], 1, generator=gen))
+        action, state = act(model, obs, state, deterministic, gen)
         obs, reward, terminated, truncated, info = env.step(action)
         passed += reward > 0
         if terminated or truncated:
@@ -111,6 +123,46 @@ def run_episode(model, env, seed: int, params: dict, deterministic: bool, gen: t
     odds = None if on_tile else chance(commands, Command.COMMANDS, failed, start,
                                        int(u.reset_params["allowed_commands"]), int(u.reset_params["arena_size"]))
     return {"commands": n, "completed": completed, "class": cls, "chance": odds}
+
+
+def mystery_episode(model, env, seed: int, params: dict, deterministic: bool, gen: torch.Generator) -> dict:
+    """One Mystery Path episode -> {"success", "steps", "falls", "cells" (distinct cells fallen
+    into), "repeats" (falls into a cell fallen into before)}."""
+    obs, _ = env.reset(seed=seed, options=params)
+    u = env.unwrapped
+    state = model.initial_state(1)
+    fallen: set = set()
+    falls = repeats = steps = 0
+    while True:
+        action, state = act(model, obs, state, deterministic, gen)
+        obs, _, terminated, truncated, info = env.step(action)
+        steps += 1
+        if u.is_off_path:  # a fall (the next step puts the agent back on the origin, on the path)
+            cell = tuple(u.normalized_agent_position)
+            falls += 1
+            repeats += cell in fallen
+            fallen.add(cell)
+        if terminated or truncated:
+            break
+    if falls != info["num_fails"]:
+        raise RuntimeError(f"seed {seed}: the env counts {info['num_fails']} falls, this script {falls}")
+    return {"success": int(info["success"]), "steps": steps, "falls": falls, "cells": len(fallen),
+            "repeats": repeats}
+
+
+def mystery_summary(episodes: list[dict]) -> dict:
+    n = len(episodes)
+    falls = sum(e["falls"] for e in episodes)
+    return {"episodes": n, "success": sum(e["success"] for e in episodes) / n,
+            "steps": sum(e["steps"] for e in episodes) / n, "falls": falls / n,
+            "cells": sum(e["cells"] for e in episodes) / n, "repeats": sum(e["repeats"] for e in episodes) / n,
+            "repeated_share": sum(e["repeats"] for e in episodes) / falls if falls else 0.0}
+
+
+def format_mystery(s: dict) -> str:
+    return (f"{s['episodes']} episodes: success {s['success']:.3f}, {s['steps']:.1f} steps, "
+            f"per episode {s['falls']:.2f} falls into {s['cells']:.2f} cells, {s['repeats']:.2f} "
+            f"of them into a cell fallen into before ({s['repeated_share']:.0%} of the falls)")
 
 
 def breakdown(episodes: list[dict]) -> list[dict]:
@@ -158,7 +210,7 @@ def main(argv=None) -> int:
     from ppo_tbptt import curriculum
     from ppo_tbptt.checkpoint import CheckpointError
     from ppo_tbptt.config import ConfigError
-    from ppo_tbptt.envs import MORTAR_MAYHEM_IDS, make_env
+    from ppo_tbptt.envs import make_env
     from ppo_tbptt.evaluate import load_policy
     from ppo_tbptt.evaluation import seeds_from_range
     if args.episodes < 1:
@@ -171,26 +223,33 @@ def main(argv=None) -> int:
     except (CheckpointError, ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if cfg.env.id not in MORTAR_MAYHEM_IDS or "Grid" not in cfg.env.id:
-        print(f"error: {cfg.env.id} is not a grid Mortar Mayhem id", file=sys.stderr)
+    if cfg.env.id == "MortarMayhem-Grid-v0":
+        episode = mortar_episode
+    elif cfg.env.id == "MysteryPath-Grid-v0":
+        episode = mystery_episode
+    else:
+        print(f"error: {cfg.env.id} is neither MortarMayhem-Grid-v0 nor MysteryPath-Grid-v0", file=sys.stderr)
         return 2
     torch.set_num_threads(1)
     model.eval()
     env = make_env(env_cfg)
     gen = torch.Generator().manual_seed(0)
     try:
-        episodes = [run_episode(model, env, s, dict(env_cfg.reset_params), args.deterministic, gen)
-                    for s in seeds]
+        episodes = [episode(model, env, s, dict(env_cfg.reset_params), args.deterministic, gen) for s in seeds]
     finally:
         env.close()
-    rows = breakdown(episodes)
-    successes = sum(e["class"] is None for e in episodes)
+    out = {"checkpoint": str(file), "env_id": cfg.env.id, "reset_params": env_cfg.reset_params}
     print(f"{file}, reset params {curriculum.describe(env_cfg.reset_params)}")
-    print(format_table(rows, len(episodes), successes))
+    if episode is mystery_episode:
+        out.update(mystery_summary(episodes))
+        print(format_mystery(out))
+    else:
+        rows = breakdown(episodes)
+        successes = sum(e["class"] is None for e in episodes)
+        out.update(episodes=len(episodes), successes=successes, commands=rows)
+        print(format_table(rows, len(episodes), successes))
     if args.json:
-        Path(args.json).write_text(json.dumps({"checkpoint": str(file), "reset_params": env_cfg.reset_params,
-                                               "episodes": len(episodes), "successes": successes,
-                                               "commands": rows}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return 0
 
 
