@@ -120,8 +120,8 @@ def test_cli_refuses_another_env(tmp_path, capsys):
     assert mmf.main([str(tmp_path / "missing")]) == 2
 
 
-class _StayThenWalk:
-    """A scripted policy: waits until the tiles of a check light up, then walks forward."""
+class _Scripted:
+    """A policy that plays ``choose()``'s action with certainty, through the model's own dist."""
 
     def __init__(self, env):
         self.env, self.n = env, env.action_space.n
@@ -130,14 +130,20 @@ class _StayThenWalk:
         return None
 
     def __call__(self, obs, state):
-        action = 3 if self.env.unwrapped._tiles_on else 0
         logits = torch.full((1, 1, self.n), -30.0)
-        logits[0, 0, action] = 0.0
+        logits[0, 0, self.choose()] = 0.0
         return logits, None, state
 
     def dist(self, logits):
         from ppo_tbptt.model import ActionDist
         return ActionDist(logits, [self.n])
+
+
+class _StayThenWalk(_Scripted):
+    """Waits until the tiles of a check light up, then walks forward."""
+
+    def choose(self):
+        return 3 if self.env.unwrapped._tiles_on else 0
 
 
 def test_leaving_the_tile_in_the_explosion_is_told_apart_from_a_wrong_move():
@@ -157,23 +163,11 @@ def test_leaving_the_tile_in_the_explosion_is_told_apart_from_a_wrong_move():
     assert all(cls != LEFT or c == 0 for c, cls in classes["stay"])
 
 
-class _Forward:
-    """A scripted policy: always forward."""
+class _Forward(_Scripted):
+    """Always forward."""
 
-    def __init__(self, n):
-        self.n = n
-
-    def initial_state(self, batch):
-        return None
-
-    def __call__(self, obs, state):
-        logits = torch.full((1, 1, self.n), -30.0)
-        logits[0, 0, 3] = 0.0
-        return logits, None, state
-
-    def dist(self, logits):
-        from ppo_tbptt.model import ActionDist
-        return ActionDist(logits, [self.n])
+    def choose(self):
+        return 3
 
 
 @pytest.mark.parametrize("backend", ["memorygym", "fast"])
@@ -182,7 +176,7 @@ def test_mystery_path_falls_counted_as_the_env_counts_them(backend):
     after the first is a repeat) unless the walk reaches the goal or a wall; the script's falls
     equal the env's num_fails (it raises otherwise)."""
     env = make_env(C.EnvConfig(id="MysteryPath-Grid-v0", downsample=4, backend=backend))
-    policy = _Forward(env.action_space.n)
+    policy = _Forward(env)
     try:
         eps = [mmf.mystery_episode(policy, env, seed, {}, True, torch.Generator()) for seed in range(10)]
     finally:
