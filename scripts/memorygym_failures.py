@@ -1,7 +1,7 @@
 """Where a MemoryGym grid policy fails, on held-out levels: for Mortar Mayhem, which move the agent
 made at the command it failed; for Mystery Path, how often it fell off where it had fallen before.
 
-    python scripts/memorygym_failures.py runs/<name> [--stage N] [--episodes 300]
+    python scripts/memorygym_failures.py runs/<name> [--stage N] [--episodes 300] [--probe]
 
 **Mortar Mayhem** (``MortarMayhem-Grid-v0``). For each command, how many episodes reached it and carried it
 out; a failure at command k (0 = the first) is put in the first of these classes that fits it:
@@ -16,6 +16,13 @@ classes are errors of order: the agent held a command but produced it at the wro
 version has five commands (four moves and stay), so a wrong move often fits one of them by chance;
 the ``chance`` row is what the classes would count if each failure at a check had been a wrong move
 drawn uniformly from the commands that keep the agent in the arena.
+
+``--probe`` asks, for Mortar Mayhem, where the commands are in the agent's memory: for each step t
+and command j, a linear classifier (multinomial logistic regression on the standardised recurrent
+state after step t) is fitted on the first 70% of the episodes and scored on the rest. Accuracy
+near 1 means command j can be read from the state at step t; near the most frequent command's
+share (in brackets) means it cannot. A command that is readable when shown and fades while the
+agent acts was written and then lost; one that is never readable was not written.
 
 **Mystery Path** (``MysteryPath-Grid-v0``). Per episode: success, steps, falls (steps onto a cell
 off the hidden path, after which the env puts the agent back on the origin), the cells fallen into,
@@ -94,25 +101,33 @@ def act(model, obs, state, deterministic: bool, gen: torch.Generator):
         return int(torch.multinomial(d.probs[0][0], 1, generator=gen)), state
 
 
-def mortar_episode(model, env, seed: int, params: dict, deterministic: bool, gen: torch.Generator) -> dict:
+def mortar_episode(model, env, seed: int, params: dict, deterministic: bool, gen: torch.Generator,
+                   keep_states: bool = False) -> dict:
     """One Mortar Mayhem episode -> {"commands": n, "completed": k, "class": the failure's class,
-    None on success, "chance": the classes' odds for a random wrong move, None where they do not apply}."""
+    None on success, "chance": the classes' odds for a random wrong move, None where they do not
+    apply}; with ``keep_states`` also "states": the recurrent state after each step ``[T, D]`` and
+    "labels": each command's index in memory-gym's command table."""
     from memory_gym.pygame_assets import Command
     obs, _ = env.reset(seed=seed, options=params)
     u = env.unwrapped
     commands = list(u._commands)
     state = model.initial_state(1)
     passed = 0  # checks passed (rewarded commands)
+    states = []
     while True:
         action, state = act(model, obs, state, deterministic, gen)
+        if keep_states:
+            states.append(torch.cat([x[:, 0].reshape(-1) for x in state.tensors()]))
         obs, reward, terminated, truncated, info = env.step(action)
         passed += reward > 0
         if terminated or truncated:
             break
     n = int(u.num_commands)
     completed = round(info["commands_completed"] * n)
+    kept = {"states": torch.stack(states), "labels": [list(Command.COMMANDS).index(c) for c in commands]
+            } if keep_states else {}
     if info.get("success"):
-        return {"commands": n, "completed": completed, "class": None}
+        return {"commands": n, "completed": completed, "class": None, **kept}
     failed = int(u._current_command) - 1  # the command whose check or explosion ended the episode
     if failed != completed:
         raise RuntimeError(f"seed {seed}: the env counts {completed} commands carried out, the "
@@ -122,7 +137,7 @@ def mortar_episode(model, env, seed: int, params: dict, deterministic: bool, gen
     cls = classify(commands, Command.COMMANDS, failed, start, tuple(u.normalized_agent_position), on_tile)
     odds = None if on_tile else chance(commands, Command.COMMANDS, failed, start,
                                        int(u.reset_params["allowed_commands"]), int(u.reset_params["arena_size"]))
-    return {"commands": n, "completed": completed, "class": cls, "chance": odds}
+    return {"commands": n, "completed": completed, "class": cls, "chance": odds, **kept}
 
 
 def mystery_episode(model, env, seed: int, params: dict, deterministic: bool, gen: torch.Generator) -> dict:
@@ -163,6 +178,57 @@ def format_mystery(s: dict) -> str:
     return (f"{s['episodes']} episodes: success {s['success']:.3f}, {s['steps']:.1f} steps, "
             f"per episode {s['falls']:.2f} falls into {s['cells']:.2f} cells, {s['repeats']:.2f} "
             f"of them into a cell fallen into before ({s['repeated_share']:.0%} of the falls)")
+
+
+def probe(states: list[torch.Tensor], labels: list[int], classes: int, train: float = 0.7) -> dict | None:
+    """A linear probe: ``states`` (one ``[D]`` state per episode) -> ``labels``, fitted on the first
+    ``train`` share of the episodes and scored on the rest -> {"accuracy", "majority" (the most
+    frequent label's share of the scored episodes), "scored"}; None with fewer than 20 episodes to
+    fit or 10 to score."""
+    cut = int(train * len(states))
+    if cut < 20 or len(states) - cut < 10:
+        return None
+    x, y = torch.stack(states).double(), torch.tensor(labels)
+    mu, sd = x[:cut].mean(0), x[:cut].std(0) + 1e-6
+    x = (x - mu) / sd
+    lin = torch.nn.Linear(x.shape[1], classes, dtype=torch.float64)
+    opt = torch.optim.LBFGS(lin.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(lin(x[:cut]), y[:cut]) + 1e-3 * lin.weight.square().sum()
+        loss.backward()
+        return loss
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        accuracy = (lin(x[cut:]).argmax(1) == y[cut:]).double().mean().item()
+    return {"accuracy": accuracy, "majority": torch.bincount(y[cut:]).max().item() / (len(y) - cut),
+            "scored": len(y) - cut}
+
+
+def probe_table(episodes: list[dict], every: int, classes: int) -> list[dict]:
+    """For every ``every``-th step t and each command j: the probe of command j on the states after
+    step t of the episodes still running then."""
+    rows = []
+    for t in range(0, max(len(e["states"]) for e in episodes), every):
+        running = [e for e in episodes if len(e["states"]) > t]
+        cells = [probe([e["states"][t] for e in running], [e["labels"][j] for e in running], classes)
+                 for j in range(max(e["commands"] for e in episodes))]
+        if any(cells):
+            rows.append({"step": t, "episodes": len(running), "commands": cells})
+    return rows
+
+
+def format_probes(rows: list[dict]) -> str:
+    n = max(len(r["commands"]) for r in rows)
+    head = ["step", "episodes"] + [f"command {j}" for j in range(n)]
+    lines = ["probe accuracy on the scored episodes (the most frequent command's share)",
+             " | ".join(head), " | ".join("---" for _ in head)]
+    for r in rows:
+        lines.append(" | ".join([str(r["step"]), str(r["episodes"])] + [
+            "-" if c is None else f"{c['accuracy']:.2f} ({c['majority']:.2f})" for c in r["commands"]]))
+    return "\n".join(lines)
 
 
 def breakdown(episodes: list[dict]) -> list[dict]:
@@ -206,6 +272,9 @@ def main(argv=None) -> int:
     p.add_argument("--episodes", type=int, default=300)
     p.add_argument("--deterministic", action="store_true")
     p.add_argument("--json", default=None, help="also write the table as JSON here")
+    p.add_argument("--probe", action="store_true",
+                   help="Mortar Mayhem: also fit linear probes of each command on the recurrent state at each step")
+    p.add_argument("--probe-every", type=int, default=4, metavar="N", help="probe every N-th step (default 4)")
     args = p.parse_args(argv)
     from ppo_tbptt import curriculum
     from ppo_tbptt.checkpoint import CheckpointError
@@ -213,8 +282,9 @@ def main(argv=None) -> int:
     from ppo_tbptt.envs import make_env
     from ppo_tbptt.evaluate import load_policy
     from ppo_tbptt.evaluation import seeds_from_range
-    if args.episodes < 1:
-        print(f"error: --episodes must be >= 1, got {args.episodes}", file=sys.stderr)
+    if args.episodes < 1 or args.probe_every < 1:
+        print(f"error: --episodes and --probe-every must be >= 1, got {args.episodes} and {args.probe_every}",
+              file=sys.stderr)
         return 2
     try:
         model, cfg, _, file = load_policy(args.run, torch.device("cpu"))
@@ -230,12 +300,17 @@ def main(argv=None) -> int:
     else:
         print(f"error: {cfg.env.id} is neither MortarMayhem-Grid-v0 nor MysteryPath-Grid-v0", file=sys.stderr)
         return 2
+    if args.probe and episode is not mortar_episode:
+        print("error: --probe is for Mortar Mayhem (its commands are what the probes read)", file=sys.stderr)
+        return 2
     torch.set_num_threads(1)
     model.eval()
     env = make_env(env_cfg)
     gen = torch.Generator().manual_seed(0)
     try:
-        episodes = [episode(model, env, s, dict(env_cfg.reset_params), args.deterministic, gen) for s in seeds]
+        keep = {"keep_states": True} if args.probe else {}
+        episodes = [episode(model, env, s, dict(env_cfg.reset_params), args.deterministic, gen, **keep)
+                    for s in seeds]
     finally:
         env.close()
     out = {"checkpoint": str(file), "env_id": cfg.env.id, "reset_params": env_cfg.reset_params}
@@ -248,6 +323,10 @@ def main(argv=None) -> int:
         successes = sum(e["class"] is None for e in episodes)
         out.update(episodes=len(episodes), successes=successes, commands=rows)
         print(format_table(rows, len(episodes), successes))
+        if args.probe:
+            from memory_gym.pygame_assets import Command
+            out["probes"] = probe_table(episodes, args.probe_every, len(Command.COMMANDS))
+            print(format_probes(out["probes"]))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return 0

@@ -217,3 +217,78 @@ def test_cli_on_each_env(name, key, tmp_path, monkeypatch, capsys):
     target = curriculum.stage_params(cfg)  # the last stage: the published task
     assert got["reset_params"] == target
     assert f"reset params {curriculum.describe(target)}" in capsys.readouterr().out
+
+
+def test_probe_reads_a_written_command_and_not_noise():
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 5, (300,), generator=gen).tolist()
+    noise = [torch.randn(64, generator=gen) for _ in labels]
+    written = [x + 6 * torch.nn.functional.pad(torch.eye(5)[y], (0, 59)) for x, y in zip(noise, labels)]
+    got = mmf.probe(written, labels, 5)
+    assert got["scored"] == 90 and got["accuracy"] > 0.95
+    # noise: scored on episodes the probe was not fitted on, so no better than guessing
+    # (fitted and scored on the same 210 episodes, 64 dimensions would score far higher)
+    got = mmf.probe(noise, labels, 5)
+    assert got["accuracy"] < got["majority"] + 0.15
+    assert mmf.probe(noise[:25], labels[:25], 5) is None  # too few to fit and score
+    skewed = [0] * 250 + [1] * 20 + [2] * 30  # the scored 90: 20 ones, 30 twos, 40 zeros
+    assert mmf.probe(noise, skewed, 5)["majority"] == pytest.approx(40 / 90)
+
+
+def test_kept_states_are_the_models_state_after_each_step():
+    env_cfg = C.EnvConfig(id="MortarMayhem-Grid-v0", downsample=4, backend="fast")
+    env = make_env(env_cfg)
+    model = build_model(env.observation_space, env.action_space, C.ModelConfig(hidden_size=16, hidden_layer=16))
+    try:
+        e = mmf.mortar_episode(model, env, 3, {"command_count": [2]}, True, torch.Generator(), keep_states=True)
+        steps = len(e["states"])
+        obs, _ = env.reset(seed=3, options={"command_count": [2]})
+    finally:
+        env.close()
+    with torch.no_grad():
+        _, _, state = model(torch.as_tensor(obs)[None, None], model.initial_state(1))
+    assert torch.equal(e["states"][0], state.h[0, 0]) and e["states"].shape[1] == 16
+    assert steps > 8  # the two commands are shown for 8 steps before the agent acts
+    from memory_gym.pygame_assets import Command
+    assert e["labels"] == [list(Command.COMMANDS).index(c) for c in env.unwrapped._commands]
+
+
+def test_probe_table_follows_the_running_episodes():
+    gen = torch.Generator().manual_seed(1)
+    eps = []
+    for i in range(200):
+        y = [int(torch.randint(0, 5, (), generator=gen)) for _ in range(2)]
+        T = 8 if i % 2 else 3  # half the episodes end after 3 steps
+        # command 0 is readable from step 2 on, command 1 never
+        states = torch.randn(T, 16, generator=gen)
+        states[2:, :5] += 4 * torch.eye(5)[y[0]]
+        eps.append({"commands": 2, "states": states, "labels": y})
+    rows = mmf.probe_table(eps, 2, 5)
+    assert [(r["step"], r["episodes"]) for r in rows] == [(0, 200), (2, 200), (4, 100), (6, 100)]
+    first = [r["commands"][0]["accuracy"] for r in rows]
+    second = [r["commands"][1]["accuracy"] for r in rows]
+    assert first[0] < 0.5 and min(first[1:]) > 0.9 and max(second) < 0.5
+    assert "command 1" in mmf.format_probes(rows).splitlines()[1]
+
+
+def test_cli_probe(tmp_path, monkeypatch, capsys):
+    import json
+    import ppo_tbptt.evaluate as ev
+    from ppo_tbptt import curriculum
+    for name in ("mortar_mayhem_grid_cpu", "mystery_path_grid_cpu"):
+        cfg = C.load(name, ["env.vector=serial", "model.hidden_size=16"])
+        env = make_env(cfg.env)
+        model = build_model(env.observation_space, env.action_space, cfg.model)
+        env.close()
+        monkeypatch.setattr(ev, "load_policy", lambda path, device, m=model, c=cfg: (m, c, {}, Path(path)))
+        out = tmp_path / f"{name}.json"
+        code = mmf.main(["somewhere", "--stage", "0", "--episodes", "40", "--probe", "--json", str(out)])
+        if name.startswith("mystery"):
+            assert code == 2 and "--probe is for Mortar Mayhem" in capsys.readouterr().err
+            continue
+        assert code == 0
+        got = json.loads(out.read_text())
+        assert got["reset_params"] == curriculum.stage_params(cfg, 0)
+        # one command, shown at step 0: the probes have its column, scored on 12 of 40 episodes
+        assert got["probes"][0]["step"] == 0 and got["probes"][0]["commands"][0]["scored"] == 12
+    assert mmf.main(["somewhere", "--probe-every", "0"]) == 2
