@@ -161,6 +161,9 @@ def mystery_episode(model, env, seed: int, params: dict, deterministic: bool, ge
             break
     if falls != info["num_fails"]:
         raise RuntimeError(f"seed {seed}: the env counts {info['num_fails']} falls, this script {falls}")
+    if "repeated_falls" in info and repeats != info["repeated_falls"]:
+        raise RuntimeError(f"seed {seed}: the env's wrapper counts {info['repeated_falls']} repeated falls, "
+                           f"this script {repeats}")
     return {"success": int(info["success"]), "steps": steps, "falls": falls, "cells": len(fallen),
             "repeats": repeats}
 

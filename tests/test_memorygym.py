@@ -189,3 +189,73 @@ def test_downsample_rejects_sizes_it_does_not_divide():
         make_env(C.EnvConfig(id="MortarMayhem-Grid-v0", downsample=5))
     with pytest.raises(ValueError, match="image observations"):
         DownsampleObservation(make_env(C.EnvConfig(id="CueRecall-v0")), 2)
+
+
+def _first_fall_turns(env, seed):
+    """How many left turns (action 1) before a step forward leave the path from the origin of
+    level ``seed`` (None if no heading does)."""
+    for turns in range(4):
+        env.reset(seed=seed)
+        for _ in range(turns):
+            env.step(1)
+        env.step(3)
+        if env.unwrapped.num_fails == 1:
+            return turns
+    return None
+
+
+@pytest.mark.parametrize("backend", ["memorygym", "fast"])
+def test_mystery_path_repeated_falls_are_counted_and_only_they_pay_reward_repeat_fall(backend):
+    """The same cell fallen into three times: one fall, two repeats. reward_repeat_fall (taken out
+    of the options before memory-gym, which rejects unknown keys) changes the reward of exactly the
+    two repeated falls; the episode's last info counts them beside the env's num_fails."""
+    def episode(**params):
+        env_cfg = C.EnvConfig(id="MysteryPath-Grid-v0", backend=backend,
+                              reset_params={"max_steps": 24, **params})
+        env = LevelSeedWrapper(make_env(env_cfg), lambda: 0, env_cfg.reset_params)
+        seed, turns = next((s, t) for s in range(50) if (t := _first_fall_turns(env, s)) is not None)
+        env.reset(seed=seed)
+        # fall, back on the origin, the same fall, back, the same fall, then stand to the step limit
+        actions = [1] * turns + [3, 0, 3, 0, 3]
+        rewards, cells = [], []
+        for t in range(24):
+            _, reward, term, trunc, info = env.step(actions[t] if t < len(actions) else 0)
+            rewards.append(reward)
+            cells.append(tuple(env.unwrapped.normalized_agent_position))
+            if term or trunc:
+                break
+        env.close()
+        return turns, rewards, cells, info
+
+    turns, plain, cells, info = episode()
+    falls = [turns, turns + 2, turns + 4]
+    assert cells[falls[0]] == cells[falls[1]] == cells[falls[2]] != cells[falls[0] + 1]
+    assert info["num_fails"] == 3 and info["repeated_falls"] == 2
+    turns2, penalised, cells2, info2 = episode(reward_repeat_fall=-0.5)
+    assert (turns2, cells2) == (turns, cells) and info2["repeated_falls"] == 2
+    diff = [round(b - a, 6) for a, b in zip(plain, penalised)]
+    assert diff == [-0.5 if t in falls[1:] else 0.0 for t in range(len(plain))]
+
+
+def test_repeated_falls_reach_the_training_statistics():
+    """charts/repeated_falls: the vector env's episode statistics carry the count (serial envs)."""
+    from ppo_tbptt.envs import make_vector_env
+    cfg = C.load("mystery_path_grid_cpu", ["curriculum.stages=null", "env.num_envs=2", "env.vector=serial", "ppo.minibatches=1",
+                                           "env.reset_params={max_steps: 12}"])
+    venv = make_vector_env(cfg.env, run_seed=0)
+    venv.reset()
+    rng = np.random.default_rng(0)
+    episodes = []
+    while len(episodes) < 6:
+        episodes += venv.step(rng.integers(0, 4, size=2)).episodes
+    venv.close()
+    assert all(0 <= e.extra["repeated_falls"] <= max(e.extra["num_fails"] - 1, 0) for e in episodes)
+    assert any(e.extra["repeated_falls"] > 0 for e in episodes)
+
+
+def test_reward_repeat_fall_is_a_reset_parameter_of_mystery_path_only():
+    cfg = C.load("mystery_path_grid_cpu", ["curriculum.stages=[{reward_repeat_fall: -0.05}, {}]"])
+    assert cfg.curriculum.stages[0] == {"reward_repeat_fall": -0.05}
+    with pytest.raises(C.ConfigError, match=r"curriculum.stages\[0\].reward_repeat_fall: not a reset "
+                                            r"parameter of MortarMayhem-Grid-v0"):
+        C.load("mortar_mayhem_grid_cpu", ["curriculum.stages=[{reward_repeat_fall: -0.05}, {}]"])

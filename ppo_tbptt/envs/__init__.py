@@ -13,7 +13,8 @@ import numpy as np
 from .classic import PENDULUM_NO_VELOCITY_ID, PendulumNoVelocity
 from .cue_recall import CueRecall
 from .vector import EnvConfigError, EnvError, EpisodeStats, SerialVectorEnv, StepResult, VectorEnv
-from .memorygym import MEMORY_GYM_IDS, MORTAR_MAYHEM_IDS, MortarMayhemTrueSuccess
+from .memorygym import (EXTRA_RESET_PARAMS, MEMORY_GYM_IDS, MORTAR_MAYHEM_IDS, MYSTERY_PATH_IDS,
+                        MortarMayhemTrueSuccess, MysteryPathRepeatedFalls)
 from .spaces import FlatBox, FlattenObservation, UnsupportedSpaceError, action_layout, flatten_observations
 from .time_limit import TimeLimitAsTruncation
 from .wrappers import DownsampleObservation, EnvStateError, LevelSeedWrapper
@@ -54,13 +55,16 @@ def _reset_param_defaults(env_id: str) -> dict | None:
     except Exception:  # unknown id, or an entry point that does not import: nothing declared
         return None
     defaults = getattr(entry, "default_reset_parameters", None)
-    return dict(defaults) if isinstance(defaults, dict) else None
+    if not isinstance(defaults, dict):
+        return None
+    return {**defaults, **EXTRA_RESET_PARAMS.get(env_id, {})}
 
 
 def reset_param_defaults(env_id: str) -> dict | None:
     """The reset parameters an env id declares, with their defaults (an env class's
-    ``default_reset_parameters``, MemoryGym's convention; CueRecall-v0 declares ``delay``), read
-    without building the env; None if it declares none."""
+    ``default_reset_parameters``, MemoryGym's convention; CueRecall-v0 declares ``delay``), and
+    those this package adds to it (Mystery Path's ``reward_repeat_fall``), read without building
+    the env; None if it declares none."""
     found = _reset_param_defaults(env_id)
     return None if found is None else copy.deepcopy(found)
 
@@ -120,7 +124,8 @@ def seed_sequence(seeds: list[int]) -> SeedSequence:
 def make_env(env_cfg, render_mode: str | None = None) -> gym.Env:
     """One env as training and evaluation see it, without the level-seed wrapper: the raw env
     (memory-gym's, or with ``env.backend: fast`` its exact port in :mod:`ppo_tbptt.envs.fast_grid`),
-    Mortar Mayhem's success recomputed (:class:`MortarMayhemTrueSuccess`), observations
+    Mortar Mayhem's success recomputed (:class:`MortarMayhemTrueSuccess`), Mystery Path's repeated
+    falls counted (:class:`MysteryPathRepeatedFalls`), observations
     average-pooled by ``env.downsample``, observations other than a Box flattened into one
     (:mod:`ppo_tbptt.envs.spaces`). Raises EnvConfigError if it cannot be built or its spaces are
     not supported."""
@@ -136,6 +141,8 @@ def make_env(env_cfg, render_mode: str | None = None) -> gym.Env:
                              f"{type(exc).__name__}: {exc}") from exc
     if env_cfg.id in MORTAR_MAYHEM_IDS:
         env = MortarMayhemTrueSuccess(env)
+    if env_cfg.id in MYSTERY_PATH_IDS:
+        env = MysteryPathRepeatedFalls(env)
     if getattr(env_cfg, "time_limit_as_truncation", False):
         env = TimeLimitAsTruncation(env)
     factor = getattr(env_cfg, "downsample", 1)

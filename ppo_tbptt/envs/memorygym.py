@@ -9,7 +9,9 @@ tile when the last command was verified) and keeps the env's own values as ``raw
 ``raw_commands_completed``, so figures stay comparable with published ones that read the flag.
 
 Mystery Path's flag needs no fix: ``success`` is 1 exactly when the agent stands on the goal
-(checked in ``tests/test_memorygym.py``).
+(checked in ``tests/test_memorygym.py``). :class:`MysteryPathRepeatedFalls` counts the falls into a
+cell fallen into before in the same episode (what an agent that remembers where it fell never
+does), and can penalise them through a reset parameter this package adds, ``reward_repeat_fall``.
 """
 from __future__ import annotations
 
@@ -20,6 +22,57 @@ MEMORY_GYM_IDS = MORTAR_MAYHEM_IDS + (
     "MysteryPath-v0", "MysteryPath-Grid-v0", "SearingSpotlights-v0",
     "Endless-MortarMayhem-v0", "Endless-MysteryPath-v0", "Endless-SearingSpotlights-v0",
 )
+MYSTERY_PATH_IDS = ("MysteryPath-v0", "MysteryPath-Grid-v0")
+
+# Reset parameters this package adds to an env's own, with their defaults: a curriculum stage or
+# env.reset_params may set them like the env's; a wrapper takes them out before the env sees them.
+EXTRA_RESET_PARAMS = {env_id: {"reward_repeat_fall": 0.0} for env_id in MYSTERY_PATH_IDS}
+
+
+class MysteryPathRepeatedFalls(gym.Wrapper):
+    """Mystery Path's falls into a cell the agent had already fallen into in the same episode.
+
+    A fall is a step that raises the env's ``num_fails``; its cell is the env's
+    ``normalized_agent_position`` at that step (the tile off the path). The episode's last info
+    gets ``repeated_falls``, the number of falls into a cell fallen into before, beside the env's
+    ``num_fails``. The reset parameter ``reward_repeat_fall`` (default 0.0; removed from the options
+    before the env sees them) is added to the reward of each such fall: a penalty for forgetting
+    where the agent fell, which leaves the first fall into a cell, exploration, unpenalised (the
+    env's own ``reward_fall_off`` pays every fall).
+    """
+
+    PARAM = "reward_repeat_fall"
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        self.repeat_reward = 0.0
+        self._fallen: set = set()
+        self._fails = 0
+        self._repeats = 0
+
+    def reset(self, *, seed=None, options=None):
+        if options is not None and self.PARAM in options:
+            options = dict(options)
+            self.repeat_reward = float(options.pop(self.PARAM))
+        else:
+            self.repeat_reward = 0.0
+        self._fallen, self._fails, self._repeats = set(), 0, 0
+        return self.env.reset(seed=seed, options=options)
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        u = self.env.unwrapped
+        if u.num_fails > self._fails:
+            self._fails = u.num_fails
+            cell = tuple(int(v) for v in u.normalized_agent_position)
+            if cell in self._fallen:
+                self._repeats += 1
+                reward = reward + self.repeat_reward
+            self._fallen.add(cell)
+        if "num_fails" in info:
+            info = dict(info)
+            info["repeated_falls"] = self._repeats
+        return obs, reward, terminated, truncated, info
 
 
 class MortarMayhemTrueSuccess(gym.Wrapper):

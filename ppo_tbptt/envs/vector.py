@@ -28,7 +28,8 @@ import gymnasium as gym
 import numpy as np
 
 #: Numeric keys of an env's end-of-episode info that are reported as task statistics.
-TASK_STAT_KEYS = ("commands_completed", "command_count", "num_fails", "raw_success", "raw_commands_completed")
+TASK_STAT_KEYS = ("commands_completed", "command_count", "num_fails", "repeated_falls", "raw_success",
+                  "raw_commands_completed")
 
 
 class EnvError(RuntimeError):
