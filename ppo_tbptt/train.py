@@ -1,5 +1,6 @@
 """``python -m ppo_tbptt.train --config NAME_OR_PATH [--set section.key=value ...]``
 ``python -m ppo_tbptt.train --resume runs/<name> [--set run.total_steps=N]``
+``python -m ppo_tbptt.train --fork runs/<name>[/checkpoints/step_N.pt] [--run-name NEW] [--set ...]``
 
 Exit codes: 0 done; 2 bad input (config, missing/truncated/mismatched checkpoint); 128 + signal
 number when SIGINT/SIGTERM stopped training after saving a checkpoint.
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 
 from .cli import DEVICE_HELP, add_common, device_arg
-from .config import ConfigError, dump_yaml, load, resolve_path
+from .config import ConfigError, apply_overrides, dump_yaml, load, resolve_path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -27,6 +28,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a shipped config's name (e.g. mortar_mayhem_grid.yaml; --list-configs) or a path")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its latest checkpoint (config from the checkpoint)")
+    p.add_argument("--fork", default=None, metavar="RUN_DIR_OR_CHECKPOINT",
+                   help="start a new run from a checkpoint (a run folder's latest, or a checkpoint file): "
+                        "its weights, optimizer, step and curriculum stage, with any --set (reset "
+                        "parameters and curriculum stages too); the episodes start afresh and the "
+                        "original run is left as it is")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config field (repeatable), e.g. --set ppo.lr=3e-4 --set env.kwargs.delay=12")
     p.add_argument("--device", type=device_arg, default=None,
@@ -41,14 +47,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "WANDB_MODE=offline works without an account)")
     p.add_argument("--list-configs", action="store_true", help="list the shipped configs and exit")
     p.add_argument("--print-config", action="store_true",
-                   help="print the resolved config (--config or --resume, with --set) as YAML and exit "
+                   help="print the resolved config (--config, --resume or --fork, with --set) as YAML and exit "
                         "without training")
     add_common(p)
     args = p.parse_args(argv)
     if args.list_configs:
         return args
-    if (args.config is None) == (args.resume is None):
-        p.error("give exactly one of --config (new run) or --resume RUN_DIR")
+    if sum(x is not None for x in (args.config, args.resume, args.fork)) != 1:
+        p.error("give exactly one of --config (new run), --resume RUN_DIR or --fork RUN_DIR_OR_CHECKPOINT")
     if args.resume and args.run_name:
         p.error("--run-name does not apply to --resume (the run keeps its folder)")
     return args
@@ -133,6 +139,124 @@ def resume(args, overrides: list[str], dist=None) -> int:
     return run(trainer)
 
 
+def plan_fork(source: Path, overrides: list[str], dist=None):
+    """``(checkpoint path, its contents, the config it was written with, the fork's config,
+    warnings)`` for ``--fork source``: the checkpoint's config with the overrides, any field
+    allowed. Raises CheckpointError or ConfigError (ValueError: a run that has nothing left)."""
+    from . import checkpoint as ckpt
+    from .config import from_dict
+    from .parallel import SINGLE
+    from .resume import schedule_changes
+    path, state = (SINGLE if dist is None else dist).load_latest(source)
+    for key in ("optimizer", "global_step", "update"):
+        if key not in state:
+            raise ckpt.CheckpointError(f"checkpoint {path}: no '{key}' entry; it holds weights only "
+                                       "and cannot be forked (a new run can still start from scratch)")
+    try:
+        previous = from_dict(state["config"])
+    except ConfigError as exc:
+        raise ckpt.CheckpointError(f"checkpoint {path}: config invalid: " + "; ".join(exc.problems)) from None
+    raw, problems = apply_overrides(state["config"], overrides)
+    if problems:
+        raise ConfigError(problems)
+    cfg = from_dict(raw)
+    done = int(state["global_step"])
+    if cfg.run.total_steps <= done:
+        raise ValueError(f"run.total_steps={cfg.run.total_steps:,} is not above the {done:,} env steps of "
+                         f"checkpoint {path}: --set run.total_steps=N with N > {done:,}")
+    return path, state, previous, cfg, schedule_changes(previous, cfg, done)
+
+
+def copy_metrics(source_run: Path, run_dir: Path, step: int) -> bool:
+    """Copy ``source_run``'s metrics.jsonl rows up to ``step`` into ``run_dir`` (the fork's curve
+    then begins where its origin's ends); False if there is none."""
+    import json
+    src = Path(source_run) / "metrics.jsonl"
+    if not src.is_file():
+        return False
+    kept = []
+    for line in src.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # (a row cut by a crash)
+        if isinstance(row, dict) and int(row.get("global_step", 0)) <= step:
+            kept.append(line)
+    (Path(run_dir) / "metrics.jsonl").write_text("".join(f"{line}\n" for line in kept))
+    return True
+
+
+def fork(args, overrides: list[str], dist=None) -> int:
+    import json
+    from .checkpoint import CheckpointError
+    source = Path(args.fork)
+    try:
+        path, state, previous, cfg, warnings = plan_fork(source, overrides, dist)
+        from .utils import resolve_device
+        device = dist.place(cfg, resolve_device(cfg.run.device))
+    except (CheckpointError, ValueError) as exc:  # ConfigError is a ValueError
+        return error(exc)
+    step = int(state["global_step"])
+    origin_run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+
+    def record(run_dir: Path) -> None:
+        (run_dir / "fork.json").write_text(json.dumps(
+            {"checkpoint": str(path.resolve()), "step": step, "overrides": overrides}, indent=1) + "\n")
+        copy_metrics(origin_run, run_dir, step)
+
+    def warn(trainer) -> None:
+        if trainer.dist.is_main:
+            for line in warnings:
+                trainer.warn(line)
+
+    return new_run(cfg, args.run_name, f"{cfg.run.name or origin_run.name}_fork{step}", device, dist,
+                   about=f"a fork of {path} at step {step:,}; ", record=record, before=warn,
+                   fork=state, fork_path=path)
+
+
+def new_run(cfg, run_name: str | None, prefix: str, device, dist, about: str = "", record=None,
+            before=None, **trainer_kw) -> int:
+    """Make the run folder (rank 0; its ``config.yaml``, then ``record(folder)``), build the
+    trainer (``trainer_kw``), call ``before(trainer)`` and train. A trainer that cannot be built
+    (bad env, model, tracker or checkpoint) leaves no folder behind: exit code 2."""
+    from .checkpoint import CheckpointError
+    from .envs import EnvConfigError
+    from .model import ModelConfigError
+    from .tracking import TrackingError
+    from .trainer import Trainer
+
+    def new_run_dir() -> str:  # (rank 0 alone: the others write nothing)
+        path = make_run_dir(cfg.run.out_dir, run_name, prefix, cfg.run.seed)
+        (path / "config.yaml").write_text(dump_yaml(cfg))
+        if record is not None:
+            record(path)
+        return str(path)
+
+    try:
+        run_dir = Path(dist.from_main(new_run_dir, (FileExistsError, ValueError, OSError)))
+    except (FileExistsError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if dist.is_main:
+        print(f"run folder: {run_dir}  ({about}tensorboard --logdir {cfg.run.out_dir})  device: {device}{_ranks(dist)}",
+              flush=True)
+    try:
+        trainer = Trainer(cfg, run_dir, device, dist=dist, **trainer_kw)
+    except (ConfigError, CheckpointError, EnvConfigError, ModelConfigError, TrackingError) as exc:
+        if dist.is_main:
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing was trained: leave no empty run behind
+        return error(exc)
+    if before is not None:
+        before(trainer)
+    return run(trainer)
+
+
+def error(exc: Exception) -> int:
+    """Print ``exc`` as one ``error:`` line (a ConfigError's problems joined); exit code 2."""
+    print(f"error: {'; '.join(exc.problems) if isinstance(exc, ConfigError) else exc}", file=sys.stderr)
+    return 2
+
+
 def _ranks(dist) -> str:
     return f"  ranks: {dist.world_size} ({dist.backend})" if dist.enabled else ""
 
@@ -203,7 +327,7 @@ def substitute_for_cpu(name: str, cfg, device, overrides: list[str], exact: bool
 
 
 def print_config(args, overrides: list[str]) -> int:
-    """``--print-config``: the config a run (or a resume) would use, as YAML; nothing is trained."""
+    """``--print-config``: the config a run (a resume, a fork) would use, as YAML; nothing is trained."""
     from .checkpoint import CheckpointError
     try:
         if args.resume:
@@ -212,6 +336,10 @@ def print_config(args, overrides: list[str]) -> int:
             cfg = plan.cfg
             head = [f"# the config of a resume of {args.resume} from {plan.path} (step {plan.steps_done:,})"]
             head += [f"# note: {line}" for line in plan.notes] + [f"# warning: {line}" for line in plan.warnings]
+        elif args.fork:
+            path, state, _, cfg, warnings = plan_fork(Path(args.fork), overrides)
+            head = [f"# the config of a fork of {path} (step {int(state['global_step']):,})"]
+            head += [f"# warning: {line}" for line in warnings]
         else:
             cfg, device = config_and_device(args.config, overrides)
             name, cfg, note = substitute_for_cpu(args.config, cfg, device, overrides, args.exact)
@@ -219,12 +347,8 @@ def print_config(args, overrides: list[str]) -> int:
                                                  if overrides else "")]
             if note:
                 head += [f"# {line}" for line in note.splitlines()]
-    except ConfigError as exc:
-        print(f"error: {'; '.join(exc.problems)}", file=sys.stderr)
-        return 2
-    except (CheckpointError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (CheckpointError, ValueError) as exc:  # ConfigError is a ValueError
+        return error(exc)
     print("\n".join(head))
     print(dump_yaml(cfg), end="")
     return 0
@@ -279,6 +403,8 @@ def train_main(args, dist) -> int:
     overrides = _overrides(args)
     if args.resume:
         return resume(args, overrides, dist)
+    if args.fork:
+        return fork(args, overrides, dist)
     try:
         cfg, device = config_and_device(args.config, overrides)
         name, cfg, note = substitute_for_cpu(args.config, cfg, device, overrides, args.exact)
@@ -289,33 +415,7 @@ def train_main(args, dist) -> int:
         return 2
     if note and dist.is_main:
         print(note, flush=True)
-    prefix = cfg.run.name or resolve_path(name).stem
-
-    def new_run_dir() -> str:  # (rank 0 alone: the others write nothing)
-        path = make_run_dir(cfg.run.out_dir, args.run_name, prefix, cfg.run.seed)
-        (path / "config.yaml").write_text(dump_yaml(cfg))
-        return str(path)
-
-    try:
-        run_dir = Path(dist.from_main(new_run_dir, (FileExistsError, ValueError, OSError)))
-    except (FileExistsError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    from .envs import EnvConfigError
-    from .model import ModelConfigError
-    from .tracking import TrackingError
-    from .trainer import Trainer
-    if dist.is_main:
-        print(f"run folder: {run_dir}  (tensorboard --logdir {cfg.run.out_dir})  device: {device}{_ranks(dist)}",
-              flush=True)
-    try:
-        trainer = Trainer(cfg, run_dir, device, dist=dist)
-    except (EnvConfigError, ModelConfigError, TrackingError) as exc:
-        if dist.is_main:
-            shutil.rmtree(run_dir, ignore_errors=True)  # nothing was trained: leave no empty run behind
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return run(trainer)
+    return new_run(cfg, args.run_name, cfg.run.name or resolve_path(name).stem, device, dist)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,8 @@ class Trainer:
 
     ``resume``: a checkpoint dict (from :func:`checkpoint.load_checkpoint`) to continue from; then
     every bit of state that influences later updates is restored (see :meth:`state_dict`).
+    ``fork``: instead, a checkpoint dict (of this or another run) to branch from: the weights,
+    optimizer and counters are taken from it, the rest starts afresh (see :meth:`load_fork_state`).
     ``dist``: this process's place in the run (:mod:`ppo_tbptt.parallel`; None: one process). A
     rank of a data-parallel run (:class:`ppo_tbptt.distributed.Distributed`) steps its share of
     ``env.num_envs``, and only rank 0 logs, evaluates and writes checkpoints.
@@ -65,7 +67,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: Path, device: torch.device, log: bool = True,
                  quiet: bool = False, resume: dict | None = None, resume_path: Path | None = None,
-                 dist: SingleProcess | None = None):
+                 dist: SingleProcess | None = None, fork: dict | None = None, fork_path: Path | None = None):
         self.cfg = cfg
         self.dist = SINGLE if dist is None else dist
         self.device = device = self.dist.place(cfg, device)
@@ -93,9 +95,10 @@ class Trainer:
         if hasattr(self.envs, "on_warning"):  # a worker pool that replaced a dead worker says so
             self.envs.on_warning = self.warn
         self.console.task(f"envs ready in {time.perf_counter() - t0:.1f} s; building the model"
-                          + (f" and restoring {resume_path}" if resume is not None else ""))
+                          + (f" and restoring {resume_path}" if resume is not None else "")
+                          + (f" and branching from {fork_path}" if fork is not None else ""))
         try:
-            self._build(cfg, device, log, resume, resume_path)
+            self._build(cfg, device, log, resume, resume_path, fork, fork_path)
         except BaseException:
             self.envs.close()  # a bad checkpoint or config must not leave worker processes behind
             self.console.close()
@@ -103,7 +106,7 @@ class Trainer:
         self.console.ready(self.total_updates)
 
     def _build(self, cfg: Config, device: torch.device, log: bool, resume: dict | None,
-               resume_path: Path | None) -> None:
+               resume_path: Path | None, fork: dict | None = None, fork_path: Path | None = None) -> None:
         """The rest of ``__init__``, once the envs exist (they are closed if this raises)."""
         self.model = build_model(self.envs.single_observation_space, self.envs.single_action_space,
                                  cfg.model).to(device)
@@ -136,8 +139,10 @@ class Trainer:
         self._stage_note: str | None = None
         if resume is not None:
             self.load_state_dict(resume, resume_path or "checkpoint")
+        if fork is not None:
+            self.load_fork_state(fork, fork_path or "checkpoint")
         tracker = open_tracker(cfg, self.run_dir) if log else None  # run.track: wandb (None: off)
-        self.writer = MetricsWriter(self.run_dir, resume_step=self.global_step if resume else None,
+        self.writer = MetricsWriter(self.run_dir, resume_step=self.global_step if resume or fork else None,
                                     tracker=tracker) if log else None
         if self.writer is not None:
             self.writer.text("config", "```\n" + dump_yaml(cfg) + "\n```")
@@ -406,6 +411,32 @@ class Trainer:
         if self.promotion is not None and state.get("curriculum") is not None:
             self.promotion.load_state_dict(state["curriculum"])
         set_rng_states(state["rng"], self.device)
+
+    def load_fork_state(self, state: dict, path: Path | str = "checkpoint") -> None:
+        """Branch from a checkpoint (:meth:`state_dict`'s output, of any run whose weights fit this
+        model): its weights, Adam's moments, step and update counters, training time and, with a
+        curriculum in both, its stage (and the record of the stages reached). Everything else starts
+        afresh as in a new run of this config: every env's episode (from the next level seeds, in
+        that stage's reset parameters), the recurrent states, the random streams, the truncation
+        strategy's state, the stage's success window (its episodes may have played other reset
+        parameters) and the best evaluation. Raises CheckpointError if the weights do not fit,
+        ConfigError if the checkpoint's stage is not one of this config's."""
+        from .config import ConfigError
+        ckpt.load_model_weights(self.model, state["model"], path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.global_step = int(state["global_step"])
+        self.update = int(state["update"])
+        self.elapsed = float(state.get("elapsed", 0.0))
+        saved = state.get("curriculum")
+        if self.promotion is not None and saved is not None:
+            stage = int(saved["stage"])
+            if stage >= self.promotion.num_stages:
+                raise ConfigError([f"curriculum.stages: the checkpoint {path} is in stage {stage}, and the "
+                                   f"fork's curriculum has stages 0..{self.promotion.num_stages - 1}"])
+            self.promotion.load_state_dict({**saved, "successes": [], "updates_in_stage": 0,
+                                            "missing_success": 0})
+            self.envs.set_stage(stage)
+        self.collector.restart()
 
     def boundary_state(self) -> dict:
         """:meth:`state_dict` at an update boundary, detached from the live model and optimizer (a
