@@ -141,14 +141,15 @@ def pin_schedule_horizons(raw: dict, cfg: Config) -> tuple[dict, list[str]]:
     return raw, pinned
 
 
-def schedule_changes(before: Config, after: Config, step: int) -> list[str]:
-    """A line for each schedule whose value at ``step`` differs between the two configs."""
+def schedule_changes(before: Config, after: Config, step: int, what: str = "resume") -> list[str]:
+    """A line for each schedule whose value at ``step`` differs between the two configs (``what``
+    changes it: a resume, a fork)."""
     out = []
     for name in _schedules(after):
         a = _field(before, name).value(step, before.run.total_steps)
         b = _field(after, name).value(step, after.run.total_steps)
         if not math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0):
-            out.append(f"{name} at step {step:,} changes from {a:.4g} to {b:.4g}: the resume changes its "
+            out.append(f"{name} at step {step:,} changes from {a:.4g} to {b:.4g}: the {what} changes its "
                        "schedule, so the run's past and its continuation follow different schedules")
     return out
 

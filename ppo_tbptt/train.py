@@ -164,7 +164,7 @@ def plan_fork(source: Path, overrides: list[str], dist=None):
     if cfg.run.total_steps <= done:
         raise ValueError(f"run.total_steps={cfg.run.total_steps:,} is not above the {done:,} env steps of "
                          f"checkpoint {path}: --set run.total_steps=N with N > {done:,}")
-    return path, state, previous, cfg, schedule_changes(previous, cfg, done)
+    return path, state, previous, cfg, schedule_changes(previous, cfg, done, "fork")
 
 
 def copy_metrics(source_run: Path, run_dir: Path, step: int) -> bool:

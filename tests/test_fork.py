@@ -3,6 +3,7 @@ stages and reset parameters too), the original left as it is."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,10 @@ def test_print_config_shows_the_fork(origin, capsys):
     out = capsys.readouterr().out
     assert out.startswith(f"# the config of a fork of {ckpt.latest_checkpoint(origin)} (step 128)")
     assert "delay: 2" in out and "total_steps: 256" in out
+    assert train_cli.main(["--fork", str(origin), "--set", "run.total_steps=256", "--set", "ppo.lr=1e-5",
+                           "--print-config"]) == 0
+    assert re.search(r"# warning: ppo.lr at step 128 changes from [0-9.e-]+ to 1e-05: the fork changes its "
+                     r"schedule", capsys.readouterr().out)
 
 
 def test_fork_resume_and_config_are_exclusive(capsys):
