@@ -102,21 +102,33 @@ def plan_resume(run_dir: Path, overrides: list[str] | None = None, dist=None) ->
     if dist is not None:
         dist.check_world_size(state, path)
     plan = ResumePlan(run_dir, path, state, cfg, previous)
-    if cfg.run.total_steps != previous.run.total_steps:
-        raw_pinned, pinned = pin_schedule_horizons(state["config"], previous)
-        if pinned:
-            plan.cfg = from_dict(apply_overrides(raw_pinned, overrides)[0])  # explicit --set still wins
-            kept = [n for n in pinned if _field(plan.cfg, n).steps == previous.run.total_steps]
-            if kept:
-                plan.notes.append(
-                    f"run.total_steps {previous.run.total_steps:,} -> {cfg.run.total_steps:,}: "
-                    f"{', '.join(kept)} keep{'s' if len(kept) == 1 else ''} the horizon of "
-                    f"{previous.run.total_steps:,} steps they had (steps: {previous.run.total_steps} in "
-                    "config.yaml), so they go on from where they are and stay at their final values from "
-                    f"there; to anneal over the new total instead, --set {kept[0]}.steps=N (which changes "
-                    f"its value at step {plan.steps_done:,})")
+    plan.cfg, note = keep_schedule_horizons(state["config"], previous, cfg, overrides, plan.steps_done)
+    plan.notes.extend([note] if note else [])
     plan.warnings.extend(schedule_changes(previous, plan.cfg, plan.steps_done))
     return plan
+
+
+def keep_schedule_horizons(raw: dict, previous: Config, cfg: Config, overrides: list[str] | None,
+                           step: int) -> tuple[Config, str | None]:
+    """``cfg`` (``raw``, the checkpoint's config as plain data, with ``overrides``), where its
+    ``run.total_steps`` differs from ``previous``'s, with the schedules that ran over the old total
+    pinned to it (an explicit ``--set`` still wins); and the note that says so (None: nothing
+    pinned)."""
+    if cfg.run.total_steps == previous.run.total_steps:
+        return cfg, None
+    raw_pinned, pinned = pin_schedule_horizons(raw, previous)
+    if not pinned:
+        return cfg, None
+    cfg = from_dict(apply_overrides(raw_pinned, overrides)[0])
+    kept = [n for n in pinned if _field(cfg, n).steps == previous.run.total_steps]
+    if not kept:
+        return cfg, None
+    return cfg, (f"run.total_steps {previous.run.total_steps:,} -> {cfg.run.total_steps:,}: "
+                 f"{', '.join(kept)} keep{'s' if len(kept) == 1 else ''} the horizon of "
+                 f"{previous.run.total_steps:,} steps they had (steps: {previous.run.total_steps} in "
+                 "config.yaml), so they go on from where they are and stay at their final values from "
+                 f"there; to anneal over the new total instead, --set {kept[0]}.steps=N (which changes "
+                 f"its value at step {step:,})")
 
 
 def _schedules(cfg: Config) -> list[str]:

@@ -145,18 +145,6 @@ class Collector:
         self.state = RecurrentState(h.clone(), None if c is None else c.to(self.device).clone())
         self.episode_start = state["episode_start"].to(self.device).clone()
 
-    def restart(self) -> None:
-        """Start every env's episode afresh (the next level seeds, the envs' current reset
-        parameters) with the initial recurrent state: a fork's first rollout."""
-        self._uploads.clear()
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
-        np.copyto(self._host_np, self.envs.reset())
-        self._upload(slice(0, self.N))
-        self.state = self.model.initial_state(self.N, self.device)
-        self.episode_start = torch.ones(self.N, dtype=torch.bool, device=self.device)
-        self._next_state.clear()
-
     def _host_obs(self, g: int, sl: slice) -> np.ndarray:
         """Where group g's next observations go; waits until its last transfer from there is done."""
         event = self._uploads.pop(g, None)

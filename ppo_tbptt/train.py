@@ -141,12 +141,14 @@ def resume(args, overrides: list[str], dist=None) -> int:
 
 def plan_fork(source: Path, overrides: list[str], dist=None):
     """``(checkpoint path, its contents, the config it was written with, the fork's config,
-    warnings)`` for ``--fork source``: the checkpoint's config with the overrides, any field
-    allowed. Raises CheckpointError or ConfigError (ValueError: a run that has nothing left)."""
+    lines to show: notes, warnings)`` for ``--fork source``: the checkpoint's config with the
+    overrides, any field allowed. As on resume, a larger ``run.total_steps`` keeps the horizon of
+    the schedules that ran over the old total (:func:`resume.pin_schedule_horizons`; an explicit
+    ``--set`` wins). Raises CheckpointError or ConfigError (ValueError: nothing left to train)."""
     from . import checkpoint as ckpt
     from .config import from_dict
     from .parallel import SINGLE
-    from .resume import schedule_changes
+    from .resume import keep_schedule_horizons, schedule_changes
     path, state = (SINGLE if dist is None else dist).load_latest(source)
     for key in ("optimizer", "global_step", "update"):
         if key not in state:
@@ -164,12 +166,14 @@ def plan_fork(source: Path, overrides: list[str], dist=None):
     if cfg.run.total_steps <= done:
         raise ValueError(f"run.total_steps={cfg.run.total_steps:,} is not above the {done:,} env steps of "
                          f"checkpoint {path}: --set run.total_steps=N with N > {done:,}")
-    return path, state, previous, cfg, schedule_changes(previous, cfg, done, "fork")
+    cfg, note = keep_schedule_horizons(state["config"], previous, cfg, overrides, done)
+    return path, state, previous, cfg, ([f"note: {note}"] if note else []) + [
+        f"warning: {line}" for line in schedule_changes(previous, cfg, done, "fork")]
 
 
 def copy_metrics(source_run: Path, run_dir: Path, step: int) -> bool:
     """Copy ``source_run``'s metrics.jsonl rows up to ``step`` into ``run_dir`` (the fork's curve
-    then begins where its origin's ends); False if there is none."""
+    then begins where its origin's ends); False if it has none."""
     import json
     src = Path(source_run) / "metrics.jsonl"
     if not src.is_file():
@@ -191,26 +195,34 @@ def fork(args, overrides: list[str], dist=None) -> int:
     from .checkpoint import CheckpointError
     source = Path(args.fork)
     try:
-        path, state, previous, cfg, warnings = plan_fork(source, overrides, dist)
+        path, state, _, cfg, lines = plan_fork(source, overrides, dist)
         from .utils import resolve_device
         device = dist.place(cfg, resolve_device(cfg.run.device))
     except (CheckpointError, ValueError) as exc:  # ConfigError is a ValueError
         return error(exc)
     step = int(state["global_step"])
-    origin_run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    # the run the checkpoint belongs to: the folder given, or the one above a checkpoints/ folder
+    origin_run = (source if source.is_dir() else
+                  path.parent.parent if path.parent.name == "checkpoints" else None)
 
     def record(run_dir: Path) -> None:
+        copied = origin_run is not None and copy_metrics(origin_run, run_dir, step)
         (run_dir / "fork.json").write_text(json.dumps(
-            {"checkpoint": str(path.resolve()), "step": step, "overrides": overrides}, indent=1) + "\n")
-        copy_metrics(origin_run, run_dir, step)
+            {"checkpoint": str(path.resolve()), "step": step, "overrides": overrides,
+             "metrics_from": str(origin_run.resolve()) if copied else None}, indent=1) + "\n")
+        if not copied:
+            lines.append(f"note: no metrics.jsonl of the run of {path} found: the fork's curve begins at "
+                         f"step {step:,}")
 
-    def warn(trainer) -> None:
+    def say(trainer) -> None:
         if trainer.dist.is_main:
-            for line in warnings:
-                trainer.warn(line)
+            for line in lines:
+                (trainer.warn(line[len("warning: "):]) if line.startswith("warning: ")
+                 else trainer.say(line))
 
-    return new_run(cfg, args.run_name, f"{cfg.run.name or origin_run.name}_fork{step}", device, dist,
-                   about=f"a fork of {path} at step {step:,}; ", record=record, before=warn,
+    origin_name = cfg.run.name or (origin_run.name if origin_run is not None else path.stem)
+    return new_run(cfg, args.run_name, f"{origin_name}_fork{step}", device, dist,
+                   about=f"a fork of {path} at step {step:,}; ", record=record, before=say,
                    fork=state, fork_path=path)
 
 
@@ -337,9 +349,9 @@ def print_config(args, overrides: list[str]) -> int:
             head = [f"# the config of a resume of {args.resume} from {plan.path} (step {plan.steps_done:,})"]
             head += [f"# note: {line}" for line in plan.notes] + [f"# warning: {line}" for line in plan.warnings]
         elif args.fork:
-            path, state, _, cfg, warnings = plan_fork(Path(args.fork), overrides)
+            path, state, _, cfg, lines = plan_fork(Path(args.fork), overrides)
             head = [f"# the config of a fork of {path} (step {int(state['global_step']):,})"]
-            head += [f"# warning: {line}" for line in warnings]
+            head += [f"# {line}" for line in lines]
         else:
             cfg, device = config_and_device(args.config, overrides)
             name, cfg, note = substitute_for_cpu(args.config, cfg, device, overrides, args.exact)

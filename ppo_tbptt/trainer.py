@@ -53,6 +53,20 @@ def collect_threads(cfg: Config, device: torch.device, learn_threads: int) -> in
     return learn_threads
 
 
+def fork_stage(cfg: Config, state: dict, path) -> int:
+    """The curriculum stage a fork of checkpoint ``state`` into ``cfg`` starts in: the checkpoint's
+    where both have a curriculum, else 0. Raises ConfigError if ``cfg`` has no such stage."""
+    from .config import ConfigError
+    saved = state.get("curriculum")
+    if not curriculum.enabled(cfg) or saved is None:
+        return 0
+    stage, n = int(saved["stage"]), curriculum.num_stages(cfg)
+    if stage >= n:
+        raise ConfigError([f"curriculum.stages: the checkpoint {path} is in stage {stage}, and the "
+                           f"fork's curriculum has stages 0..{n - 1}"])
+    return stage
+
+
 class Trainer:
     """Owns the envs, model, optimizer and counters of one run.
 
@@ -108,6 +122,10 @@ class Trainer:
     def _build(self, cfg: Config, device: torch.device, log: bool, resume: dict | None,
                resume_path: Path | None, fork: dict | None = None, fork_path: Path | None = None) -> None:
         """The rest of ``__init__``, once the envs exist (they are closed if this raises)."""
+        if fork is not None:  # the envs start in the checkpoint's stage: before their first reset
+            stage = fork_stage(cfg, fork, fork_path or "checkpoint")
+            if stage:
+                self.envs.set_stage(stage)
         self.model = build_model(self.envs.single_observation_space, self.envs.single_action_space,
                                  cfg.model).to(device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.ppo.lr.initial,
@@ -141,6 +159,10 @@ class Trainer:
             self.load_state_dict(resume, resume_path or "checkpoint")
         if fork is not None:
             self.load_fork_state(fork, fork_path or "checkpoint")
+        if resume is not None or fork is not None:  # (the batch may differ from the checkpoint's)
+            left = max(0, -(-(cfg.run.total_steps - self.global_step) // self.batch_size))
+            self.total_updates = self.update + left
+            self.planned_steps = self.global_step + left * self.batch_size
         tracker = open_tracker(cfg, self.run_dir) if log else None  # run.track: wandb (None: off)
         self.writer = MetricsWriter(self.run_dir, resume_step=self.global_step if resume or fork else None,
                                     tracker=tracker) if log else None
@@ -398,7 +420,7 @@ class Trainer:
         weights do not fit, or if it was written by a run of another number of ranks)."""
         state = self.dist.rank_state(state, path)  # this rank's own envs, RNG streams, ...
         ckpt.load_model_weights(self.model, state["model"], path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._load_optimizer(state["optimizer"])
         self.global_step = int(state["global_step"])
         self.update = int(state["update"])
         self.elapsed = float(state.get("elapsed", 0.0))
@@ -412,31 +434,33 @@ class Trainer:
             self.promotion.load_state_dict(state["curriculum"])
         set_rng_states(state["rng"], self.device)
 
+    def _load_optimizer(self, state: dict) -> None:
+        """Adam's moments and step counts from a checkpoint, with this config's ``ppo.adam_eps``
+        (the learning rate is the schedule's, set before every update)."""
+        self.optimizer.load_state_dict(state)
+        for group in self.optimizer.param_groups:
+            group["eps"] = self.cfg.ppo.adam_eps
+
     def load_fork_state(self, state: dict, path: Path | str = "checkpoint") -> None:
         """Branch from a checkpoint (:meth:`state_dict`'s output, of any run whose weights fit this
         model): its weights, Adam's moments, step and update counters, training time and, with a
         curriculum in both, its stage (and the record of the stages reached). Everything else starts
-        afresh as in a new run of this config: every env's episode (from the next level seeds, in
-        that stage's reset parameters), the recurrent states, the random streams, the truncation
+        afresh as in a new run of this config: every env's episode (from the level seeds a new run
+        starts with, in that stage's reset parameters), the recurrent states, the random streams, the truncation
         strategy's state, the stage's success window (its episodes may have played other reset
-        parameters) and the best evaluation. Raises CheckpointError if the weights do not fit,
-        ConfigError if the checkpoint's stage is not one of this config's."""
-        from .config import ConfigError
+        parameters) and the best evaluation. Raises CheckpointError if the weights do not fit.
+        (The envs were put in the checkpoint's stage before their first reset: :func:`fork_stage`.)"""
         ckpt.load_model_weights(self.model, state["model"], path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._load_optimizer(state["optimizer"])
         self.global_step = int(state["global_step"])
         self.update = int(state["update"])
         self.elapsed = float(state.get("elapsed", 0.0))
         saved = state.get("curriculum")
         if self.promotion is not None and saved is not None:
-            stage = int(saved["stage"])
-            if stage >= self.promotion.num_stages:
-                raise ConfigError([f"curriculum.stages: the checkpoint {path} is in stage {stage}, and the "
-                                   f"fork's curriculum has stages 0..{self.promotion.num_stages - 1}"])
             self.promotion.load_state_dict({**saved, "successes": [], "updates_in_stage": 0,
                                             "missing_success": 0})
-            self.envs.set_stage(stage)
-        self.collector.restart()
+        elif self.promotion is not None:  # a curriculum begins at the fork
+            self.promotion.history = [{"stage": 0, "step": self.global_step, "elapsed": self.elapsed}]
 
     def boundary_state(self) -> dict:
         """:meth:`state_dict` at an update boundary, detached from the live model and optimizer (a

@@ -68,7 +68,8 @@ def test_the_cli_fork_is_a_new_folder_with_its_origin_curve_and_the_origin_untou
     fork = tmp_path / "f"
     meta = json.loads((fork / "fork.json").read_text())
     assert meta["step"] == 128 and meta["checkpoint"].endswith("step_000000000128.pt")
-    assert "{delay: 2}" in meta["overrides"][1] or "delay: 2" in meta["overrides"][1]
+    assert meta["overrides"] == [f"run.out_dir={tmp_path}", FORK_STAGES, "run.total_steps=192"]
+    assert meta["metrics_from"] == str(origin.resolve())
     assert "delay: 2" in (fork / "config.yaml").read_text()
     origin_rows = (origin / "metrics.jsonl").read_text().splitlines()
     rows = (fork / "metrics.jsonl").read_text().splitlines()
@@ -145,3 +146,51 @@ def test_every_episode_of_the_fork_plays_its_stage(origin, tmp_path, vector):
     first = next(r for r in rows if r.get("charts/update") == 3)
     assert first["charts/episodic_length"] == 4.0 and first["charts/episodes"] == 16
     assert first["curriculum/stage"] == 1
+
+
+def test_a_longer_fork_keeps_the_schedules_where_they_were(origin, tmp_path, capsys):
+    """The origin's lr annealed over its 128 steps: a fork to 256 goes on at the final value (the
+    horizon pinned, as on resume), where spreading the schedule over 256 steps would raise it."""
+    origin_rows = [json.loads(r) for r in (origin / "metrics.jsonl").read_text().splitlines()]
+    last_lr = [r["charts/learning_rate"] for r in origin_rows if "charts/learning_rate" in r][-1]
+    assert train_cli.main(["--fork", str(origin), "--run-name", "f", "--set", f"run.out_dir={tmp_path}",
+                           "--set", "run.total_steps=256"]) == 0
+    assert "note: run.total_steps 128 -> 256: ppo.lr, ppo.ent_coef keep the horizon" in capsys.readouterr().out
+    rows = [json.loads(r) for r in (tmp_path / "f" / "metrics.jsonl").read_text().splitlines()]
+    fork_lrs = [r["charts/learning_rate"] for r in rows if r["global_step"] > 128 and "charts/learning_rate" in r]
+    assert len(fork_lrs) == 2 and all(lr == pytest.approx(tiny_config().ppo.lr.final) for lr in fork_lrs)
+    assert last_lr > fork_lrs[0]  # (the origin's last update ran at a higher point of its schedule)
+
+
+def test_a_fork_takes_adam_eps_and_another_batch_size(origin, tmp_path):
+    path = ckpt.latest_checkpoint(origin)
+    cfg = tiny_config(*STAGES, "ppo.adam_eps=1e-3", "ppo.rollout_steps=32", "run.total_steps=384")
+    t = Trainer(cfg, tmp_path / "f", torch.device("cpu"), quiet=True, fork=ckpt.load_checkpoint(path), fork_path=path)
+    assert [g["eps"] for g in t.optimizer.param_groups] == [1e-3]
+    assert (t.update, t.total_updates, t.planned_steps) == (2, 4, 384)  # 128 done, 2 updates of 128 to go
+    t.train(handle_signals=False)
+    assert (t.update, t.global_step) == (4, 384)
+
+
+def test_a_fork_of_a_run_without_a_curriculum_starts_one_at_its_step(tmp_path):
+    plain = tmp_path / "plain"
+    Trainer(tiny_config("run.total_steps=128", "run.checkpoint_every=64"), plain, torch.device("cpu"),
+            quiet=True).train(handle_signals=False)
+    path = ckpt.latest_checkpoint(plain)
+    t = Trainer(tiny_config(*STAGES, "run.total_steps=256"), tmp_path / "f", torch.device("cpu"), quiet=True,
+                fork=ckpt.load_checkpoint(path), fork_path=path)
+    assert t.promotion.stage == 0 and t.promotion.history == [{"stage": 0, "step": 128, "elapsed": t.elapsed}]
+    assert [e._options for e in t.envs.envs] == [{"delay": 0}] * 4
+
+
+def test_a_checkpoint_outside_a_run_folder_brings_no_curve(origin, tmp_path, capsys):
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    (loose / "x.pt").write_bytes(ckpt.latest_checkpoint(origin).read_bytes())
+    (loose / "metrics.jsonl").write_text('{"global_step": 1, "unrelated": 1}\n')
+    assert train_cli.main(["--fork", str(loose / "x.pt"), "--run-name", "f", "--set", f"run.out_dir={tmp_path}",
+                           "--set", "run.total_steps=192"]) == 0
+    assert "note: no metrics.jsonl of the run of" in capsys.readouterr().out
+    rows = [json.loads(r) for r in (tmp_path / "f" / "metrics.jsonl").read_text().splitlines()]
+    assert all("unrelated" not in r for r in rows) and rows[0]["global_step"] == 192
+    assert json.loads((tmp_path / "f" / "fork.json").read_text())["metrics_from"] is None

@@ -235,6 +235,7 @@ def test_mystery_path_repeated_falls_are_counted_and_only_they_pay_reward_repeat
     assert (turns2, cells2) == (turns, cells) and info2["repeated_falls"] == 2
     diff = [round(b - a, 6) for a, b in zip(plain, penalised)]
     assert diff == [-0.5 if t in falls[1:] else 0.0 for t in range(len(plain))]
+    assert info2["reward"] == pytest.approx(sum(penalised)) and info["reward"] == pytest.approx(sum(plain))
 
 
 def test_repeated_falls_reach_the_training_statistics():
@@ -251,6 +252,9 @@ def test_repeated_falls_reach_the_training_statistics():
     venv.close()
     assert all(0 <= e.extra["repeated_falls"] <= max(e.extra["num_fails"] - 1, 0) for e in episodes)
     assert any(e.extra["repeated_falls"] > 0 for e in episodes)
+    from ppo_tbptt.update import episode_scalars
+    charts = episode_scalars(episodes)
+    assert charts["charts/repeated_falls"] == pytest.approx(np.mean([e.extra["repeated_falls"] for e in episodes]))
 
 
 def test_reward_repeat_fall_is_a_reset_parameter_of_mystery_path_only():
