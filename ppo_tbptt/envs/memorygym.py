@@ -35,10 +35,11 @@ class MysteryPathRepeatedFalls(gym.Wrapper):
     A fall is a step that raises the env's ``num_fails``; its cell is the env's
     ``normalized_agent_position`` at that step (the tile off the path). The episode's last info
     gets ``repeated_falls``, the number of falls into a cell fallen into before, beside the env's
-    ``num_fails`` (and its ``reward``, the episode's sum, includes the penalty below). The reset parameter ``reward_repeat_fall`` (default 0.0; removed from the options
-    before the env sees them) is added to the reward of each such fall: a penalty for forgetting
-    where the agent fell, which leaves the first fall into a cell, exploration, unpenalised (the
-    env's own ``reward_fall_off`` pays every fall).
+    ``num_fails``. The reset parameter ``reward_repeat_fall`` (default 0.0; removed from the
+    options before the env sees them) is added to the reward of each such fall, and to the env's
+    episode sum ``reward`` in the last info: a penalty for forgetting where the agent fell, which
+    leaves the first fall into a cell, exploration, unpenalised (the env's own ``reward_fall_off``
+    pays every fall).
     """
 
     PARAM = "reward_repeat_fall"
