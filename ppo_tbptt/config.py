@@ -123,9 +123,10 @@ class ModelConfig:
     stay float32 (so the carried state keeps its precision). Faster where bfloat16 matmuls and
     convolutions are (CPUs with AVX512-BF16 or AMX, recent GPUs)."""
     core_kernel: str = "auto"
-    """``auto``: a GRU trained on a CPU runs ppo_tbptt's sequence kernel (``ppo_tbptt/gru.py``: the
-    same function with a hand-written backward pass; see the docs' Throughput page); ``torch``: ``nn.GRU``
-    everywhere (packed sequences). Collection, evaluation, LSTMs and GPUs always use ``nn.GRU``/``nn.LSTM``."""
+    """``auto``: a GRU or LSTM trained on a CPU runs ppo_tbptt's sequence kernels
+    (``ppo_tbptt/rnn_kernel.py``: the same function with a hand-written backward pass; see the docs'
+    Throughput page); ``torch``: ``nn.GRU`` / ``nn.LSTM`` everywhere (packed sequences). Collection,
+    evaluation and GPUs always use ``nn.GRU`` / ``nn.LSTM``."""
     reset_hidden_state: bool = True
     """Zero the recurrent state of an env when its episode ends."""
     memoryless: bool = False

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import gru
+from . import rnn_kernel
 from .envs.spaces import FlatBox, ObsPart, action_layout
 
 
@@ -386,10 +386,10 @@ class RecurrentActorCritic(nn.Module):
         runs on ``[B * L, 1, F]`` and the "final state" is that of the last step alone."""
         if not self.memoryless:
             if self.core_kernel == "auto" and x.device.type == "cpu" and torch.is_grad_enabled() \
-                    and gru.supported(self.core):  # training a GRU on a CPU: see ppo_tbptt/gru.py
+                    and rnn_kernel.supported(self.core):  # training on a CPU: see ppo_tbptt/rnn_kernel.py
                 lengths = valid.sum(1) if valid is not None and x.shape[1] > 1 else None
-                out, h = gru.gru_sequence(self.core, x, state.h, lengths)
-                return out, RecurrentState(h)
+                out, h, c = rnn_kernel.rnn_sequence(self.core, x, state.h, state.c, lengths)
+                return out, RecurrentState(h, c)
             if valid is not None and x.shape[1] > 1:
                 lengths = valid.sum(1)
                 if bool((lengths < x.shape[1]).any()):  # one host sync; the padding is worth skipping

@@ -56,7 +56,7 @@ def collect_twice(cfg: C.Config, seed: int = 0, device: str = "cpu", sharp_heads
 @pytest.mark.parametrize("training", [False, True], ids=["no-grad", "training"])
 def test_stepping_equals_sequence_forward(core, seq_len, device, training):
     """``training``: the update's forward (gradients on, train mode, the real steps marked), which
-    on a CPU runs a GRU through ppo_tbptt/gru.py's kernel."""
+    on a CPU runs a GRU or LSTM through ppo_tbptt/rnn_kernel.py."""
     model, rollout = collect_twice(tiny_cue_config(core), device=device)
     assert not rollout.episode_start[0].all(), "second rollout should start mid-episode"
     assert rollout.episode_start[1:].any(), "episodes should end inside the rollout"
@@ -113,13 +113,13 @@ def grid_fast_config(memoryless: bool = False, core: str = "gru", core_kernel: s
 
 
 @pytest.mark.parametrize("memoryless,core,core_kernel", [
-    (False, "gru", "auto"), (False, "gru", "torch"), (False, "lstm", "auto"),
+    (False, "gru", "auto"), (False, "gru", "torch"), (False, "lstm", "auto"), (False, "lstm", "torch"),
     (True, "gru", "auto"), (True, "lstm", "auto")])
 def test_stepping_equals_sequence_forward_grid_fast_path(core, memoryless, core_kernel):
     """Downsampled frames (stored as 21x21x3 uint8) and, as an ablation, a memoryless core: the
     update's forward reproduces the collected log-probs and values, and first-minibatch ratio is 1
-    (a GRU with ``core_kernel`` ``auto`` trains through ppo_tbptt/gru.py's kernel, ``torch``
-    through nn.GRU's packed sequences)."""
+    (with ``core_kernel`` ``auto`` a GRU or LSTM trains through ppo_tbptt/rnn_kernel.py, with
+    ``torch`` through nn.GRU's / nn.LSTM's packed sequences)."""
     model, rollout = collect_twice(grid_fast_config(memoryless, core, core_kernel), sharp_heads=True)
     assert rollout.obs.shape[2:] == (21, 21, 3) and rollout.obs.dtype == torch.uint8
     assert isinstance(model.encoder, MLPEncoder)
@@ -168,7 +168,7 @@ def test_memoryless_model_sees_only_the_current_observation():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("core,encoder_dtype,core_kernel", [
-    ("lstm", "float32", "auto"), ("gru", "float32", "auto"), ("gru", "float32", "torch"),
+    ("lstm", "float32", "auto"), ("lstm", "float32", "torch"), ("gru", "float32", "auto"), ("gru", "float32", "torch"),
     ("gru", "bfloat16", "auto")])
 def test_first_minibatch_ratio_is_one(core, encoder_dtype, core_kernel, device):
     model, rollout = collect_twice(tiny_cue_config(core).replace("model", encoder_dtype=encoder_dtype,

@@ -104,7 +104,7 @@ def test_bfloat16_encoder_computes_in_bfloat16_and_hands_on_float32(device):
     model.encoder.conv[0].register_forward_hook(conv_hook)
     for name in ("body", "policy_head", "value_head"):
         getattr(model, name).register_forward_hook(float32_hook(name))
-    run_core = model.run_core  # (on a CPU the GRU trains through ppo_tbptt/gru.py, not the module)
+    run_core = model.run_core  # (on a CPU the core trains through ppo_tbptt/rnn_kernel.py, not the module)
 
     def core_spy(*args, **kw):
         out = run_core(*args, **kw)

@@ -105,13 +105,15 @@ def test_initial_heads_near_uniform_policy_and_unit_scale_values():
     assert values.std() > 30 * logits.std()  # values on their own scale, logits squashed (gain 1 vs 0.01)
 
 
-def test_update_with_the_gru_kernel_equals_the_update_with_nn_gru(tmp_path):
-    """``model.core_kernel`` changes how a CPU GRU is trained, not what: from the same seed, one
-    whole update (3 epochs of minibatches, whole-episode sequences of mixed lengths) ends with the
-    same weights and metrics as with nn.GRU's packed sequences, up to float rounding."""
+@pytest.mark.parametrize("core", ["gru", "lstm"])
+def test_update_with_the_kernel_equals_the_update_with_torch(tmp_path, core):
+    """``model.core_kernel`` changes how a CPU GRU or LSTM is trained, not what: from the same
+    seed, one whole update (3 epochs of minibatches, whole-episode sequences of mixed lengths) ends
+    with the same weights and metrics as with nn.GRU's / nn.LSTM's packed sequences, up to float
+    rounding."""
     results = []
     for kernel in ("auto", "torch"):
-        cfg = tiny_cue_config("gru", seq_len=0).replace("model", core_kernel=kernel).replace("ppo", epochs=3)
+        cfg = tiny_cue_config(core, seq_len=0).replace("model", core_kernel=kernel).replace("ppo", epochs=3)
         tr = Trainer(cfg, tmp_path / kernel, torch.device("cpu"), log=False, quiet=True)
         before = {k: v.clone() for k, v in tr.model.state_dict().items()}
         try:
