@@ -46,6 +46,7 @@ from pathlib import Path
 for _k, _v in (("SDL_VIDEODRIVER", "dummy"), ("SDL_AUDIODRIVER", "dummy"), ("PYGAME_HIDE_SUPPORT_PROMPT", "1")):
     os.environ.setdefault(_k, _v)
 
+import ppo_tbptt  # noqa: E402,F401  (before torch: it sets OpenMP's waiting, see ppo_tbptt/__init__.py)
 import torch  # noqa: E402
 
 CLASSES = ("left the tile", "previous command's move", "a later command's move",

@@ -31,6 +31,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
+import ppo_tbptt  # noqa: E402,F401  (before torch: it sets OpenMP's waiting, see ppo_tbptt/__init__.py)
 import torch  # noqa: E402
 
 

@@ -22,11 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ppo_tbptt import config as C  # noqa: E402
+from ppo_tbptt import config as C  # noqa: E402  (before torch: it sets OpenMP's waiting, see ppo_tbptt/__init__.py)
+import torch  # noqa: E402
 from ppo_tbptt.gae import compute_gae  # noqa: E402
 from ppo_tbptt.trainer import Trainer  # noqa: E402
 

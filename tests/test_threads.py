@@ -43,3 +43,28 @@ def test_importing_the_package_makes_openmp_threads_sleep_soon():
                             "print(e['OMP_WAIT_POLICY'], e.get('GOMP_SPINCOUNT', '-'))"],
                            env=dict(_clean(), PYTHONPATH=str(ROOT), **user), capture_output=True, text=True, timeout=60)
         assert r.stdout.strip() == expected, (user, r.stdout, r.stderr)
+
+
+def _first_imports(path: Path) -> dict[str, int]:
+    """The line of the first import of each top-level package anywhere in ``path``."""
+    import ast
+    first: dict[str, int] = {}
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+        for n in names:
+            top = n.split(".")[0]
+            first[top] = min(first.get(top, node.lineno), node.lineno)
+    return first
+
+
+def test_scripts_import_the_package_before_torch():
+    """The waiting policy above reaches a script only if it imports ppo_tbptt before torch loads
+    OpenMP: a script that imports torch first times its updates with libgomp's long spinning."""
+    checked = 0
+    for path in sorted((ROOT / "scripts").glob("*.py")):
+        first = _first_imports(path)
+        if "torch" in first:
+            assert first.get("ppo_tbptt", 10**9) < first["torch"], f"{path.name}: torch is imported first"
+            checked += 1
+    assert checked >= 4
