@@ -196,7 +196,19 @@ class PPOConfig:
     gae_lambda: float = 0.95
     """GAE lambda."""
     lr: Schedule = Schedule(2.5e-4)
-    """Adam learning rate (a number or a schedule)."""
+    """Adam learning rate (a number or a schedule); with ``kl_target`` the base that its scale multiplies."""
+    kl_target: float = 0.0
+    """> 0: the learning rate adapts to the policy's step. The rate of each update is ``ppo.lr``'s
+    value times a scale (starting at 1, kept in checkpoints, ``charts/lr_scale``): after an update
+    whose mean approximate KL (``losses/approx_kl``, over all minibatches and ranks) exceeds twice
+    this target the scale is divided by ``kl_lr_factor``, after one below half of it multiplied by
+    it, within [``kl_lr_min_scale``, ``kl_lr_max_scale``]. 0: the schedule alone."""
+    kl_lr_factor: float = 1.5
+    """``kl_target`` only: the factor by which the scale moves after one update (> 1)."""
+    kl_lr_min_scale: float = 0.01
+    """``kl_target`` only: the smallest scale (0 < min <= 1)."""
+    kl_lr_max_scale: float = 10.0
+    """``kl_target`` only: the largest scale (>= 1)."""
     clip: Schedule = Schedule(0.1)
     """PPO ratio clip range, also used for the value clip (a number or a schedule)."""
     ent_coef: Schedule = Schedule(1e-4)
@@ -541,6 +553,14 @@ def validate(cfg: Config) -> list[str]:
         for label, v in (("initial", s.initial), ("final", s.final)):
             if v is not None and not lo_ok(v):
                 p.append(f"ppo.{name}.{label}: out of range, got {v}")
+    if not o.kl_target >= 0:  # (NaN too)
+        p.append(f"ppo.kl_target: must be >= 0 (0: off), got {o.kl_target}")
+    if not o.kl_lr_factor > 1:
+        p.append(f"ppo.kl_lr_factor: must be > 1, got {o.kl_lr_factor}")
+    if not 0 < o.kl_lr_min_scale <= 1:
+        p.append(f"ppo.kl_lr_min_scale: must be in (0, 1], got {o.kl_lr_min_scale}")
+    if not 1 <= o.kl_lr_max_scale < math.inf:
+        p.append(f"ppo.kl_lr_max_scale: must be >= 1 and finite, got {o.kl_lr_max_scale}")
     if o.vf_coef < 0:
         p.append(f"ppo.vf_coef: must be >= 0, got {o.vf_coef}")
     if o.max_grad_norm <= 0:

@@ -53,6 +53,17 @@ def collect_threads(cfg: Config, device: torch.device, learn_threads: int) -> in
     return learn_threads
 
 
+def kl_adapted_scale(scale: float, kl: float, target: float, factor: float, lo: float, hi: float) -> float:
+    """``ppo.kl_target``: the learning-rate scale after an update whose mean approximate KL was
+    ``kl``: divided by ``factor`` above twice the target, multiplied by it below half of it,
+    unchanged between, and kept within [``lo``, ``hi``]. A non-finite KL lowers it."""
+    if not kl <= 2.0 * target:  # (NaN too)
+        scale /= factor
+    elif kl < 0.5 * target:
+        scale *= factor
+    return min(max(scale, lo), hi)
+
+
 def fork_stage(cfg: Config, state: dict, path) -> int:
     """The curriculum stage a fork of checkpoint ``state`` into ``cfg`` starts in: the checkpoint's
     where both have a curriculum, else 0. Raises ConfigError if ``cfg`` has no such stage."""
@@ -149,6 +160,7 @@ class Trainer:
         self.update = 0
         self.elapsed = 0.0  # training wall-clock seconds, summed over resumed segments
         self.best_eval: float | None = None
+        self.lr_scale = 1.0  # ppo.kl_target: what multiplies ppo.lr's value (1 without it)
         self.evaluator = None
         self.time_limited = False  # train() stopped at run.max_seconds
         # the curriculum's promotion rule (None without one); a stage reached, to announce
@@ -201,9 +213,10 @@ class Trainer:
 
     # ---- one update -----------------------------------------------------------------------------
     def coefs(self) -> tuple[float, LossCoefs]:
-        """The learning rate and loss coefficients of the schedules at ``global_step``."""
+        """The learning rate and loss coefficients of the schedules at ``global_step`` (the rate
+        times its KL-adapted scale with ``ppo.kl_target``)."""
         o, total = self.cfg.ppo, self.cfg.run.total_steps
-        lr = o.lr.value(self.global_step, total)
+        lr = o.lr.value(self.global_step, total) * (self.lr_scale if o.kl_target > 0 else 1.0)
         coefs = LossCoefs(clip=o.clip.value(self.global_step, total),
                           ent_coef=o.ent_coef.value(self.global_step, total), vf_coef=o.vf_coef,
                           norm_advantages=o.norm_advantages, clip_value_loss=o.clip_value_loss)
@@ -227,6 +240,11 @@ class Trainer:
         scalars.update(episode_scalars(result.episodes))
         scalars.update({"charts/learning_rate": lr, "charts/ent_coef": coefs.ent_coef, "charts/clip": coefs.clip,
                         "charts/update": float(self.update)})
+        o = self.cfg.ppo
+        if o.kl_target > 0:  # the next update's rate, from this one's step (the same on every rank)
+            scalars["charts/lr_scale"] = self.lr_scale
+            self.lr_scale = kl_adapted_scale(self.lr_scale, result.losses["losses/approx_kl"], o.kl_target,
+                                             o.kl_lr_factor, o.kl_lr_min_scale, o.kl_lr_max_scale)
         scalars.update(result.batch)
         scalars.update(self._curriculum_step(result.episodes))
         if self.writer is not None:
@@ -408,6 +426,7 @@ class Trainer:
             "update": self.update,
             "elapsed": self.elapsed,
             "best_eval": self.best_eval,
+            "lr_scale": self.lr_scale,
             "rng": rng_states(self.device),
             "shuffle_generator": self.shuffle_gen.get_state(),
             "collector": self.collector.get_state(),
@@ -425,6 +444,7 @@ class Trainer:
         self.update = int(state["update"])
         self.elapsed = float(state.get("elapsed", 0.0))
         self.best_eval = state.get("best_eval")
+        self.lr_scale = float(state.get("lr_scale", 1.0))
         self.shuffle_gen.set_state(state["shuffle_generator"])
         self.collector.set_state(state["collector"])
         trunc = state.get("truncation")
@@ -443,11 +463,11 @@ class Trainer:
 
     def load_fork_state(self, state: dict, path: Path | str = "checkpoint") -> None:
         """Branch from a checkpoint (:meth:`state_dict`'s output, of any run whose weights fit this
-        model): its weights, Adam's moments, step and update counters, training time and, with a
-        curriculum in both, its stage (and the record of the stages reached). Everything else starts
-        afresh as in a new run of this config: every env's episode (from the level seeds a new run
-        starts with, in that stage's reset parameters), the recurrent states, the random streams, the truncation
-        strategy's state, the stage's success window (its episodes may have played other reset
+        model): its weights, Adam's moments, step and update counters, training time, the learning
+        rate's KL-adapted scale (``ppo.kl_target``) and, with a curriculum in both, its stage (and
+        the record of the stages reached). Everything else starts afresh as in a new run of this
+        config: every env's episode (from the level seeds a new run starts with, in that stage's
+        reset parameters), the recurrent states, the random streams, the truncation strategy's state, the stage's success window (its episodes may have played other reset
         parameters) and the best evaluation. Raises CheckpointError if the weights do not fit.
         (The envs were put in the checkpoint's stage before their first reset: :func:`fork_stage`.)"""
         ckpt.load_model_weights(self.model, state["model"], path)
@@ -455,6 +475,7 @@ class Trainer:
         self.global_step = int(state["global_step"])
         self.update = int(state["update"])
         self.elapsed = float(state.get("elapsed", 0.0))
+        self.lr_scale = float(state.get("lr_scale", 1.0))
         saved = state.get("curriculum")
         if self.promotion is not None and saved is not None:
             self.promotion.load_state_dict({**saved, "successes": [], "updates_in_stage": 0,
@@ -478,6 +499,7 @@ class Trainer:
         self.global_step = int(boundary["global_step"])
         self.update = int(boundary["update"])
         self.elapsed = float(boundary["elapsed"])
+        self.lr_scale = float(boundary["lr_scale"])
         self.model.load_state_dict(boundary["model"])
         self.optimizer.load_state_dict(boundary["optimizer"])
         path = self.run_dir / "checkpoints" / f"step_{self.global_step:012d}.pt"
