@@ -105,6 +105,9 @@ def plan_resume(run_dir: Path, overrides: list[str] | None = None, dist=None) ->
     plan.cfg, note = keep_schedule_horizons(state["config"], previous, cfg, overrides, plan.steps_done)
     plan.notes.extend([note] if note else [])
     plan.warnings.extend(schedule_changes(previous, plan.cfg, plan.steps_done))
+    notes, warnings = lr_scale_changes(previous, plan.cfg, state, "resume")
+    plan.notes.extend(notes)
+    plan.warnings.extend(warnings)
     return plan
 
 
@@ -164,6 +167,41 @@ def schedule_changes(before: Config, after: Config, step: int, what: str = "resu
             out.append(f"{name} at step {step:,} changes from {a:.4g} to {b:.4g}: the {what} changes its "
                        "schedule, so the run's past and its continuation follow different schedules")
     return out
+
+
+def restored_lr_scale(cfg: Config, state: dict, what: str = "resume") -> float:
+    """The learning rate's KL-adapted scale (``ppo.kl_target``) a run goes on with from a
+    checkpoint: a resume's is the saved one within ``cfg``'s bounds; a fork's starts at 1, so that
+    the fork's first rate is its ``ppo.lr``'s value (its KL moves it from there)."""
+    if what == "fork":
+        return 1.0
+    o = cfg.ppo
+    return min(max(float(state.get("lr_scale", 1.0)), o.kl_lr_min_scale), o.kl_lr_max_scale)
+
+
+def lr_scale_changes(before: Config, after: Config, state: dict, what: str = "resume") -> tuple[list[str], list[str]]:
+    """``(notes, warnings)`` on the learning rate's KL-adapted scale across a resume or fork
+    (``what``) from ``state``, a checkpoint written with config ``before``, into ``after``."""
+    saved = float(state.get("lr_scale", 1.0))
+    scale = restored_lr_scale(after, state, what)
+    was, now = before.ppo.kl_target > 0, after.ppo.kl_target > 0
+    step = int(state["global_step"])
+    base = before.ppo.lr.value(step, before.run.total_steps)
+    notes, warnings = [], []
+    if now and what == "resume":
+        notes.append(f"ppo.kl_target: the learning rate's scale goes on from {scale:.4g}")
+        if scale != saved:
+            warnings.append(f"the saved learning-rate scale {saved:.4g} is outside [ppo.kl_lr_min_scale, "
+                            f"ppo.kl_lr_max_scale] = [{after.ppo.kl_lr_min_scale:g}, "
+                            f"{after.ppo.kl_lr_max_scale:g}]: it goes on from {scale:.4g}")
+    elif now and was and saved != 1.0:
+        notes.append(f"ppo.kl_target: the fork's learning-rate scale starts at 1 (the checkpoint's was "
+                     f"{saved:.4g}), so its first rate is ppo.lr's value")
+    if was and not now and saved != 1.0:
+        warnings.append(f"ppo.kl_target is off from here: the learning rate at step {step:,} changes from "
+                        f"{base * saved:.4g} (ppo.lr's {base:.4g} times the adapted scale {saved:.4g}) to "
+                        "ppo.lr's value alone")
+    return notes, warnings
 
 
 def record_config(run_dir: Path, cfg: Config) -> None:

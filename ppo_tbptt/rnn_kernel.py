@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 
@@ -48,6 +49,7 @@ class _GRULayer(torch.autograd.Function):
         return out, torch.cat([out[last], h0[len(last):]])
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, dh_last):
         h0, w_hh, out, rz, n, gh = ctx.saved_tensors
         bs = ctx.batch_sizes
@@ -113,6 +115,7 @@ class _LSTMLayer(torch.autograd.Function):
         return out, torch.cat([out[last], h0[len(last):]]), torch.cat([cs[last], c0[len(last):]])
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, dh_last, dc_last):
         h0, c0, w_hh, out, gates, cs, tc = ctx.saved_tensors
         bs = ctx.batch_sizes
@@ -169,6 +172,9 @@ def rnn_sequence(core: nn.GRU | nn.LSTM, x: torch.Tensor, h0: torch.Tensor, c0: 
         lengths = torch.full((B,), L, dtype=torch.long, device=x.device)
     lengths, order = torch.sort(lengths, descending=True, stable=True)
     steps = int(lengths[0])  # (one host sync)
+    if steps == 0:  # nothing runs: no outputs, the start states are the final ones
+        h = core.hidden_size
+        return x.new_zeros(B, L, h), h0 + 0, (c0 + 0) if lstm else None
     running = torch.arange(steps, device=x.device)[:, None] < lengths[None, :]  # [steps, B] sorted
     batch_sizes = running.sum(1).tolist()
     t, j = running.nonzero(as_tuple=True)  # packed order: by step, then by sorted row

@@ -148,7 +148,7 @@ def plan_fork(source: Path, overrides: list[str], dist=None):
     from . import checkpoint as ckpt
     from .config import from_dict
     from .parallel import SINGLE
-    from .resume import keep_schedule_horizons, schedule_changes
+    from .resume import keep_schedule_horizons, lr_scale_changes, schedule_changes
     path, state = (SINGLE if dist is None else dist).load_latest(source)
     for key in ("optimizer", "global_step", "update"):
         if key not in state:
@@ -167,8 +167,9 @@ def plan_fork(source: Path, overrides: list[str], dist=None):
         raise ValueError(f"run.total_steps={cfg.run.total_steps:,} is not above the {done:,} env steps of "
                          f"checkpoint {path}: --set run.total_steps=N with N > {done:,}")
     cfg, note = keep_schedule_horizons(state["config"], previous, cfg, overrides, done)
-    return path, state, previous, cfg, ([f"note: {note}"] if note else []) + [
-        f"warning: {line}" for line in schedule_changes(previous, cfg, done, "fork")]
+    notes, warnings = lr_scale_changes(previous, cfg, state, "fork")
+    return path, state, previous, cfg, [f"note: {line}" for line in ([note] if note else []) + notes] + [
+        f"warning: {line}" for line in schedule_changes(previous, cfg, done, "fork") + warnings]
 
 
 def copy_metrics(source_run: Path, run_dir: Path, step: int) -> bool:

@@ -28,6 +28,7 @@ from .logger import MetricsWriter
 from .model import build_model
 from .parallel import SINGLE, SingleProcess
 from .ppo import LossCoefs
+from .resume import restored_lr_scale
 from .rollout import Collector
 from .stopping import ENV_ERRORS, EnvFailure, StopNow
 from .tracking import open_tracker
@@ -444,7 +445,7 @@ class Trainer:
         self.update = int(state["update"])
         self.elapsed = float(state.get("elapsed", 0.0))
         self.best_eval = state.get("best_eval")
-        self.lr_scale = float(state.get("lr_scale", 1.0))
+        self.lr_scale = restored_lr_scale(self.cfg, state, "resume")
         self.shuffle_gen.set_state(state["shuffle_generator"])
         self.collector.set_state(state["collector"])
         trunc = state.get("truncation")
@@ -463,11 +464,12 @@ class Trainer:
 
     def load_fork_state(self, state: dict, path: Path | str = "checkpoint") -> None:
         """Branch from a checkpoint (:meth:`state_dict`'s output, of any run whose weights fit this
-        model): its weights, Adam's moments, step and update counters, training time, the learning
-        rate's KL-adapted scale (``ppo.kl_target``) and, with a curriculum in both, its stage (and
-        the record of the stages reached). Everything else starts afresh as in a new run of this
-        config: every env's episode (from the level seeds a new run starts with, in that stage's
-        reset parameters), the recurrent states, the random streams, the truncation strategy's state, the stage's success window (its episodes may have played other reset
+        model): its weights, Adam's moments, step and update counters, training time and, with a
+        curriculum in both, its stage (and the record of the stages reached). Everything else starts
+        afresh as in a new run of this config: every env's episode (from the level seeds a new run
+        starts with, in that stage's reset parameters), the recurrent states, the random streams,
+        the learning rate's KL-adapted scale (1: see :func:`ppo_tbptt.resume.restored_lr_scale`), the
+        truncation strategy's state, the stage's success window (its episodes may have played other reset
         parameters) and the best evaluation. Raises CheckpointError if the weights do not fit.
         (The envs were put in the checkpoint's stage before their first reset: :func:`fork_stage`.)"""
         ckpt.load_model_weights(self.model, state["model"], path)
@@ -475,7 +477,7 @@ class Trainer:
         self.global_step = int(state["global_step"])
         self.update = int(state["update"])
         self.elapsed = float(state.get("elapsed", 0.0))
-        self.lr_scale = float(state.get("lr_scale", 1.0))
+        self.lr_scale = restored_lr_scale(self.cfg, state, "fork")
         saved = state.get("curriculum")
         if self.promotion is not None and saved is not None:
             self.promotion.load_state_dict({**saved, "successes": [], "updates_in_stage": 0,

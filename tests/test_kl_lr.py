@@ -1,5 +1,6 @@
 """``ppo.kl_target``: the learning rate's scale follows each update's approximate KL, reaches the
-optimizer, travels in checkpoints (resume bit-exact, fork), and bad settings are config errors."""
+optimizer, travels in checkpoints (a resume goes on with it, bit-exact; a fork starts at 1), and
+bad settings are config errors."""
 from __future__ import annotations
 
 import math
@@ -11,6 +12,8 @@ import torch
 from eval_helpers import metric_rows, tiny_config, train_tiny
 from ppo_tbptt import checkpoint as ckpt
 from ppo_tbptt import config as C
+from ppo_tbptt.resume import plan_resume
+from ppo_tbptt.train import plan_fork
 from ppo_tbptt.trainer import Trainer, kl_adapted_scale
 
 
@@ -82,22 +85,35 @@ def test_resume_continues_with_the_saved_scale(tmp_path):
     part.train(handle_signals=False)
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "part"))
     assert state["lr_scale"] == pytest.approx(1.5 ** 3)
+
+    # (at step 192) a resume keeps the saved scale within its (new) bounds, and says so
+    plan = plan_resume(tmp_path / "part", ["ppo.kl_lr_max_scale=2"])
+    assert any("goes on from 2" in line for line in plan.notes)
+    assert any("3.375 is outside" in line for line in plan.warnings)
+    clamped = Trainer(plan.cfg, tmp_path / "clamped", torch.device("cpu"), quiet=True)
+    clamped.load_state_dict(state)
+    base = clamped.cfg.ppo.lr.value(192, 384)
+    assert clamped.lr_scale == 2 and clamped.coefs()[0] == pytest.approx(2 * base)
+    clamped.close()
+    off = plan_resume(tmp_path / "part", ["ppo.kl_target=0"])
+    assert any("ppo.kl_target is off" in line for line in off.warnings)
+
+    # a fork starts its scale at 1: its first rate is its ppo.lr's value
+    _, _, _, cfg, lines = plan_fork(tmp_path / "part", [])
+    assert any("starts at 1 (the checkpoint's was 3.375)" in line for line in lines)
+    forked = Trainer(cfg, tmp_path / "fork", torch.device("cpu"), quiet=True)
+    forked.load_fork_state(state)
+    assert forked.global_step == 192 and forked.lr_scale == 1.0
+    assert forked.coefs()[0] == pytest.approx(base)
+    forked.close()
+    _, _, _, _, lines = plan_fork(tmp_path / "part", ["ppo.kl_target=0"])
+    assert any("ppo.kl_target is off" in line for line in lines)
+
+    # the resume itself, to the end
     Trainer.from_run(tmp_path / "part", quiet=True).train(handle_signals=False)
     full, again = metric_rows(tmp_path / "full"), metric_rows(tmp_path / "part")
     assert [r["charts/lr_scale"] for r in full] == pytest.approx([1.5 ** k for k in range(6)])
     assert again == full
-
-    # a fork takes the scale too, and a fork without a target trains at the schedule alone
-    forked = Trainer(tiny_config(*sets[:3]), tmp_path / "fork", torch.device("cpu"), quiet=True)
-    forked.load_fork_state(state)
-    base = forked.cfg.ppo.lr.value(forked.global_step, 384)
-    assert forked.global_step == 192 and forked.lr_scale == pytest.approx(1.5 ** 3)
-    assert forked.coefs()[0] == pytest.approx(base * 1.5 ** 3)
-    forked.close()
-    plain = Trainer(tiny_config("run.total_steps=384"), tmp_path / "plain", torch.device("cpu"), quiet=True)
-    plain.load_fork_state(state)
-    assert plain.coefs()[0] == pytest.approx(base)
-    plain.close()
 
 
 @pytest.mark.parametrize("field,value", [("kl_target", -0.01), ("kl_target", math.nan), ("kl_lr_factor", 1.0),

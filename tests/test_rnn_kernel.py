@@ -92,6 +92,19 @@ def test_kernel_passes_gradcheck(kind):
         assert torch.autograd.gradcheck(lambda x, h0: rnn_sequence(core, x, h0, None, lengths)[:2], (x, h0))
 
 
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_no_sequence_running_keeps_the_start_state(kind):
+    lstm = kind == "lstm"
+    core = (nn.LSTM if lstm else nn.GRU)(3, 4, 2, batch_first=True)
+    h0 = torch.randn(2, 3, 4, requires_grad=True)
+    c0 = torch.randn(2, 3, 4, requires_grad=True) if lstm else None
+    out, h, c = rnn_sequence(core, torch.randn(3, 5, 3), h0, c0, torch.zeros(3, dtype=torch.long))
+    assert out.shape == (3, 5, 4) and not out.any()
+    assert torch.equal(h, h0) and (not lstm or torch.equal(c, c0))
+    (h.sum() + (c.sum() if lstm else 0)).backward()
+    assert torch.equal(h0.grad, torch.ones_like(h0)) and (not lstm or torch.equal(c0.grad, torch.ones_like(c0)))
+
+
 def test_an_lstm_needs_its_cell_state():
     core = nn.LSTM(3, 4, batch_first=True)
     with pytest.raises(ValueError, match="c0"):
