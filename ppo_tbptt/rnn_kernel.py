@@ -153,7 +153,7 @@ def _previous_rows(bs: list[int], n: int, device) -> torch.Tensor:
     """For each packed row from step 1 on, the row of the same sequence one step earlier
     (``[n - bs[0]]``)."""
     return torch.arange(bs[0], n, device=device) - torch.repeat_interleave(
-        torch.tensor(bs[:-1], device=device), torch.tensor(bs[1:], device=device))
+        torch.tensor(bs[:-1], dtype=torch.long, device=device), torch.tensor(bs[1:], dtype=torch.long, device=device))
 
 
 def rnn_sequence(core: nn.GRU | nn.LSTM, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor | None = None,

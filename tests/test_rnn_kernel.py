@@ -24,15 +24,17 @@ def reference(core: nn.Module, x: torch.Tensor, state, lengths: torch.Tensor | N
 
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
 @pytest.mark.parametrize("layers", [1, 2])
-@pytest.mark.parametrize("lengths", [[3, 9, 1, 5, 9, 2], [9, 9, 9, 9, 9, 9], None, [0, 4, 9, 0, 2, 9]],
-                         ids=["mixed", "all-full", "no-lengths", "some-empty"])
+@pytest.mark.parametrize("lengths", [[3, 9, 1, 5, 9, 2], [9, 9, 9, 9, 9, 9], None, [0, 4, 9, 0, 2, 9],
+                                     [1, 1, 1, 1, 1, 1], [1, 0, 1, 1, 0, 1]],
+                         ids=["mixed", "all-full", "no-lengths", "some-empty", "one-step", "one-step-or-empty"])
 def test_kernel_equals_torch_values_and_gradients(kind, layers, lengths):
+    """(One-step sequences are BPTT(1, 1)'s: ``tbptt.sequence_length: 1``.)"""
     torch.manual_seed(0)
     lstm = kind == "lstm"
     core = (nn.LSTM if lstm else nn.GRU)(5, 7, layers, batch_first=True).double()
     for p in core.parameters():  # biases that are not small, so a misplaced one shows
         nn.init.normal_(p, std=0.6)
-    B, L = 6, 9
+    B, L = 6, (1 if lengths is not None and max(lengths) == 1 else 9)
     x = torch.randn(B, L, 5, dtype=torch.double, requires_grad=True)
     h0 = torch.randn(layers, B, 7, dtype=torch.double, requires_grad=True)
     c0 = torch.randn(layers, B, 7, dtype=torch.double, requires_grad=True) if lstm else None
