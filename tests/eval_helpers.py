@@ -27,6 +27,20 @@ def train_tiny(run_dir: Path, *extra: str):
     return trainer
 
 
+def interrupt_after(trainer, update: int) -> None:
+    """Make ``trainer`` ask itself to stop (as a SIGTERM would) once update ``update`` is done."""
+    import signal
+    original = trainer.train_update
+
+    def update_then_interrupt():
+        out = original()
+        if trainer.update == update:
+            trainer.request_stop(signal.SIGTERM)
+        return out
+
+    trainer.train_update = update_then_interrupt
+
+
 def metric_rows(run_dir: Path) -> list[dict]:
     """metrics.jsonl rows without wall-clock dependent values (time, time/*, SPS)."""
     rows = []

@@ -4,12 +4,11 @@ bad settings are config errors."""
 from __future__ import annotations
 
 import math
-import signal
 
 import pytest
 import torch
 
-from eval_helpers import metric_rows, tiny_config, train_tiny
+from eval_helpers import interrupt_after, metric_rows, tiny_config, train_tiny
 from ppo_tbptt import checkpoint as ckpt
 from ppo_tbptt import config as C
 from ppo_tbptt.resume import plan_resume
@@ -73,15 +72,7 @@ def test_resume_continues_with_the_saved_scale(tmp_path):
     sets = ["ppo.kl_target=1.0", "ppo.kl_lr_factor=1.5", "run.total_steps=384", "run.checkpoint_every=64"]
     train_tiny(tmp_path / "full", *sets)
     part = Trainer(tiny_config(*sets), tmp_path / "part", torch.device("cpu"), quiet=True)
-    original = part.train_update
-
-    def update_then_interrupt():
-        out = original()
-        if part.update == 3:
-            part.request_stop(signal.SIGTERM)
-        return out
-
-    part.train_update = update_then_interrupt
+    interrupt_after(part, 3)
     part.train(handle_signals=False)
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "part"))
     assert state["lr_scale"] == pytest.approx(1.5 ** 3)

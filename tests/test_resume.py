@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval_helpers import TINY, metric_rows, tiny_config, train_tiny
+from eval_helpers import TINY, interrupt_after, metric_rows, tiny_config, train_tiny
 from ppo_tbptt import checkpoint as ckpt
 from ppo_tbptt import train as train_cli
 from ppo_tbptt.envs import CueRecall, LevelSeedWrapper, make_base_env, make_vector_env, seed_stream
@@ -132,18 +132,6 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path):
     assert (tmp_path / "part" / "checkpoints" / "best.pt").is_file()
 
 
-def _interrupt_after(trainer: Trainer, update: int) -> None:
-    original = trainer.train_update
-
-    def update_then_interrupt():
-        out = original()
-        if trainer.update == update:
-            trainer.request_stop(signal.SIGTERM)
-        return out
-
-    trainer.train_update = update_then_interrupt
-
-
 ADAPTIVE = ["tbptt.strategy=adaptive", "tbptt.adapt_every=2", "tbptt.adapt_window=8", "tbptt.adapt_burn_in=4",
             "tbptt.adapt_tau=4", "tbptt.adapt_samples=8", "tbptt.k_max=8", "tbptt.target_bias=0.2"]
 
@@ -156,7 +144,7 @@ def test_resume_restores_truncation_strategy_state(tmp_path, strategy):
     extra = strategy + ["run.total_steps=320"]
     train_tiny(tmp_path / "full", *extra)
     part = Trainer(tiny_config(*extra), tmp_path / "part", torch.device("cpu"), quiet=True)
-    _interrupt_after(part, 3)
+    interrupt_after(part, 3)
     part.train(handle_signals=False)
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "part"))
     assert state["truncation"]["name"] == strategy[0].split("=")[1]
@@ -267,7 +255,7 @@ def test_cuda_run_interrupts_resumes_and_evaluates(tmp_path):
     copies, and the restore (which re-checks that the rebuilt envs show the saved observations)."""
     extra = ["run.device=cuda", "model.core=gru", "env.kwargs.delay=5", "run.total_steps=320"] + EVAL
     part = Trainer(tiny_config(*extra), tmp_path / "part", torch.device("cuda"), quiet=True)
-    _interrupt_after(part, 2)
+    interrupt_after(part, 2)
     part.train(handle_signals=False)
     assert part.global_step == 128
     raw = torch.load(ckpt.latest_checkpoint(tmp_path / "part"), weights_only=True)  # devices as saved
