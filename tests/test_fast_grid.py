@@ -295,10 +295,8 @@ def test_piece_keeps_opaque_black_pixels_and_drops_colour_keyed_ones():
 def test_training_logs_the_same_metrics_on_either_backend_and_resumes_across_them(tmp_path):
     """A short MortarMayhem-Grid run logs identical metrics with memory-gym and with the port, and
     a memory-gym run interrupted after one update and resumed with ``env.backend=fast`` too."""
-    import signal
-
     import torch
-    from eval_helpers import metric_rows
+    from eval_helpers import interrupt_after, metric_rows
     from ppo_tbptt.trainer import Trainer
     sets = ["env.vector=serial", "env.num_envs=2", "model.hidden_size=16", "model.hidden_layer=16",
             "ppo.rollout_steps=48", "ppo.epochs=1", "ppo.minibatches=2", "run.total_steps=288",
@@ -307,15 +305,7 @@ def test_training_logs_the_same_metrics_on_either_backend_and_resumes_across_the
     def run(name, backend, stop_after=0):
         trainer = Trainer(C.load("mortar_mayhem_grid_cpu", sets + [f"env.backend={backend}"]), tmp_path / name,
                           torch.device("cpu"), quiet=True)
-        update = trainer.train_update
-
-        def update_then_stop():
-            out = update()
-            if trainer.update == stop_after:
-                trainer.request_stop(signal.SIGTERM)
-            return out
-
-        trainer.train_update = update_then_stop
+        interrupt_after(trainer, stop_after)
         trainer.train(handle_signals=False)
         trainer.close()
 
