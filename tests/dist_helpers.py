@@ -199,6 +199,26 @@ def _train_and_resume(dist, out: Path, extra: list[str]) -> None:
     (out / f"report_{dist.rank}.json").write_text(json.dumps(report))
 
 
+def _fork(dist, out: Path) -> None:
+    """``--fork`` on two ranks (what train.fork does, without the folder naming): a fork of the
+    two-rank run ``full`` at a new learning rate, and a fork of the single-process run ``single``
+    (which a resume refuses to continue on two ranks). Records where each began and ended, its
+    learning rate and its parameters."""
+    from ppo_tbptt.train import plan_fork
+    from ppo_tbptt.trainer import Trainer
+    report: dict = {}
+    for name, source, overrides in (("fork", "full", ["ppo.lr=1e-4", "run.total_steps=384"]),
+                                    ("fork_single", "single", ["run.total_steps=128"])):
+        path, state, _, cfg, _ = plan_fork(out / source, overrides, dist)
+        tr = Trainer(cfg, out / name, torch.device("cpu"), quiet=True, dist=dist, fork=state, fork_path=path)
+        began = tr.global_step
+        tr.train(handle_signals=False)  # (closes the envs)
+        report[name] = {"checkpoint": path.name, "began": began, "ended": tr.global_step,
+                        "lr": tr.optimizer.param_groups[0]["lr"]}
+        torch.save(tr.model.state_dict(), out / f"params_{name}_{dist.rank}.pt")
+    (out / f"fork_{dist.rank}.json").write_text(json.dumps(report))
+
+
 def _learn(dist, out: Path) -> None:
     import numpy as np
     from ppo_tbptt import config as C
@@ -249,10 +269,11 @@ def _curriculum(dist, out: Path, extra: list[str]) -> None:
 
 
 def _session(dist, out: Path, extra: list[str]) -> None:
-    """The equivalence update, then training and resume, in one start of the ranks (each start
+    """The equivalence update, then training, resume and forks, in one start of the ranks (each start
     costs seconds of imports)."""
     _equivalence(dist, out)
     _train_and_resume(dist, out, extra)
+    _fork(dist, out)
     _curriculum(dist, out, CURRICULUM)
 
 

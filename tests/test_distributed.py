@@ -3,6 +3,8 @@
 - the same update as one process over the same data (gradient weighting by real steps, global
   advantage normalisation, clipping of the averaged gradient);
 - identical parameters on every rank; interrupted + resumed == uninterrupted; world-size errors;
+- a fork on two ranks (of a two-rank or a single-process checkpoint), and of a two-rank checkpoint
+  in one process;
 - a signal to one rank (in-process) or to torchrun's group stops all ranks after the same update,
   with one checkpoint, every rank exiting 128 + signal;
 - a killed rank ends the others (torchrun and bare gloo), nothing left behind; so does an env that
@@ -261,6 +263,37 @@ def test_ranks_stay_identical_and_an_interrupted_run_resumes_bit_exact(two_ranks
     assert all(len(p["collector"]["envs"]["envs"]) == 2 for p in parts)  # each rank's own 2 envs
     assert not torch.equal(parts[0]["rng"]["torch"], parts[1]["rng"]["torch"])  # per-rank streams
     assert parts[0]["truncation"]["generator"].tolist() != parts[1]["truncation"]["generator"].tolist()
+
+
+def test_a_fork_on_two_ranks_branches_from_rank_0s_checkpoint_and_a_single_process_forks_theirs(two_ranks):
+    """``--fork`` under two ranks (dist_helpers._fork, in the same start of the ranks): from the
+    two-rank run's last checkpoint at a new learning rate, both ranks begin at its step, train with
+    the new rate and stay bit-identical; a single-process checkpoint, which a resume refuses to
+    continue on two ranks, forks onto them. And back: the two-rank checkpoint forks in one process."""
+    out = two_ranks[0]
+    reps = [json.loads((out / f"fork_{r}.json").read_text()) for r in range(2)]
+    assert reps[0] == reps[1]
+    assert reps[0]["fork"] == {"checkpoint": f"step_{320:012d}.pt", "began": 320, "ended": 384, "lr": 1e-4}
+    assert {k: v for k, v in reps[0]["fork_single"].items() if k != "lr"} == {
+        "checkpoint": f"step_{64:012d}.pt", "began": 64, "ended": 128}
+    full = torch.load(out / "params_full_0.pt")
+    for name, origin in (("fork", full), ("fork_single", ckpt.load_checkpoint(out / "single" / "checkpoints"
+                                                                            / f"step_{64:012d}.pt")["model"])):
+        params = [torch.load(out / f"params_{name}_{r}.pt") for r in range(2)]
+        for k in params[0]:
+            assert torch.equal(params[0][k], params[1][k]), (name, k)
+        assert any(not torch.equal(params[0][k], origin[k]) for k in params[0]), f"{name} did not train"
+    rows = metric_rows(out / "fork")
+    assert [r["global_step"] for r in rows] == [384] and rows[0]["charts/learning_rate"] == pytest.approx(1e-4)
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(out / "fork"))
+    assert state["global_step"] == 384 and state["distributed"]["world_size"] == 2
+
+    path, saved, _, cfg, _ = train_cli.plan_fork(out / "full", ["run.total_steps=384"])
+    assert saved["distributed"]["world_size"] == 2
+    one = Trainer(cfg, out / "fork_one", torch.device("cpu"), quiet=True, fork=saved, fork_path=path)
+    assert one.global_step == 320 and all(torch.equal(v, full[k]) for k, v in one.model.state_dict().items())
+    one.train(handle_signals=False)
+    assert one.global_step == 384 and "distributed" not in ckpt.load_checkpoint(ckpt.latest_checkpoint(out / "fork_one"))
 
 
 def test_two_ranks_take_one_curriculum_decision_from_all_their_episodes(two_ranks):
