@@ -129,6 +129,12 @@ class ModelConfig:
     evaluation and GPUs always use ``nn.GRU`` / ``nn.LSTM``."""
     reset_hidden_state: bool = True
     """Zero the recurrent state of an env when its episode ends."""
+    chrono_init: int = 0
+    """0: the recurrent core's biases start at zero, so every unit of the state starts with a keep
+    gate of sigmoid(0) = 0.5 and forgets half of itself each step. T >= 2: chrono initialisation
+    (Tallec & Ollivier, ICLR 2018) for memories up to about T steps: each unit's keep-gate bias (the
+    GRU's update gate z, the LSTM's forget gate, with its input gate at the negative) is drawn as
+    log(u), u ~ U(1, T - 1), so the units start with retention times spread over 2..T steps."""
     memoryless: bool = False
     """Ablation: zero the recurrent state before every step, in collection and in training, so the
     policy sees only the current observation (the same network, no memory). A task that needs
@@ -519,6 +525,8 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"model.core_kernel: must be 'auto' or 'torch', got {m.core_kernel!r}")
     if m.encoder_dtype not in ("float32", "bfloat16"):
         p.append(f"model.encoder_dtype: must be 'float32' or 'bfloat16', got {m.encoder_dtype!r}")
+    if m.chrono_init < 0 or m.chrono_init == 1:
+        p.append(f"model.chrono_init: 0 (off) or a horizon T >= 2 in steps, got {m.chrono_init}")
     for name in ("hidden_size", "num_layers", "hidden_layer"):
         if getattr(m, name) < 1:
             p.append(f"model.{name}: must be >= 1, got {getattr(m, name)}")

@@ -57,6 +57,26 @@ def _ortho(layer: nn.Module, gain: float) -> nn.Module:
     return layer
 
 
+def chrono_init_(core: nn.GRU | nn.LSTM, horizon: int) -> None:
+    """Chrono initialisation (Tallec & Ollivier, "Can recurrent neural networks warp time?", ICLR
+    2018) of ``core``'s keep gates, in place, in every layer: bias log(u), u ~ U(1, horizon - 1), in
+    ``bias_ih`` (``bias_hh`` untouched). A unit whose keep gate is sigmoid(log u) = u / (1 + u) keeps
+    its state for about 1 + u steps, so the state starts with retention times spread over
+    2..horizon steps instead of every unit halving itself each step (zero biases). PyTorch's gate
+    order: GRU r, z, n (h' = (1 - z) n + z h: z keeps); LSTM i, f, g, o (the input gate i is set to
+    -log u, so a unit that keeps long also writes little)."""
+    h = core.hidden_size
+    for k in range(core.num_layers):
+        b = getattr(core, f"bias_ih_l{k}")
+        with torch.no_grad():
+            keep = torch.log(torch.empty(h, device=b.device).uniform_(1.0, float(horizon - 1)))
+            if isinstance(core, nn.LSTM):
+                b[h:2 * h] = keep
+                b[:h] = -keep
+            else:
+                b[h:2 * h] = keep
+
+
 class NatureCNN(nn.Module):
     """The DQN encoder: [B, 84, 84, C] uint8 -> [B, out]."""
 
@@ -304,6 +324,9 @@ class RecurrentActorCritic(nn.Module):
                 nn.init.orthogonal_(p)
             else:
                 nn.init.zeros_(p)
+        chrono = int(getattr(model_cfg, "chrono_init", 0))
+        if chrono >= 2:
+            chrono_init_(self.core, chrono)
         g = math.sqrt(2)
         self.body = nn.Sequential(_ortho(nn.Linear(self.hidden_size, width), g), nn.ReLU())
         self.policy_head = _ortho(nn.Linear(width, self.action_dims if self.continuous else sum(self.nvec)), 0.01)
