@@ -131,10 +131,12 @@ class ModelConfig:
     """Zero the recurrent state of an env when its episode ends."""
     chrono_init: int = 0
     """0: the recurrent core's biases start at zero, so every unit of the state starts with a keep
-    gate of sigmoid(0) = 0.5 and forgets half of itself each step. T >= 2: chrono initialisation
+    gate of sigmoid(0) = 0.5 and forgets half of itself each step. T >= 3: chrono initialisation
     (Tallec & Ollivier, ICLR 2018) for memories up to about T steps: each unit's keep-gate bias (the
     GRU's update gate z, the LSTM's forget gate, with its input gate at the negative) is drawn as
-    log(u), u ~ U(1, T - 1), so the units start with retention times spread over 2..T steps."""
+    log(u), u ~ U(1, T - 1), so the units start with retention times spread over 2..T steps. Drawn
+    after every other weight: the rest of the network is the same as with 0. A resume cannot
+    change it."""
     memoryless: bool = False
     """Ablation: zero the recurrent state before every step, in collection and in training, so the
     policy sees only the current observation (the same network, no memory). A task that needs
@@ -525,8 +527,8 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"model.core_kernel: must be 'auto' or 'torch', got {m.core_kernel!r}")
     if m.encoder_dtype not in ("float32", "bfloat16"):
         p.append(f"model.encoder_dtype: must be 'float32' or 'bfloat16', got {m.encoder_dtype!r}")
-    if m.chrono_init < 0 or m.chrono_init == 1:
-        p.append(f"model.chrono_init: 0 (off) or a horizon T >= 2 in steps, got {m.chrono_init}")
+    if m.chrono_init < 0 or m.chrono_init in (1, 2):
+        p.append(f"model.chrono_init: 0 (off) or a horizon T >= 3 in steps, got {m.chrono_init}")
     for name in ("hidden_size", "num_layers", "hidden_layer"):
         if getattr(m, name) < 1:
             p.append(f"model.{name}: must be >= 1, got {getattr(m, name)}")

@@ -324,15 +324,15 @@ class RecurrentActorCritic(nn.Module):
                 nn.init.orthogonal_(p)
             else:
                 nn.init.zeros_(p)
-        chrono = int(getattr(model_cfg, "chrono_init", 0))
-        if chrono >= 2:
-            chrono_init_(self.core, chrono)
         g = math.sqrt(2)
         self.body = nn.Sequential(_ortho(nn.Linear(self.hidden_size, width), g), nn.ReLU())
         self.policy_head = _ortho(nn.Linear(width, self.action_dims if self.continuous else sum(self.nvec)), 0.01)
         self.value_head = _ortho(nn.Linear(width, 1), 1.0)
         if self.continuous:  # state-independent log std of the Gaussian policy, starting at std 1
             self.log_std = nn.Parameter(torch.zeros(self.action_dims))
+        chrono = int(getattr(model_cfg, "chrono_init", 0))
+        if chrono >= 3:  # drawn last, so the other weights are those of the same seed without it
+            chrono_init_(self.core, chrono)
 
     # ---- state -------------------------------------------------------------------------------
     def initial_state(self, batch: int, device: torch.device | str | None = None) -> RecurrentState:

@@ -168,6 +168,9 @@ def plan_fork(source: Path, overrides: list[str], dist=None):
                          f"checkpoint {path}: --set run.total_steps=N with N > {done:,}")
     cfg, note = keep_schedule_horizons(state["config"], previous, cfg, overrides, done)
     notes, warnings = lr_scale_changes(previous, cfg, state, "fork")
+    if cfg.model.chrono_init != previous.model.chrono_init:
+        warnings.append(f"model.chrono_init {previous.model.chrono_init} -> {cfg.model.chrono_init} changes "
+                        "nothing: it only draws the initial weights, and a fork starts from the checkpoint's")
     return path, state, previous, cfg, [f"note: {line}" for line in ([note] if note else []) + notes] + [
         f"warning: {line}" for line in schedule_changes(previous, cfg, done, "fork") + warnings]
 

@@ -39,14 +39,11 @@ def test_chrono_init_sets_the_keep_gate_of_every_layer_and_nothing_else(core):
 
 
 @pytest.mark.parametrize("core", ["gru", "lstm"])
-def test_chrono_init_0_leaves_every_bias_at_zero_and_the_draws_unchanged(core):
-    model = _model(core, 0)
-    assert all(torch.count_nonzero(p) == 0 for n, p in model.core.named_parameters() if "bias" in n)
-    # off, nothing is drawn: the weights are those of a config without the key
-    torch.manual_seed(0)
-    plain = build_model(OBS, gym.spaces.Discrete(3), C.ModelConfig(core=core, hidden_size=64, hidden_layer=32))
-    for a, b in zip(model.parameters(), plain.parameters()):
-        assert torch.equal(a, b)
+def test_chrono_init_changes_only_the_core_input_biases_of_the_same_seed(core):
+    off, on = _model(core, 0), _model(core, 128)
+    assert all(torch.count_nonzero(p) == 0 for n, p in off.core.named_parameters() if "bias" in n)
+    changed = [n for (n, a), b in zip(off.named_parameters(), on.parameters()) if not torch.equal(a, b)]
+    assert changed == ["core.bias_ih_l0"]  # drawn after every other weight: an on/off pair differs there alone
 
 
 def _reach(model, gap: int, length: int = 100) -> float:
@@ -69,7 +66,21 @@ def test_chrono_init_carries_the_gradient_60_steps_back_where_zero_biases_lose_i
     assert chrono > 1e-2
 
 
-@pytest.mark.parametrize("value", [1, -2])
-def test_a_chrono_horizon_below_2_is_a_config_error(value):
+@pytest.mark.parametrize("value", [1, 2, -2])
+def test_a_chrono_horizon_below_3_is_a_config_error(value):
     with pytest.raises(C.ConfigError, match="model.chrono_init"):
         C.from_dict({"model": {"chrono_init": value}})
+
+
+def test_a_resume_refuses_a_new_chrono_init_and_a_fork_warns_that_it_changes_nothing(tmp_path, capsys):
+    from eval_helpers import train_tiny
+    from ppo_tbptt import train as train_cli
+    run = tmp_path / "run"
+    train_tiny(run, "run.total_steps=64", "model.chrono_init=16")
+    capsys.readouterr()
+    assert train_cli.main(["--resume", str(run), "--set", "model.chrono_init=32",
+                           "--set", "run.total_steps=128"]) == 2
+    assert "model.chrono_init: the run has 16, the resume asks for 32" in capsys.readouterr().err
+    assert train_cli.main(["--fork", str(run), "--run-name", "f", "--set", f"run.out_dir={tmp_path}",
+                           "--set", "model.chrono_init=0", "--set", "run.total_steps=128"]) == 0
+    assert "warning: model.chrono_init 16 -> 0 changes nothing" in capsys.readouterr().err
