@@ -84,3 +84,18 @@ def test_a_resume_refuses_a_new_chrono_init_and_a_fork_warns_that_it_changes_not
     assert train_cli.main(["--fork", str(run), "--run-name", "f", "--set", f"run.out_dir={tmp_path}",
                            "--set", "model.chrono_init=0", "--set", "run.total_steps=128"]) == 0
     assert "warning: model.chrono_init 16 -> 0 changes nothing" in capsys.readouterr().err
+
+
+def test_the_gradient_reach_script_prints_the_chrono_variant_reaching_further(capsys):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gradient_reach.py"
+    spec = importlib.util.spec_from_file_location("gradient_reach", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--config", "cue_recall", "--set", "env.kwargs.delay=24", "--variant", "chrono=model.chrono_init=32",
+                 "--gaps", "2", "20", "--sequences", "2", "--seeds", "2"])
+    rows = {line.split("|")[1].strip(): [float(c.split()[0]) for c in line.split("|")[2:-1]]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "variant" not in line}
+    assert set(rows) == {"config", "chrono"}
+    assert rows["config"][1] < 1e-3 < 1e-1 < rows["chrono"][1]  # 20 steps back: lost with zero biases, kept with chrono
