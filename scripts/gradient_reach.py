@@ -1,7 +1,7 @@
 """How far back the recurrent core's gradient reaches at initialisation, per variant of a config.
 
     python scripts/gradient_reach.py --config mortar_mayhem_grid_cpu [--set ...] \
-        [--variant chrono=model.chrono_init=128 ...] [--gaps 5 10 20 40 60 80] [--seeds 3]
+        [--variant chrono=model.chrono_init=128 ...] [--run NAME=RUN_DIR ...] [--gaps 5 10 20 40 60 80] [--seeds 3]
 
 Plays one episode of the config's env per sequence with random actions (the env's reset
 parameters and level seeds; a curriculum's last stage, the target task), encodes its observations
@@ -11,7 +11,8 @@ d(policy logits at the episode's last step) / d(core input k steps earlier), rel
 of one step: the share of a gradient that reaches an observation k steps back. The variants are
 built from the same seeds (``model.chrono_init`` draws after every other weight, so a chrono/zero
 pair differs in the core's input biases alone). Median over ``--sequences`` episodes and the
-spread (min-max) over ``--seeds`` initialisations.
+spread (min-max) over ``--seeds`` initialisations. ``--run NAME=RUN_DIR`` adds a trained model (its
+newest checkpoint) as a row, on the same episodes: how far its gradient reaches after training.
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ from ppo_tbptt import config as C  # noqa: E402  (before torch: it sets OpenMP's
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from ppo_tbptt.envs import make_env  # noqa: E402
+from ppo_tbptt.checkpoint import CheckpointError  # noqa: E402
+from ppo_tbptt.evaluate import load_policy  # noqa: E402
 from ppo_tbptt.model import build_model  # noqa: E402
 
 
@@ -38,6 +41,9 @@ def episodes(cfg: C.Config, count: int, min_length: int) -> list[np.ndarray]:
     out, seed = [], env_cfg.train_seeds[0]
     try:
         while len(out) < count:
+            if seed - env_cfg.train_seeds[0] >= 50 * count:
+                raise SystemExit(f"error: {env_cfg.id}: {len(out)} of {50 * count} episodes with random actions "
+                                 f"last {min_length} steps or more; give smaller --gaps")
             obs, _ = env.reset(seed=seed, options=params or None)
             seed += 1
             frames, done = [obs], False
@@ -52,9 +58,7 @@ def episodes(cfg: C.Config, count: int, min_length: int) -> list[np.ndarray]:
     return out
 
 
-def reach(cfg: C.Config, obs: list[np.ndarray], gaps: list[int], seed: int, space) -> list[float]:
-    torch.manual_seed(seed)
-    model = build_model(space[0], space[1], cfg.model)
+def reach(model, obs: list[np.ndarray], gaps: list[int]) -> list[float]:
     shares = []
     for o in obs:
         x = model.encode(torch.as_tensor(o[None])).detach().requires_grad_()  # [1, L, F]
@@ -72,30 +76,53 @@ def main(argv=None) -> None:
     p.add_argument("--config", default="mortar_mayhem_grid_cpu")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=OVERRIDE[,OVERRIDE...]")
+    p.add_argument("--run", action="append", default=[], metavar="NAME=RUN_DIR_OR_CHECKPOINT",
+                   help="a trained model as a row as well (its env must be the config's)")
     p.add_argument("--gaps", type=int, nargs="+", default=[5, 10, 20, 40, 60, 80])
     p.add_argument("--sequences", type=int, default=8)
     p.add_argument("--seeds", type=int, default=3)
     args = p.parse_args(argv)
-    base = C.load(args.config, args.set)
-    variants = {"config": base}
-    for v in args.variant:
-        name, _, sets = v.partition("=")
-        variants[name] = C.load(args.config, args.set + sets.split(","))
+    try:
+        base = C.load(args.config, args.set)
+        variants = {"config": base}
+        for v in args.variant:
+            name, _, sets = v.partition("=")
+            variants[name] = C.load(args.config, args.set + sets.split(","))
+    except C.ConfigError as exc:
+        p.error(str(exc))
+    trained = {}
+    for item in args.run:
+        name, _, path = item.rpartition("=")
+        try:
+            model, cfg, _, file = load_policy(path, torch.device("cpu"))
+        except (CheckpointError, C.ConfigError) as exc:
+            p.error(str(exc))
+        if cfg.env.id != base.env.id or cfg.env.downsample != base.env.downsample:
+            p.error(f"{file} trained {cfg.env.id} (downsample {cfg.env.downsample}), not the config's "
+                    f"{base.env.id} (downsample {base.env.downsample})")
+        trained[name or str(file)] = model
     obs = episodes(base, args.sequences, max(args.gaps) + 1)
     env = make_env(base.env)
     space = (env.observation_space, env.action_space)
     env.close()
+    rows = {}
+    for name, cfg in variants.items():
+        rows[name] = []
+        for seed in range(args.seeds):
+            torch.manual_seed(seed)
+            rows[name].append(reach(build_model(space[0], space[1], cfg.model), obs, args.gaps))
+    for name, model in trained.items():
+        rows[name] = [reach(model, obs, args.gaps)]
     print(f"{args.config}: {len(obs)} episodes of {min(len(o) for o in obs)}-{max(len(o) for o in obs)} steps, "
           f"random actions; |d logits[last] / d input[last - k]| relative to k = 1, median over episodes, "
-          f"range over {args.seeds} initialisations")
+          f"range over {args.seeds} initialisations (untrained variants)")
     print("| variant | " + " | ".join(f"k = {k}" for k in args.gaps) + " |")
     print("|---|" + "---:|" * len(args.gaps))
-    for name, cfg in variants.items():
-        runs = [reach(cfg, obs, args.gaps, seed, space) for seed in range(args.seeds)]
+    for name, runs in rows.items():
         cells = []
         for i in range(len(args.gaps)):
             vals = sorted(r[i] for r in runs)
-            cells.append(f"{statistics.median(vals):.1e} ({vals[0]:.0e}-{vals[-1]:.0e})")
+            cells.append(f"{statistics.median(vals):.1e}" + (f" ({vals[0]:.0e}-{vals[-1]:.0e})" if len(vals) > 1 else ""))
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 

@@ -86,16 +86,27 @@ def test_a_resume_refuses_a_new_chrono_init_and_a_fork_warns_that_it_changes_not
     assert "warning: model.chrono_init 16 -> 0 changes nothing" in capsys.readouterr().err
 
 
-def test_the_gradient_reach_script_prints_the_chrono_variant_reaching_further(capsys):
+def test_the_gradient_reach_script_prints_the_chrono_variant_reaching_further(tmp_path, capsys):
     import importlib.util
     from pathlib import Path
+    from eval_helpers import train_tiny
     path = Path(__file__).resolve().parents[1] / "scripts" / "gradient_reach.py"
     spec = importlib.util.spec_from_file_location("gradient_reach", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    script.main(["--config", "cue_recall", "--set", "env.kwargs.delay=24", "--variant", "chrono=model.chrono_init=32",
-                 "--gaps", "2", "20", "--sequences", "2", "--seeds", "2"])
+    trained = train_tiny(tmp_path / "run", "run.total_steps=64", "model.chrono_init=32")
+    common = ["--config", "cue_recall", "--set", "env.kwargs.delay=24", "--gaps", "2", "20", "--sequences", "2"]
+    script.main(common + ["--variant", "chrono=model.chrono_init=32", "--seeds", "2",
+                          "--run", f"tiny={tmp_path / 'run'}"])
     rows = {line.split("|")[1].strip(): [float(c.split()[0]) for c in line.split("|")[2:-1]]
             for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "variant" not in line}
-    assert set(rows) == {"config", "chrono"}
+    assert set(rows) == {"config", "chrono", "tiny"}
     assert rows["config"][1] < 1e-3 < 1e-1 < rows["chrono"][1]  # 20 steps back: lost with zero biases, kept with chrono
+    # the trained row is the checkpoint's model: what the script's reach gives for those weights
+    episodes = script.episodes(C.load("cue_recall", ["env.kwargs.delay=24"]), 2, 21)
+    assert rows["tiny"] == pytest.approx([float(f"{v:.1e}") for v in script.reach(trained.model, episodes, [2, 20])])
+    with pytest.raises(SystemExit):  # a run of another env is refused
+        script.main(["--config", "mortar_mayhem_grid_cpu", "--run", str(tmp_path / "run")])
+    assert "not the config's MortarMayhem-Grid-v0" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="give smaller --gaps"):  # no episode is that long
+        script.main(["--config", "cue_recall", "--gaps", "200", "--sequences", "1"])
