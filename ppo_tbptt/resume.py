@@ -36,7 +36,7 @@ FROZEN = {
     "model.num_layers": "the weights and the saved recurrent states depend on it",
     "model.hidden_layer": "the weights depend on it",
     "model.encoder": "the weights depend on it",
-    "model.chrono_init": "it only draws the initial weights, which the checkpoint replaces",
+    "model.chrono_init": "the run's initial weights were drawn with it, and its config records how",
     "curriculum.stages": "each env's stage and the episodes in flight depend on it",
 }
 

@@ -1,18 +1,21 @@
-"""How far back the recurrent core's gradient reaches at initialisation, per variant of a config.
+"""How far back the recurrent core's gradient reaches, per variant of a config and per trained run.
 
     python scripts/gradient_reach.py --config mortar_mayhem_grid_cpu [--set ...] \
         [--variant chrono=model.chrono_init=128 ...] [--run NAME=RUN_DIR ...] [--gaps 5 10 20 40 60 80] [--seeds 3]
 
 Plays one episode of the config's env per sequence with random actions (the env's reset
 parameters and level seeds; a curriculum's last stage, the target task), encodes its observations
-with the untrained model of each variant, and runs the core over them as training does
-(``run_core``, with gradients: on a CPU the training kernels). For each gap k it prints the norm of
-d(policy logits at the episode's last step) / d(core input k steps earlier), relative to the gap
-of one step: the share of a gradient that reaches an observation k steps back. The variants are
-built from the same seeds (``model.chrono_init`` draws after every other weight, so a chrono/zero
-pair differs in the core's input biases alone). Median over ``--sequences`` episodes and the
-spread (min-max) over ``--seeds`` initialisations. ``--run NAME=RUN_DIR`` adds a trained model (its
-newest checkpoint) as a row, on the same episodes: how far its gradient reaches after training.
+(the terminal one left out: the policy never acts on it) with the untrained model of each variant,
+and runs the core over them as training does (``run_core``, with gradients: on a CPU the training
+kernels). For each gap k it prints the Frobenius norm of the Jacobian of the policy's logits at
+the episode's last step, centred within each action dimension (the softmax ignores a shift of all
+of them), with respect to the core's input (the encoder's features) k steps earlier, divided by
+the same norm for k = 1: the relative size of the gradient that reaches the input k steps back
+(it may rise again with k where a trained model reads an early step). The variants are built
+from the same seeds (``model.chrono_init`` draws after every other weight, so a chrono/zero pair
+starts from networks that differ in the core's input biases alone). Median over ``--sequences``
+episodes and the spread (min-max) over ``--seeds`` initialisations. ``--run NAME=RUN_DIR`` adds a
+trained model (its newest checkpoint, or a checkpoint file) as a row, on the same episodes.
 """
 from __future__ import annotations
 
@@ -46,11 +49,12 @@ def episodes(cfg: C.Config, count: int, min_length: int) -> list[np.ndarray]:
                                  f"last {min_length} steps or more; give smaller --gaps")
             obs, _ = env.reset(seed=seed, options=params or None)
             seed += 1
-            frames, done = [obs], False
-            while not done:
+            frames = [obs]
+            while True:
                 obs, _, term, trunc, _ = env.step(env.action_space.sample())
+                if term or trunc:  # (the terminal observation: no action is taken on it)
+                    break
                 frames.append(obs)
-                done = term or trunc
             if len(frames) >= min_length:
                 out.append(np.stack(frames))
     finally:
@@ -58,14 +62,27 @@ def episodes(cfg: C.Config, count: int, min_length: int) -> list[np.ndarray]:
     return out
 
 
+def centred_logits(model, logits: torch.Tensor) -> torch.Tensor:
+    """The logits less their mean within each action dimension (a Gaussian's mean as it is)."""
+    if model.nvec is None:
+        return logits
+    return torch.cat([g - g.mean(-1, keepdim=True) for g in logits.split(list(model.nvec), -1)], -1)
+
+
 def reach(model, obs: list[np.ndarray], gaps: list[int]) -> list[float]:
+    """Per gap k: |J(k)|_F / |J(1)|_F, J(k) = d centred logits[last] / d core input[last - k], the
+    median over the episodes ``obs``."""
     shares = []
     for o in obs:
         x = model.encode(torch.as_tensor(o[None])).detach().requires_grad_()  # [1, L, F]
         out, _ = model.run_core(x, model.initial_state(1))
         logits, _ = model.heads(out[:, -1])
-        grad, = torch.autograd.grad(logits.sum(), x)
-        norms = grad[0].norm(dim=-1)  # [L]
+        y = centred_logits(model, logits)[0]  # [A]
+        sq = torch.zeros(x.shape[1])
+        for j in range(y.shape[0]):
+            grad, = torch.autograd.grad(y[j], x, retain_graph=j + 1 < y.shape[0])
+            sq += grad[0].pow(2).sum(-1)  # [L]
+        norms = sq.sqrt()
         last = norms.shape[0] - 1
         shares.append([float(norms[last - k] / norms[last - 1]) for k in gaps])
     return [statistics.median(s[i] for s in shares) for i in range(len(gaps))]
@@ -90,21 +107,23 @@ def main(argv=None) -> None:
             variants[name] = C.load(args.config, args.set + sets.split(","))
     except C.ConfigError as exc:
         p.error(str(exc))
+    if any(cfg.model.memoryless for cfg in variants.values()):
+        p.error("model.memoryless: the ablation's gradient reaches no earlier step (nothing to measure)")
+    env = make_env(base.env)
+    space = (env.observation_space, env.action_space)
+    env.close()
     trained = {}
     for item in args.run:
-        name, _, path = item.rpartition("=")
+        name, _, path = item.partition("=") if "=" in item else ("", "", item)
         try:
             model, cfg, _, file = load_policy(path, torch.device("cpu"))
         except (CheckpointError, C.ConfigError) as exc:
             p.error(str(exc))
-        if cfg.env.id != base.env.id or cfg.env.downsample != base.env.downsample:
-            p.error(f"{file} trained {cfg.env.id} (downsample {cfg.env.downsample}), not the config's "
-                    f"{base.env.id} (downsample {base.env.downsample})")
+        if cfg.env.id != base.env.id or model.obs_shape != space[0].shape:
+            p.error(f"{file} trained {cfg.env.id} on observations of shape {model.obs_shape}, not the "
+                    f"config's {base.env.id} (shape {space[0].shape})")
         trained[name or str(file)] = model
     obs = episodes(base, args.sequences, max(args.gaps) + 1)
-    env = make_env(base.env)
-    space = (env.observation_space, env.action_space)
-    env.close()
     rows = {}
     for name, cfg in variants.items():
         rows[name] = []
@@ -114,8 +133,8 @@ def main(argv=None) -> None:
     for name, model in trained.items():
         rows[name] = [reach(model, obs, args.gaps)]
     print(f"{args.config}: {len(obs)} episodes of {min(len(o) for o in obs)}-{max(len(o) for o in obs)} steps, "
-          f"random actions; |d logits[last] / d input[last - k]| relative to k = 1, median over episodes, "
-          f"range over {args.seeds} initialisations (untrained variants)")
+          f"random actions; |d centred logits[last] / d core input[last - k]|_F relative to k = 1, median over "
+          f"episodes" + (f", range over {args.seeds} initialisations (untrained variants)" if args.seeds > 1 else ""))
     print("| variant | " + " | ".join(f"k = {k}" for k in args.gaps) + " |")
     print("|---|" + "---:|" * len(args.gaps))
     for name, runs in rows.items():

@@ -1,6 +1,6 @@
 """``model.chrono_init``: the recurrent core's keep gates start with retention times spread up to T
 steps, so that a gradient reaches tens of steps back from the first update (with zero biases it
-halves, or worse, at every step)."""
+shrinks about tenfold every five steps)."""
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -59,7 +59,7 @@ def _reach(model, gap: int, length: int = 100) -> float:
 
 @pytest.mark.parametrize("core", ["gru", "lstm"])
 def test_chrono_init_carries_the_gradient_60_steps_back_where_zero_biases_lose_it(core):
-    # Mortar Mayhem's tenth command is acted on about 80 steps after it is shown; with zero biases
+    # Mortar Mayhem's commands are acted on 40-60 steps after they are shown; with zero biases
     # every unit keeps half its state a step, and 60 steps back nothing of the gradient is left
     zero, chrono = _reach(_model(core, 0), 60), _reach(_model(core, 128), 60)
     assert zero < 1e-6
@@ -102,9 +102,33 @@ def test_the_gradient_reach_script_prints_the_chrono_variant_reaching_further(tm
             for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "variant" not in line}
     assert set(rows) == {"config", "chrono", "tiny"}
     assert rows["config"][1] < 1e-3 < 1e-1 < rows["chrono"][1]  # 20 steps back: lost with zero biases, kept with chrono
-    # the trained row is the checkpoint's model: what the script's reach gives for those weights
+    # the trained row is the checkpoint's model, measured as an independent full Jacobian gives it
+    model = trained.model
     episodes = script.episodes(C.load("cue_recall", ["env.kwargs.delay=24"]), 2, 21)
-    assert rows["tiny"] == pytest.approx([float(f"{v:.1e}") for v in script.reach(trained.model, episodes, [2, 20])])
+    from ppo_tbptt.envs import make_env
+    env = make_env(C.load("cue_recall", ["env.kwargs.delay=24"]).env)
+    env.reset(seed=0)
+    decisions, done = 1, False  # observations an action is taken on: the terminal one is not
+    while not done:
+        _, _, term, trunc, _ = env.step(0)
+        done = term or trunc
+        decisions += 0 if done else 1
+    assert [len(o) for o in episodes] == [decisions] * 2
+    expected = []
+    for o in episodes:
+        x = model.encode(torch.as_tensor(o[None])).detach()
+
+        def last_policy(inp):
+            out, _ = model.run_core(inp, model.initial_state(1))
+            logits = model.heads(out[:, -1])[0][0]
+            return logits - logits.mean()  # softmax-invariant shift removed
+
+        jac = torch.autograd.functional.jacobian(last_policy, x)[:, 0]  # [A, L, F]
+        norms = jac.pow(2).sum((0, 2)).sqrt()  # [L]
+        expected.append([float(norms[-1 - k] / norms[-2]) for k in (2, 20)])
+    medians = [float(torch.tensor([e[i] for e in expected]).median()) if len(expected) % 2 else
+               sum(e[i] for e in expected) / len(expected) for i in range(2)]
+    assert rows["tiny"] == pytest.approx([float(f"{v:.1e}") for v in medians], rel=1e-9)
     with pytest.raises(SystemExit):  # a run of another env is refused
         script.main(["--config", "mortar_mayhem_grid_cpu", "--run", str(tmp_path / "run")])
     assert "not the config's MortarMayhem-Grid-v0" in capsys.readouterr().err
