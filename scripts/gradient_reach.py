@@ -1,7 +1,7 @@
 """How far back the recurrent core's gradient reaches, per variant of a config and per trained run.
 
     python scripts/gradient_reach.py --config mortar_mayhem_grid_cpu [--set ...] \
-        [--variant chrono=model.chrono_init=128 ...] [--run NAME=RUN_DIR ...] [--gaps 5 10 20 40 60 80] [--seeds 3]
+        [--variant chrono=model.chrono_init=128 ...] [--run NAME=RUN_DIR ...] [--gaps 5 10 20 30 40] [--seeds 3]
 
 Plays one episode of the config's env per sequence with random actions (the env's reset
 parameters and level seeds; a curriculum's last stage, the target task), encodes its observations
@@ -44,8 +44,8 @@ def episodes(cfg: C.Config, count: int, min_length: int) -> list[np.ndarray]:
     out, seed = [], env_cfg.train_seeds[0]
     try:
         while len(out) < count:
-            if seed - env_cfg.train_seeds[0] >= 50 * count:
-                raise SystemExit(f"error: {env_cfg.id}: {len(out)} of {50 * count} episodes with random actions "
+            if seed - env_cfg.train_seeds[0] >= 2000 * count:
+                raise SystemExit(f"error: {env_cfg.id}: {len(out)} of {2000 * count} episodes with random actions "
                                  f"last {min_length} steps or more; give smaller --gaps")
             obs, _ = env.reset(seed=seed, options=params or None)
             seed += 1
@@ -95,7 +95,7 @@ def main(argv=None) -> None:
     p.add_argument("--variant", action="append", default=[], metavar="NAME=OVERRIDE[,OVERRIDE...]")
     p.add_argument("--run", action="append", default=[], metavar="NAME=RUN_DIR_OR_CHECKPOINT",
                    help="a trained model as a row as well (its env must be the config's)")
-    p.add_argument("--gaps", type=int, nargs="+", default=[5, 10, 20, 40, 60, 80])
+    p.add_argument("--gaps", type=int, nargs="+", default=[5, 10, 20, 30, 40])
     p.add_argument("--sequences", type=int, default=8)
     p.add_argument("--seeds", type=int, default=3)
     args = p.parse_args(argv)
