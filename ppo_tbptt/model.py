@@ -70,11 +70,9 @@ def chrono_init_(core: nn.GRU | nn.LSTM, horizon: int) -> None:
         b = getattr(core, f"bias_ih_l{k}")
         with torch.no_grad():
             keep = torch.log(torch.empty(h, device=b.device).uniform_(1.0, float(horizon - 1)))
+            b[h:2 * h] = keep  # the second gate: GRU z, LSTM f
             if isinstance(core, nn.LSTM):
-                b[h:2 * h] = keep
                 b[:h] = -keep
-            else:
-                b[h:2 * h] = keep
 
 
 class NatureCNN(nn.Module):
