@@ -137,6 +137,15 @@ class ModelConfig:
     log(u), u ~ U(1, T - 1), so the units start with retention times spread over 2..T steps. Drawn
     after every other weight: the rest of the network is the same as with 0. A resume cannot
     change it."""
+    recall_lags: int = 0
+    """0: off. K >= 1: an auxiliary recall head. At every training step t after the first of its
+    sequence it is given the core's output and a lag k drawn uniformly from 1..min(K, steps since
+    the sequence began), and predicts the observation of step t - k (as the encoder receives it);
+    its squared error, summed over the observation and weighed by ``ppo.recall_coef``, joins the
+    PPO loss. The gradient reaches the core through the sequence, so the state is trained to keep
+    what the episode showed, not only what the return has rewarded so far. The head is built after
+    every other weight (the rest of the network is the same as with 0) and is used in training only.
+    A resume cannot change it."""
     memoryless: bool = False
     """Ablation: zero the recurrent state before every step, in collection and in training, so the
     policy sees only the current observation (the same network, no memory). A task that needs
@@ -225,6 +234,8 @@ class PPOConfig:
     """Value loss coefficient."""
     max_grad_norm: float = 0.25
     """Global gradient norm clip."""
+    recall_coef: float = 0.05
+    """The weight of the recall loss (``model.recall_lags`` > 0 only)."""
     norm_advantages: bool = True
     """Normalise advantages per minibatch (masked mean and std)."""
     clip_value_loss: bool = True
@@ -529,6 +540,8 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"model.encoder_dtype: must be 'float32' or 'bfloat16', got {m.encoder_dtype!r}")
     if m.chrono_init < 0 or m.chrono_init in (1, 2):
         p.append(f"model.chrono_init: 0 (off) or a horizon T >= 3 in steps, got {m.chrono_init}")
+    if m.recall_lags < 0:
+        p.append(f"model.recall_lags: 0 (off) or the longest lag K >= 1 in steps, got {m.recall_lags}")
     for name in ("hidden_size", "num_layers", "hidden_layer"):
         if getattr(m, name) < 1:
             p.append(f"model.{name}: must be >= 1, got {getattr(m, name)}")
@@ -573,6 +586,8 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"ppo.kl_lr_max_scale: must be >= 1 and finite, got {o.kl_lr_max_scale}")
     if o.vf_coef < 0:
         p.append(f"ppo.vf_coef: must be >= 0, got {o.vf_coef}")
+    if not o.recall_coef >= 0:  # (NaN too)
+        p.append(f"ppo.recall_coef: must be >= 0, got {o.recall_coef}")
     if o.max_grad_norm <= 0:
         p.append(f"ppo.max_grad_norm: must be > 0, got {o.max_grad_norm}")
     if r.total_steps < 1:

@@ -8,6 +8,7 @@ from typing import Sequence
 import gymnasium as gym
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import rnn_kernel
@@ -329,8 +330,14 @@ class RecurrentActorCritic(nn.Module):
         if self.continuous:  # state-independent log std of the Gaussian policy, starting at std 1
             self.log_std = nn.Parameter(torch.zeros(self.action_dims))
         chrono = int(getattr(model_cfg, "chrono_init", 0))
-        if chrono >= 3:  # drawn last, so the other weights are those of the same seed without it
+        if chrono >= 3:  # drawn after the rest, so the other weights are those of the same seed without it
             chrono_init_(self.core, chrono)
+        self.recall_lags = int(getattr(model_cfg, "recall_lags", 0))
+        self.recall_head = None
+        if self.recall_lags > 0:  # built last, for the same reason
+            self.recall_head = nn.Sequential(
+                _ortho(nn.Linear(self.hidden_size + self.recall_lags, width), g), nn.ReLU(),
+                _ortho(nn.Linear(width, int(np.prod(self.obs_shape))), 1.0))
 
     # ---- state -------------------------------------------------------------------------------
     def initial_state(self, batch: int, device: torch.device | str | None = None) -> RecurrentState:
@@ -386,6 +393,33 @@ class RecurrentActorCritic(nn.Module):
         out, s = self.run_core(x, state, valid)  # out [B, L, H]
         logits, values = self.heads(out, obs)
         return logits, values, s
+
+    def recall_loss(self, core_out: torch.Tensor, obs: torch.Tensor, mask: torch.Tensor,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+        """The recall head's loss over a batch of sequences (``model.recall_lags`` = K > 0).
+
+        ``core_out [S, L, H]``: the core's outputs over the sequences; ``obs [S, L, *obs_shape]``
+        their observations; ``mask [S, L]`` the steps that enter the loss. At each such step p > 0
+        a lag k is drawn uniformly from 1..min(K, p) (from ``generator``) and the head predicts
+        observation p - k of the same sequence from ``core_out[:, p]`` and k (one-hot); the result
+        is the squared error summed over the observation, averaged over those steps (0 if none)."""
+        if self.recall_head is None:
+            raise ValueError("recall_loss needs model.recall_lags > 0")
+        s, l = mask.shape
+        dev = core_out.device
+        pos = torch.arange(l, device=dev)  # [L]
+        span = pos.clamp(max=self.recall_lags)  # [L] the lags available at each position
+        u = torch.rand(s, l, generator=generator,
+                       device=generator.device if generator is not None else dev).to(dev)  # [S, L]
+        lag = 1 + (u * span).long().clamp(min=0, max=self.recall_lags - 1)  # [S, L] in 1..max(span, 1)
+        seq, at = torch.nonzero((mask > 0) & (span > 0)).unbind(1)  # [V] each
+        if seq.numel() == 0:
+            return core_out.sum() * 0.0
+        k = lag[seq, at]  # [V]
+        flat = obs.reshape(s, l, -1)
+        target = flat[seq, at - k].float() * self.obs_scale  # [V, D]
+        x = torch.cat([core_out[seq, at], F.one_hot(k - 1, self.recall_lags).to(core_out.dtype)], dim=1)
+        return ((self.recall_head(x) - target) ** 2).sum(dim=1).mean()
 
     def apply_action_mask(self, logits: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
         """``logits [..., A]`` masked by the action mask in ``obs [..., *obs_shape]`` (unchanged

@@ -37,6 +37,7 @@ FROZEN = {
     "model.hidden_layer": "the weights depend on it",
     "model.encoder": "the weights depend on it",
     "model.chrono_init": "the run's initial weights were drawn with it, and its config records how",
+    "model.recall_lags": "the weights depend on it",
     "curriculum.stages": "each env's stage and the episodes in flight depend on it",
 }
 

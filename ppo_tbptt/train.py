@@ -166,6 +166,10 @@ def plan_fork(source: Path, overrides: list[str], dist=None):
     if cfg.run.total_steps <= done:
         raise ValueError(f"run.total_steps={cfg.run.total_steps:,} is not above the {done:,} env steps of "
                          f"checkpoint {path}: --set run.total_steps=N with N > {done:,}")
+    if cfg.model.recall_lags != previous.model.recall_lags:
+        raise ConfigError([f"model.recall_lags: the checkpoint's model has {previous.model.recall_lags}, the fork asks "
+                           f"for {cfg.model.recall_lags}; the recall head is part of the weights, so a fork keeps "
+                           "it as it is (a new run can change it)"])
     cfg, note = keep_schedule_horizons(state["config"], previous, cfg, overrides, done)
     notes, warnings = lr_scale_changes(previous, cfg, state, "fork")
     if cfg.model.chrono_init != previous.model.chrono_init:

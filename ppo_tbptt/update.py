@@ -161,8 +161,13 @@ class PPOUpdate:
             for mb_idx in minibatch_indices(batch.num_sequences, p.minibatches, self.shuffle_gen):
                 mb = batch.select(mb_idx.to(self.device))
                 mb, mb_coefs = self.ranks.normalise_advantages(mb, coefs)  # over all ranks' minibatches
-                logits, values = self.truncation.forward(self.model, mb)
+                core_out = self.truncation.core_out(self.model, mb)
+                logits, values = self.model.heads(core_out, mb.obs)
                 out = ppo_loss_from_outputs(self.model, mb, logits, values, mb_coefs)
+                if self.model.recall_head is not None:  # model.recall_lags: the auxiliary recall loss
+                    recall = self.model.recall_loss(core_out, mb.obs, mb.mask, self.shuffle_gen)
+                    out.loss = out.loss + p.recall_coef * recall
+                    out.metrics["losses/recall"] = recall.detach()
                 self.optimizer.zero_grad(set_to_none=True)
                 finite &= torch.isfinite(out.loss.detach())
                 out.loss.backward()

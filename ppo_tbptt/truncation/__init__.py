@@ -5,8 +5,10 @@ The trainer only calls :class:`TruncationStrategy` (``base.py``):
 - ``before_update(model, rollout)``: once per update, after GAE (``adaptive`` re-estimates K here);
 - ``build(rollout) -> SequenceBatch``: the training sequences;
 - ``before_epoch(model, rollout, batch, epoch)``: ``tbptt.refresh_states`` rewrites start states;
-- ``forward(model, batch) -> (logits [S, L, A], values [S, L])``: the training forward pass (the
-  logits masked by the observations' action mask, as ``model.heads(out, batch.obs)`` does);
+- ``core_out(model, batch) -> out [S, L, H]``: the training forward pass up to the recurrent core
+  (a strategy overrides this to change how gradients flow); ``forward(model, batch) -> (logits
+  [S, L, A], values [S, L])`` puts the heads on it (the logits masked by the observations' action
+  mask, as ``model.heads(out, batch.obs)`` does);
 - ``metrics() -> dict`` (scalars) and ``curves() -> dict`` (1-D arrays such as phi_k).
 
 One strategy per module (the docs' "Truncation strategies" page, docs/truncation.md, describes each):

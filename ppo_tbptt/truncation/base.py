@@ -31,7 +31,7 @@ class TruncationStrategy:
     """The seam between the trainer and a truncation strategy.
 
     A strategy decides how a rollout is cut into sequences (:meth:`build`) and how gradients flow
-    through them (:meth:`forward`; the default is one recurrent call per minibatch from the
+    through them (:meth:`core_out`; the default is one recurrent call per minibatch from the
     sequences' detached start states). The shared hooks refresh stale start states
     (``tbptt.refresh_states``), report ``tbptt/K`` and checkpoint the strategy's state."""
 
@@ -62,10 +62,15 @@ class TruncationStrategy:
             if kl is not None:
                 self.add_ratio("tbptt/staleness_kl", kl, 1.0)
 
+    def core_out(self, model: RecurrentActorCritic, batch: SequenceBatch) -> torch.Tensor:
+        """The training forward up to the recurrent core: its outputs ``[S, L, H]``. The default
+        is one recurrent call from the sequences' detached start states."""
+        out, _ = model.run_core(model.encode(batch.obs, batch.valid), batch.init_state, batch.valid)
+        return out
+
     def forward(self, model: RecurrentActorCritic, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """The training forward: ``logits [S, L, A]``, ``values [S, L]``."""
-        logits, values, _ = model(batch.obs, batch.init_state, batch.valid)
-        return logits, values
+        return model.heads(self.core_out(model, batch), batch.obs)
 
     def add_ratio(self, tag: str, numerator: float, denominator: float, replace: bool = False) -> None:
         """Add to (``replace``: set) a figure of this update that is a ratio of sums over the

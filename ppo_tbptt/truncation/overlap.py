@@ -36,9 +36,9 @@ class OverlapStrategy(TruncationStrategy):
         window_fractions(self, length, loss_from, self.k2)
         return gather_sequences(rollout, t0, n, length, self.k2, loss_from)
 
-    def forward(self, model: RecurrentActorCritic, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def core_out(self, model: RecurrentActorCritic, batch: SequenceBatch) -> torch.Tensor:
         if not self.tb.burn_in or self.k1 == self.k2:
-            return super().forward(model, batch)
+            return super().core_out(model, batch)
         x = model.encode(batch.obs, batch.valid)  # [S, L, F]
         S, L = x.shape[:2]
         prefix = (batch.mask > 0).float().argmax(dim=1)  # [S] first loss position = prefix length
@@ -53,4 +53,4 @@ class OverlapStrategy(TruncationStrategy):
                 state = RecurrentState.from_torch(state).detach().as_torch()
             rest, _ = model.core(x[sel, q:], state)  # [s, L - q, H]
             out[sel, q:] = rest
-        return model.heads(out, batch.obs)
+        return out

@@ -160,12 +160,12 @@ class RandomStrategy(TruncationStrategy):
         self.add_ratio("tbptt/mean_piece", float(length.sum()), len(length), replace=True)
         return gather_sequences(rollout, t0, n, length, int(length.max()))
 
-    def forward(self, model: RecurrentActorCritic, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def core_out(self, model: RecurrentActorCritic, batch: SequenceBatch) -> torch.Tensor:
         x = model.encode(batch.obs, batch.valid)  # [S, L, F]
         length = batch.valid.sum(dim=1)  # [S]
         out = segment_unroll(core_run(model.core), x, batch.init_state.tensors(), length, self.segment,
                              1.0 / (1.0 - self.cut_prob))  # [S, L, H]
-        return model.heads(out, batch.obs)
+        return out
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "generator": self.generator.get_state()}

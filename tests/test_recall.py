@@ -1,0 +1,210 @@
+"""``model.recall_lags``: an auxiliary head that predicts, from the core's output at step p and a
+lag k, the observation of step p - k of the same sequence; its loss trains the recurrent state to
+keep what the episode showed."""
+import signal
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ppo_tbptt import config as C
+from ppo_tbptt.model import build_model
+
+OBS = gym.spaces.Box(0.0, 1.0, (5,), np.float32)
+
+
+def _model(lags: int, seed: int = 0, obs=OBS, hidden: int = 16):
+    torch.manual_seed(seed)
+    cfg = C.ModelConfig(core="gru", hidden_size=hidden, hidden_layer=32, recall_lags=lags)
+    return build_model(obs, gym.spaces.Discrete(3), cfg)
+
+
+class Oracle(nn.Module):
+    """A recall head that knows the answer: the core output's first entry carries the position p,
+    the one-hot the lag k, and it returns the frame of step p - k (frames are ``p`` everywhere).
+    It records every (p, k) it was asked for."""
+
+    def __init__(self, lags: int):
+        super().__init__()
+        self.lags, self.asked = lags, []
+
+    def forward(self, x):
+        p = x[:, 0].round().long()
+        k = x[:, -self.lags:].argmax(dim=1) + 1
+        assert torch.all(x[:, -self.lags:].sum(dim=1) == 1)  # a one-hot of the lag
+        self.asked.append(torch.stack([p, k], dim=1))
+        return (p - k).float()[:, None].expand(-1, 5)
+
+
+def _oracle_batch(s: int, l: int):
+    pos = torch.arange(l, dtype=torch.float32)
+    obs = pos[None, :, None].expand(s, l, 5).clone()  # frame p is p everywhere
+    core_out = torch.zeros(s, l, 16)
+    core_out[..., 0] = pos
+    return obs, core_out
+
+
+def test_the_target_is_the_observation_k_steps_back_with_k_uniform_in_1_to_min_K_p():
+    lags, s, l = 6, 64, 20
+    model = _model(lags)
+    model.recall_head = Oracle(lags)
+    obs, core_out = _oracle_batch(s, l)
+    mask = torch.ones(s, l)
+    loss = model.recall_loss(core_out, obs, mask, torch.Generator().manual_seed(0))
+    assert float(loss) == 0.0  # every target is frame p - k
+    asked = torch.cat(model.recall_head.asked)
+    p, k = asked[:, 0], asked[:, 1]
+    assert len(asked) == s * (l - 1)  # every step but each sequence's first
+    assert torch.all(k >= 1) and torch.all(k <= torch.clamp(p, max=lags))
+    for pos in (1, 3, 12):  # every lag available is drawn, about equally often
+        counts = torch.bincount(k[p == pos], minlength=lags + 1)[1:min(pos, lags) + 1].float()
+        assert torch.all(counts > 0)
+        assert float(counts.max() / counts.min()) < 2.5 if pos > 1 else True
+
+
+def test_steps_outside_the_mask_and_the_first_step_are_left_out():
+    lags, s, l = 4, 8, 10
+    model = _model(lags)
+    model.recall_head = Oracle(lags)
+    obs, core_out = _oracle_batch(s, l)
+    mask = torch.ones(s, l)
+    mask[:, 7:] = 0  # padding: the oracle is wrong there
+    core_out[:, 7:, 0] += 100.0
+    mask[0] = 0  # a sequence with no loss step at all
+    assert float(model.recall_loss(core_out, obs, mask, torch.Generator().manual_seed(1))) == 0.0
+    asked = torch.cat(model.recall_head.asked)
+    assert len(asked) == (s - 1) * 6
+    none = torch.zeros(s, l)
+    assert float(model.recall_loss(core_out, obs, none)) == 0.0
+
+
+class Zeros(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x):
+        return torch.zeros(x.shape[0], self.dim)
+
+
+def test_the_loss_is_the_squared_error_summed_over_the_observation():
+    lags = 3
+    model = _model(lags)
+    model.recall_head = Zeros(5)
+    obs = torch.full((2, 4, 5), 0.5)
+    # each step with a target misses 0.5 in each of 5 entries: 5 * 0.25
+    assert float(model.recall_loss(torch.zeros(2, 4, 16), obs, torch.ones(2, 4))) == pytest.approx(1.25)
+    pixels = gym.spaces.Box(0, 255, (2, 2, 1), np.uint8)  # integer frames are scaled as the encoder's
+    model = _model(lags, obs=pixels)
+    model.recall_head = Zeros(4)
+    obs = torch.full((1, 3, 2, 2, 1), 255, dtype=torch.uint8)
+    assert float(model.recall_loss(torch.zeros(1, 3, 16), obs, torch.ones(1, 3))) == pytest.approx(4.0)
+
+
+def test_recall_trains_the_state_to_keep_what_was_shown():
+    # frames of random bits, each shown once: only a state that keeps them can predict them later
+    lags, s, l = 3, 64, 10
+    gen = torch.Generator().manual_seed(0)
+
+    def train(detach_core):
+        model = _model(lags, hidden=64)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+
+        def loss_on(obs):
+            out, _ = model.run_core(model.encode(obs), model.initial_state(s))
+            return model.recall_loss(out.detach() if detach_core else out, obs, torch.ones(s, l), gen)
+
+        for _ in range(300):
+            loss = loss_on(torch.randint(0, 2, (s, l, 5), generator=gen).float())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            return float(loss_on(torch.randint(0, 2, (s, l, 5), generator=gen).float()))
+
+    guess = 5 * 0.25  # predicting 0.5 for every bit
+    # the head alone reads only what an untrained core happens to keep (1.0 of 1.25 here)
+    assert train(detach_core=True) > 0.6 * guess
+    assert train(detach_core=False) < 0.2 * guess  # trained through the core, it keeps them (0.13)
+
+
+def test_the_head_is_built_last_and_only_when_asked():
+    off, on = _model(0), _model(8)
+    assert off.recall_head is None
+    assert not any(n.startswith("recall_head") for n, _ in off.named_parameters())
+    shared = dict(off.named_parameters())
+    for name, p in on.named_parameters():
+        if not name.startswith("recall_head"):
+            assert torch.equal(p, shared[name]), name  # the rest is the same network
+    assert on.recall_head[0].in_features == 16 + 8 and on.recall_head[-1].out_features == 5
+    with pytest.raises(ValueError, match="recall_lags"):
+        off.recall_loss(torch.zeros(1, 2, 16), torch.zeros(1, 2, 5), torch.ones(1, 2))
+
+
+@pytest.mark.parametrize("raw, key", [({"model": {"recall_lags": -1}}, "model.recall_lags"),
+                                      ({"ppo": {"recall_coef": -0.1}}, "ppo.recall_coef"),
+                                      ({"ppo": {"recall_coef": float("nan")}}, "ppo.recall_coef")])
+def test_bad_recall_settings_are_config_errors(raw, key):
+    with pytest.raises(C.ConfigError, match=key):
+        C.from_dict(raw)
+
+
+@pytest.mark.parametrize("strategy", [[], ["tbptt.strategy=overlap", "tbptt.stride=4", "tbptt.burn_in=true"],
+                                      ["tbptt.strategy=random", "tbptt.mean_length=3"]],
+                         ids=["fixed", "overlap", "random"])
+def test_training_with_recall_logs_its_loss_and_trains_the_head(tmp_path, strategy):
+    from eval_helpers import train_tiny
+    trainer = train_tiny(tmp_path / "run", "model.recall_lags=4", "run.total_steps=128", *strategy)
+    rows = [r for r in __import__("eval_helpers").metric_rows(tmp_path / "run") if "losses/recall" in r]
+    assert len(rows) == 2 and all(np.isfinite(r["losses/recall"]) and r["losses/recall"] > 0 for r in rows)
+    torch.manual_seed(trainer.cfg.run.seed)
+    fresh = build_model(trainer.envs.single_observation_space, trainer.envs.single_action_space, trainer.cfg.model)
+    assert not torch.equal(fresh.recall_head[0].weight, trainer.model.recall_head[0].weight)
+
+
+def test_a_run_with_recall_resumes_bit_exact(tmp_path):
+    from eval_helpers import metric_rows, tiny_config, train_tiny
+    from ppo_tbptt.trainer import Trainer
+    extra = ["model.recall_lags=4", "run.total_steps=192", "run.checkpoint_every=64"]
+    train_tiny(tmp_path / "full", *extra)
+    part = Trainer(tiny_config(*extra), tmp_path / "part", torch.device("cpu"), quiet=True)
+    original = part.train_update
+
+    def update_then_interrupt():
+        out = original()
+        if part.update == 2:
+            part.request_stop(signal.SIGINT)
+        return out
+
+    part.train_update = update_then_interrupt
+    part.train(handle_signals=False)
+    Trainer.from_run(tmp_path / "part", quiet=True).train(handle_signals=False)
+    assert metric_rows(tmp_path / "part") == metric_rows(tmp_path / "full")
+
+
+def test_a_resume_or_a_fork_refuses_a_new_recall_head(tmp_path, capsys):
+    from eval_helpers import train_tiny
+    from ppo_tbptt import train as train_cli
+    run = tmp_path / "run"
+    train_tiny(run, "run.total_steps=64", "model.recall_lags=4")
+    capsys.readouterr()
+    assert train_cli.main(["--resume", str(run), "--set", "model.recall_lags=8",
+                           "--set", "run.total_steps=128"]) == 2
+    assert "model.recall_lags: the run has 4, the resume asks for 8" in capsys.readouterr().err
+    assert train_cli.main(["--fork", str(run), "--run-name", "f", "--set", f"run.out_dir={tmp_path}",
+                           "--set", "model.recall_lags=0", "--set", "run.total_steps=128"]) == 2
+    assert "model.recall_lags: the checkpoint's model has 4, the fork asks for 0" in capsys.readouterr().err
+    assert train_cli.main(["--fork", str(run), "--run-name", "g", "--set", f"run.out_dir={tmp_path}",
+                           "--set", "ppo.recall_coef=0.5", "--set", "run.total_steps=128"]) == 0
+
+
+def test_the_recall_gradient_reaches_the_core_in_training(tmp_path):
+    # without clipping, the two runs' core gradients differ only by the recall loss's share
+    from eval_helpers import train_tiny
+    runs = [train_tiny(tmp_path / f"c{coef}", "model.recall_lags=4", f"ppo.recall_coef={coef}",
+                       "ppo.max_grad_norm=1e9", "run.total_steps=64").model for coef in (0.0, 1.0)]
+    for name in ("core.weight_hh_l0", "encoder.net.0.weight"):
+        a, b = (dict(m.named_parameters())[name] for m in runs)
+        assert not torch.equal(a, b), name
