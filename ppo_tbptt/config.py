@@ -140,9 +140,10 @@ class ModelConfig:
     recall_lags: int = 0
     """0: off. K >= 1: an auxiliary recall head. At every training step t after the first of its
     sequence it is given the core's output and a lag k drawn uniformly from 1..min(K, steps since
-    the sequence began), and predicts the observation of step t - k (as the encoder receives it);
-    its squared error, summed over the observation and weighed by ``ppo.recall_coef``, joins the
-    PPO loss. The gradient reaches the core through the sequence, so the state is trained to keep
+    the sequence began), and predicts the observation of step t - k (as the encoder receives it,
+    scaled to [0, 1] for integer frames; Box observations only); its squared error, summed over the
+    observation and weighed by ``ppo.recall_coef``, joins the PPO loss (being a sum, the loss grows
+    with the observation's size: the default coefficient suits the grid envs' 21x21x3 frames). The gradient reaches the core through the sequence, so the state is trained to keep
     what the episode showed, not only what the return has rewarded so far. The head is built after
     every other weight (the rest of the network is the same as with 0) and is used in training only.
     A resume cannot change it."""
@@ -542,6 +543,11 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"model.chrono_init: 0 (off) or a horizon T >= 3 in steps, got {m.chrono_init}")
     if m.recall_lags < 0:
         p.append(f"model.recall_lags: 0 (off) or the longest lag K >= 1 in steps, got {m.recall_lags}")
+    if m.recall_lags > 0 and m.memoryless:
+        p.append("model.recall_lags: the memoryless ablation keeps nothing to recall (set one of them)")
+    if m.recall_lags > 0 and t.strategy in ("fixed", "random") and t.sequence_length == 1:
+        p.append("model.recall_lags: sequences of one step hold no earlier observation to recall "
+                 "(tbptt.sequence_length >= 2, or <= 0 for whole episode fragments)")
     for name in ("hidden_size", "num_layers", "hidden_layer"):
         if getattr(m, name) < 1:
             p.append(f"model.{name}: must be >= 1, got {getattr(m, name)}")
@@ -586,8 +592,8 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"ppo.kl_lr_max_scale: must be >= 1 and finite, got {o.kl_lr_max_scale}")
     if o.vf_coef < 0:
         p.append(f"ppo.vf_coef: must be >= 0, got {o.vf_coef}")
-    if not o.recall_coef >= 0:  # (NaN too)
-        p.append(f"ppo.recall_coef: must be >= 0, got {o.recall_coef}")
+    if not 0 <= o.recall_coef < math.inf:  # (NaN too)
+        p.append(f"ppo.recall_coef: must be >= 0 and finite, got {o.recall_coef}")
     if o.max_grad_norm <= 0:
         p.append(f"ppo.max_grad_norm: must be > 0, got {o.max_grad_norm}")
     if r.total_steps < 1:

@@ -335,6 +335,9 @@ class RecurrentActorCritic(nn.Module):
         self.recall_lags = int(getattr(model_cfg, "recall_lags", 0))
         self.recall_head = None
         if self.recall_lags > 0:  # built last, for the same reason
+            if isinstance(obs_space, FlatBox):
+                raise ModelConfigError(f"model.recall_lags: the recall head predicts Box observations; this env's "
+                                       f"are {obs_space.source}, flattened into parts (set model.recall_lags: 0)")
             self.recall_head = nn.Sequential(
                 _ortho(nn.Linear(self.hidden_size + self.recall_lags, width), g), nn.ReLU(),
                 _ortho(nn.Linear(width, int(np.prod(self.obs_shape))), 1.0))
@@ -411,7 +414,7 @@ class RecurrentActorCritic(nn.Module):
         span = pos.clamp(max=self.recall_lags)  # [L] the lags available at each position
         u = torch.rand(s, l, generator=generator,
                        device=generator.device if generator is not None else dev).to(dev)  # [S, L]
-        lag = 1 + (u * span).long().clamp(min=0, max=self.recall_lags - 1)  # [S, L] in 1..max(span, 1)
+        lag = 1 + torch.minimum((u * span).long(), (span - 1).clamp(min=0))  # [S, L] in 1..max(span, 1)
         seq, at = torch.nonzero((mask > 0) & (span > 0)).unbind(1)  # [V] each
         if seq.numel() == 0:
             return core_out.sum() * 0.0

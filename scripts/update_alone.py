@@ -56,7 +56,10 @@ def record(cfg: C.Config, episode_length: int):
 def make_trainer(cfg: C.Config, weights: dict) -> Trainer:
     tr = Trainer(cfg.replace("env", vector="serial", num_envs=cfg.env.num_envs).replace("run", device="cpu"),
                  Path("/tmp/update_alone_run"), torch.device("cpu"), log=False, quiet=True)
-    tr.model.load_state_dict(weights)
+    missing, unexpected = tr.model.load_state_dict(weights, strict=False)
+    if unexpected or any(not k.startswith("recall_head.") for k in missing):  # a variant may add the head
+        raise SystemExit(f"error: the variant's model does not fit the config's weights: missing {missing}, "
+                         f"unexpected {unexpected}")
     tr.envs.close()
     return tr
 
@@ -65,11 +68,17 @@ def learn(tr: Trainer, rollout) -> dict:
     """The learning half of :meth:`Trainer.train_update` on ``rollout`` (GAE done)."""
     tr.global_step = 0
     tr.shuffle_gen.manual_seed(1)
-    return tr.learn(rollout) if hasattr(tr, "learn") else _learn_inline(tr, rollout)
+    if hasattr(tr, "ppo_update"):  # the update's own epochs x minibatches (with every loss it has)
+        _, coefs = tr.coefs()
+        losses, finite = tr.ppo_update.learn(rollout, tr.ppo_update.sequences(rollout), coefs)
+        assert finite
+        return losses
+    return _learn_inline(tr, rollout)
 
 
 def _learn_inline(tr: Trainer, rollout) -> dict:
-    """A copy of the trainer's epochs x minibatches loop, for a tree whose trainer has no learn()."""
+    """A copy of the trainer's epochs x minibatches loop, for a tree whose trainer has no
+    ``ppo_update`` (the PPO loss alone)."""
     from ppo_tbptt.ppo import ppo_loss_from_outputs
     from ppo_tbptt.sequences import minibatch_indices
     cfg = tr.cfg

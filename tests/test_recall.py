@@ -1,6 +1,8 @@
 """``model.recall_lags``: an auxiliary head that predicts, from the core's output at step p and a
 lag k, the observation of step p - k of the same sequence; its loss trains the recurrent state to
 keep what the episode showed."""
+import copy
+import dataclasses
 import signal
 
 import gymnasium as gym
@@ -143,25 +145,42 @@ def test_the_head_is_built_last_and_only_when_asked():
         off.recall_loss(torch.zeros(1, 2, 16), torch.zeros(1, 2, 5), torch.ones(1, 2))
 
 
-@pytest.mark.parametrize("raw, key", [({"model": {"recall_lags": -1}}, "model.recall_lags"),
-                                      ({"ppo": {"recall_coef": -0.1}}, "ppo.recall_coef"),
-                                      ({"ppo": {"recall_coef": float("nan")}}, "ppo.recall_coef")])
+@pytest.mark.parametrize("raw, key", [
+    ({"model": {"recall_lags": -1}}, "model.recall_lags"),
+    ({"model": {"recall_lags": 4, "memoryless": True}}, "model.recall_lags: the memoryless ablation"),
+    ({"model": {"recall_lags": 4}, "tbptt": {"sequence_length": 1}}, "model.recall_lags: sequences of one step"),
+    ({"ppo": {"recall_coef": -0.1}}, "ppo.recall_coef"),
+    ({"ppo": {"recall_coef": float("nan")}}, "ppo.recall_coef"),
+    ({"ppo": {"recall_coef": float("inf")}}, "ppo.recall_coef")])
 def test_bad_recall_settings_are_config_errors(raw, key):
     with pytest.raises(C.ConfigError, match=key):
         C.from_dict(raw)
+
+
+def test_recall_needs_a_box_observation():
+    from ppo_tbptt.envs.spaces import flat_observation_space
+    from ppo_tbptt.model import ModelConfigError
+    space = flat_observation_space(gym.spaces.Tuple((gym.spaces.Discrete(3), OBS)))
+    cfg = C.ModelConfig(hidden_size=16, hidden_layer=16, recall_lags=4)
+    with pytest.raises(ModelConfigError, match="model.recall_lags"):
+        build_model(space, gym.spaces.Discrete(3), cfg)
+    build_model(space, gym.spaces.Discrete(3), dataclasses.replace(cfg, recall_lags=0))
 
 
 @pytest.mark.parametrize("strategy", [[], ["tbptt.strategy=overlap", "tbptt.stride=4", "tbptt.burn_in=true"],
                                       ["tbptt.strategy=random", "tbptt.mean_length=3"]],
                          ids=["fixed", "overlap", "random"])
 def test_training_with_recall_logs_its_loss_and_trains_the_head(tmp_path, strategy):
-    from eval_helpers import train_tiny
-    trainer = train_tiny(tmp_path / "run", "model.recall_lags=4", "run.total_steps=128", *strategy)
-    rows = [r for r in __import__("eval_helpers").metric_rows(tmp_path / "run") if "losses/recall" in r]
+    from eval_helpers import metric_rows, tiny_config
+    from ppo_tbptt.trainer import Trainer
+    trainer = Trainer(tiny_config("model.recall_lags=4", "run.total_steps=128", *strategy), tmp_path / "run",
+                      torch.device("cpu"), quiet=True)
+    initial = copy.deepcopy(trainer.model.recall_head.state_dict())
+    trainer.train(handle_signals=False)
+    rows = [r for r in metric_rows(tmp_path / "run") if "losses/recall" in r]
     assert len(rows) == 2 and all(np.isfinite(r["losses/recall"]) and r["losses/recall"] > 0 for r in rows)
-    torch.manual_seed(trainer.cfg.run.seed)
-    fresh = build_model(trainer.envs.single_observation_space, trainer.envs.single_action_space, trainer.cfg.model)
-    assert not torch.equal(fresh.recall_head[0].weight, trainer.model.recall_head[0].weight)
+    trained = trainer.model.recall_head.state_dict()
+    assert all(not torch.equal(initial[k], trained[k]) for k in initial)
 
 
 def test_a_run_with_recall_resumes_bit_exact(tmp_path):
