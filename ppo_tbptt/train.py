@@ -166,12 +166,16 @@ def plan_fork(source: Path, overrides: list[str], dist=None):
     if cfg.run.total_steps <= done:
         raise ValueError(f"run.total_steps={cfg.run.total_steps:,} is not above the {done:,} env steps of "
                          f"checkpoint {path}: --set run.total_steps=N with N > {done:,}")
-    if cfg.model.recall_lags != previous.model.recall_lags:
+    added_head = previous.model.recall_lags == 0 and cfg.model.recall_lags > 0
+    if cfg.model.recall_lags != previous.model.recall_lags and not added_head:
         raise ConfigError([f"model.recall_lags: the checkpoint's model has {previous.model.recall_lags}, the fork asks "
-                           f"for {cfg.model.recall_lags}; the recall head is part of the weights, so a fork keeps "
-                           "it as it is (a new run can change it)"])
+                           f"for {cfg.model.recall_lags}; a fork can add a recall head to a model without one, "
+                           "not change or remove one (a new run can)"])
     cfg, note = keep_schedule_horizons(state["config"], previous, cfg, overrides, done)
     notes, warnings = lr_scale_changes(previous, cfg, state, "fork")
+    if added_head:
+        notes.append(f"model.recall_lags 0 -> {cfg.model.recall_lags}: the recall head is drawn afresh; "
+                     "every other weight and Adam moment comes from the checkpoint")
     if cfg.model.chrono_init != previous.model.chrono_init:
         warnings.append(f"model.chrono_init {previous.model.chrono_init} -> {cfg.model.chrono_init} changes "
                         "nothing: it only draws the initial weights, and a fork starts from the checkpoint's")

@@ -472,8 +472,11 @@ class Trainer:
         truncation strategy's state, the stage's success window (its episodes may have played other reset
         parameters) and the best evaluation. Raises CheckpointError if the weights do not fit.
         (The envs were put in the checkpoint's stage before their first reset: :func:`fork_stage`.)"""
-        ckpt.load_model_weights(self.model, state["model"], path)
-        self._load_optimizer(state["optimizer"])
+        weights, optimizer = state["model"], state["optimizer"]
+        if self.model.recall_head is not None and not any(k.startswith("recall_head.") for k in weights):
+            weights, optimizer = self._with_new_recall_head(weights, optimizer)
+        ckpt.load_model_weights(self.model, weights, path)
+        self._load_optimizer(optimizer)
         self.global_step = int(state["global_step"])
         self.update = int(state["update"])
         self.elapsed = float(state.get("elapsed", 0.0))
@@ -484,6 +487,20 @@ class Trainer:
                                             "missing_success": 0})
         elif self.promotion is not None:  # a curriculum begins at the fork
             self.promotion.history = [{"stage": 0, "step": self.global_step, "elapsed": self.elapsed}]
+
+    def _with_new_recall_head(self, weights: dict, optimizer: dict) -> tuple[dict, dict]:
+        """A fork that adds ``model.recall_lags`` to a run without it: the checkpoint's weights and
+        Adam state with this model's freshly drawn recall head beside them (its parameters come
+        last in the model, so the checkpoint's keep their optimizer indices; Adam starts their
+        moments at the first step)."""
+        head = {k: v for k, v in self.model.state_dict().items() if k.startswith("recall_head.")}
+        groups = optimizer.get("param_groups", [])
+        known = sum(len(g["params"]) for g in groups)
+        added = sum(1 for n, _ in self.model.named_parameters() if n.startswith("recall_head."))
+        if len(groups) != 1 or known + added != len(list(self.model.parameters())):
+            return weights, optimizer  # not a checkpoint of this model without the head: let the load say so
+        group = {**groups[0], "params": list(groups[0]["params"]) + list(range(known, known + added))}
+        return {**weights, **head}, {**optimizer, "param_groups": [group]}
 
     def boundary_state(self) -> dict:
         """:meth:`state_dict` at an update boundary, detached from the live model and optimizer (a

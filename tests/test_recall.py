@@ -215,6 +215,8 @@ def test_a_resume_or_a_fork_refuses_a_new_recall_head(tmp_path, capsys):
     assert train_cli.main(["--fork", str(run), "--run-name", "f", "--set", f"run.out_dir={tmp_path}",
                            "--set", "model.recall_lags=0", "--set", "run.total_steps=128"]) == 2
     assert "model.recall_lags: the checkpoint's model has 4, the fork asks for 0" in capsys.readouterr().err
+    assert train_cli.main(["--fork", str(run), "--run-name", "h", "--set", f"run.out_dir={tmp_path}",
+                           "--set", "model.recall_lags=8", "--set", "run.total_steps=128"]) == 2
     assert train_cli.main(["--fork", str(run), "--run-name", "g", "--set", f"run.out_dir={tmp_path}",
                            "--set", "ppo.recall_coef=0.5", "--set", "run.total_steps=128"]) == 0
 
@@ -227,3 +229,32 @@ def test_the_recall_gradient_reaches_the_core_in_training(tmp_path):
     for name in ("core.weight_hh_l0", "encoder.net.0.weight"):
         a, b = (dict(m.named_parameters())[name] for m in runs)
         assert not torch.equal(a, b), name
+
+
+def test_a_fork_adds_a_recall_head_to_a_run_without_one(tmp_path, capsys):
+    from eval_helpers import tiny_config, train_tiny
+    from ppo_tbptt import checkpoint as ckpt
+    from ppo_tbptt import train as train_cli
+    from ppo_tbptt.trainer import Trainer
+    run = tmp_path / "run"
+    train_tiny(run, "run.total_steps=64", "run.checkpoint_every=64")
+    source = torch.load(ckpt.checkpoint_files(run / "checkpoints")[-1], weights_only=False)
+    # what the fork starts from: the checkpoint's weights and moments, a head as a new run draws it
+    fork = Trainer(tiny_config("model.recall_lags=4", "run.total_steps=128"), tmp_path / "x", torch.device("cpu"),
+                   quiet=True, fork=source)
+    torch.manual_seed(fork.cfg.run.seed)
+    fresh = build_model(fork.envs.single_observation_space, fork.envs.single_action_space, fork.cfg.model)
+    for name, p in fork.model.state_dict().items():
+        want = fresh.state_dict()[name] if name.startswith("recall_head.") else source["model"][name]
+        assert torch.equal(p, want), name
+    moments = fork.optimizer.state_dict()["state"]
+    n = len(source["optimizer"]["state"])
+    for i in range(n):
+        assert torch.equal(moments[i]["exp_avg"], source["optimizer"]["state"][i]["exp_avg"])
+    assert len(fork.optimizer.param_groups[0]["params"]) == n + 4 and not any(i in moments for i in range(n, n + 4))
+    fork.close()
+    capsys.readouterr()
+    assert train_cli.main(["--fork", str(run), "--run-name", "f", "--set", f"run.out_dir={tmp_path}",
+                           "--set", "model.recall_lags=4", "--set", "run.total_steps=128"]) == 0
+    assert "note: model.recall_lags 0 -> 4: the recall head is drawn afresh" in capsys.readouterr().out
+    assert train_cli.main(["--resume", str(tmp_path / "f"), "--set", "run.total_steps=192"]) == 0
