@@ -140,13 +140,16 @@ class ModelConfig:
     recall_lags: int = 0
     """0: off. K >= 1: an auxiliary recall head. At every training step t after the first of its
     sequence it is given the core's output and a lag k drawn uniformly from 1..min(K, steps since
-    the sequence began), and predicts the observation of step t - k (as the encoder receives it,
-    scaled to [0, 1] for integer frames; Box observations only); its squared error, summed over the
-    observation and weighed by ``ppo.recall_coef``, joins the PPO loss (being a sum, the loss grows
-    with the observation's size: the default coefficient suits the grid envs' 21x21x3 frames). The gradient reaches the core through the sequence, so the state is trained to keep
+    the sequence began), and predicts how the observation of step t - k differed from that of step
+    t (as the encoder receives them, scaled to [0, 1] for integer frames; Box observations only):
+    what the state must supply, as what is still in view cancels. Its squared error, summed over
+    the observation and weighed by ``ppo.recall_coef``, joins the PPO loss (being a sum, the loss
+    grows with the observation's size: the default coefficient suits the grid envs' 21x21x3
+    frames). The gradient reaches the core through the sequence, so the state is trained to keep
     what the episode showed, not only what the return has rewarded so far. The head is built after
-    every other weight (the rest of the network is the same as with 0) and is used in training only.
-    A resume cannot change it."""
+    every other weight (the rest of the network is the same as with 0), its output layer starts at
+    zero (no gradient reaches the core before the head has learned something), and it is used in
+    training only. A resume cannot change it; ``train --fork`` can add it to a run without one."""
     memoryless: bool = False
     """Ablation: zero the recurrent state before every step, in collection and in training, so the
     policy sees only the current observation (the same network, no memory). A task that needs

@@ -338,9 +338,11 @@ class RecurrentActorCritic(nn.Module):
             if isinstance(obs_space, FlatBox):
                 raise ModelConfigError(f"model.recall_lags: the recall head predicts Box observations; this env's "
                                        f"are {obs_space.source}, flattened into parts (set model.recall_lags: 0)")
+            # the output layer starts at zero: no gradient reaches the core before the head has
+            # learned something (a head added to a trained run by a fork does not disturb it)
             self.recall_head = nn.Sequential(
                 _ortho(nn.Linear(self.hidden_size + self.recall_lags, width), g), nn.ReLU(),
-                _ortho(nn.Linear(width, int(np.prod(self.obs_shape))), 1.0))
+                _ortho(nn.Linear(width, int(np.prod(self.obs_shape))), 0.0))
 
     # ---- state -------------------------------------------------------------------------------
     def initial_state(self, batch: int, device: torch.device | str | None = None) -> RecurrentState:
@@ -403,9 +405,11 @@ class RecurrentActorCritic(nn.Module):
 
         ``core_out [S, L, H]``: the core's outputs over the sequences; ``obs [S, L, *obs_shape]``
         their observations; ``mask [S, L]`` the steps that enter the loss. At each such step p > 0
-        a lag k is drawn uniformly from 1..min(K, p) (from ``generator``) and the head predicts
-        observation p - k of the same sequence from ``core_out[:, p]`` and k (one-hot); the result
-        is the squared error summed over the observation, averaged over those steps (0 if none)."""
+        a lag k is drawn uniformly from 1..min(K, p) (from ``generator``) and the head predicts,
+        from ``core_out[:, p]`` and k (one-hot), how observation p - k of the same sequence differs
+        from observation p: what the state must supply, as what is still in view cancels. The
+        result is the squared error summed over the observation, averaged over those steps (0 if
+        none)."""
         if self.recall_head is None:
             raise ValueError("recall_loss needs model.recall_lags > 0")
         s, l = mask.shape
@@ -420,7 +424,7 @@ class RecurrentActorCritic(nn.Module):
             return core_out.sum() * 0.0
         k = lag[seq, at]  # [V]
         flat = obs.reshape(s, l, -1)
-        target = flat[seq, at - k].float() * self.obs_scale  # [V, D]
+        target = (flat[seq, at - k].float() - flat[seq, at].float()) * self.obs_scale  # [V, D]
         x = torch.cat([core_out[seq, at], F.one_hot(k - 1, self.recall_lags).to(core_out.dtype)], dim=1)
         return ((self.recall_head(x) - target) ** 2).sum(dim=1).mean()
 
