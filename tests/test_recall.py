@@ -3,7 +3,6 @@ lag k, the observation of step p - k of the same sequence; its loss trains the r
 keep what the episode showed."""
 import copy
 import dataclasses
-import signal
 
 import gymnasium as gym
 import numpy as np
@@ -198,21 +197,14 @@ def test_training_with_recall_logs_its_loss_and_trains_the_head(tmp_path, strate
 
 
 def test_a_run_with_recall_resumes_bit_exact(tmp_path):
-    from eval_helpers import metric_rows, tiny_config, train_tiny
+    from eval_helpers import interrupt_after, metric_rows, tiny_config, train_tiny
     from ppo_tbptt.trainer import Trainer
     extra = ["model.recall_lags=4", "run.total_steps=192", "run.checkpoint_every=64"]
     train_tiny(tmp_path / "full", *extra)
     part = Trainer(tiny_config(*extra), tmp_path / "part", torch.device("cpu"), quiet=True)
-    original = part.train_update
-
-    def update_then_interrupt():
-        out = original()
-        if part.update == 2:
-            part.request_stop(signal.SIGINT)
-        return out
-
-    part.train_update = update_then_interrupt
+    interrupt_after(part, 2)
     part.train(handle_signals=False)
+    assert part.global_step == 128
     Trainer.from_run(tmp_path / "part", quiet=True).train(handle_signals=False)
     assert metric_rows(tmp_path / "part") == metric_rows(tmp_path / "full")
 
