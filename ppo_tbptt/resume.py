@@ -38,6 +38,7 @@ FROZEN = {
     "model.encoder": "the weights depend on it",
     "model.chrono_init": "the run's initial weights were drawn with it, and its config records how",
     "model.recall_lags": "the weights depend on it",
+    "model.memoryless": "a run is the ablation or not from its first step: one curve would mix the two",
     "curriculum.stages": "each env's stage and the episodes in flight depend on it",
 }
 

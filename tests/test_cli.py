@@ -63,6 +63,9 @@ def test_resume_errors_name_the_config_field_and_what_a_resume_may_change(tmp_pa
     assert train_cli.main(["--resume", run, "--set", "model.hidden_size=24", "--set", "env.kwargs.delay=5"]) == 2
     err = one_line_error(capsys)
     assert "model.hidden_size: the run has 16, the resume asks for 24" in err and "env.kwargs: the run has" in err
+    # the memoryless ablation: same weights, but a resume that switches it would splice two experiments
+    assert train_cli.main(["--resume", run, "--set", "model.memoryless=true"]) == 2
+    assert "model.memoryless: the run has False, the resume asks for True" in one_line_error(capsys)
     assert train_cli.main(["--resume", run, "--set", "ppo.nope=1"]) == 2  # an unknown field: as for a new run
     assert "ppo.nope: unknown key" in one_line_error(capsys)
     # what may change does: another learning rate, the envs in a pool, a longer run
