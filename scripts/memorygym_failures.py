@@ -27,7 +27,13 @@ agent acts was written and then lost; one that is never readable was not written
 **Mystery Path** (``MysteryPath-Grid-v0``). Per episode: success, steps, falls (steps onto a cell
 off the hidden path, after which the env puts the agent back on the origin), the cells fallen into,
 and repeated falls: falls into a cell the agent had already fallen into in that episode. An agent
-that remembers where it fell repeats none; one without memory repeats most of its falls.
+that remembers where it fell repeats none; one without memory repeats most of its falls. Whether
+a fall changed the policy: at each place (cell and heading) the agent stepped forward from and
+stood on again later, P(forward) at that first step against P(forward) on the later steps there,
+for the places where the step fell and, as the control, those where it led on along the path. The
+frame is the same both times (the agent, and the origin and goal where shown): a policy that acts
+on where it fell drops P(forward) where it fell and not where the path went on. Both first steps
+are ones where forward was drawn, so both "first" figures lean high alike where P varies.
 
 Levels are the config's held-out ``env.eval_seeds`` (the first ``--episodes`` of them), actions
 are sampled (``--deterministic``: the most likely action), one env in this process. The figures
@@ -49,6 +55,7 @@ for _k, _v in (("SDL_VIDEODRIVER", "dummy"), ("SDL_AUDIODRIVER", "dummy"), ("PYG
 import ppo_tbptt  # noqa: E402,F401  (before torch: it sets OpenMP's waiting, see ppo_tbptt/__init__.py)
 import torch  # noqa: E402
 
+FORWARD = 3  # MysteryPath-Grid's actions: 0 nothing, 1 and 2 turn, 3 forward
 CLASSES = ("left the tile", "previous command's move", "a later command's move",
            "an earlier command's move", "no command's move")
 
@@ -92,14 +99,15 @@ def chance(commands: list, moves: dict, failed: int, start: tuple, allowed: int,
 
 
 def act(model, obs, state, deterministic: bool, gen: torch.Generator):
-    """The policy's action for one observation -> (action, new state)."""
+    """The policy's action for one observation -> (action, new state, the action probabilities)."""
     with torch.no_grad():
         logits, _, state = model(torch.as_tensor(obs)[None, None], state)
         d = model.dist(logits[:, 0])
+        probs = d.probs[0][0]
         if deterministic:
-            return int(d.mode()[0, 0]), state
+            return int(d.mode()[0, 0]), state, probs
         # drawn from this script's own generator: the same episodes on every run
-        return int(torch.multinomial(d.probs[0][0], 1, generator=gen)), state
+        return int(torch.multinomial(probs, 1, generator=gen)), state, probs
 
 
 def mortar_episode(model, env, seed: int, params: dict, deterministic: bool, gen: torch.Generator,
@@ -116,7 +124,7 @@ def mortar_episode(model, env, seed: int, params: dict, deterministic: bool, gen
     passed = 0  # checks passed (rewarded commands)
     states = []
     while True:
-        action, state = act(model, obs, state, deterministic, gen)
+        action, state, _ = act(model, obs, state, deterministic, gen)
         if keep_states:
             states.append(torch.cat([x[:, 0].reshape(-1) for x in state.tensors()]))
         obs, reward, terminated, truncated, info = env.step(action)
@@ -143,14 +151,21 @@ def mortar_episode(model, env, seed: int, params: dict, deterministic: bool, gen
 
 def mystery_episode(model, env, seed: int, params: dict, deterministic: bool, gen: torch.Generator) -> dict:
     """One Mystery Path episode -> {"success", "steps", "falls", "cells" (distinct cells fallen
-    into), "repeats" (falls into a cell fallen into before)}."""
+    into), "repeats" (falls into a cell fallen into before), "returns": for each place (cell and
+    heading) the agent stepped forward from, off the path or onto it, and stood on again later:
+    [the step fell, P(forward) at that step, [P(forward) at each later step there]]}."""
     obs, _ = env.reset(seed=seed, options=params)
     u = env.unwrapped
     state = model.initial_state(1)
     fallen: set = set()
     falls = repeats = steps = 0
+    stepped: dict = {}  # (cell, heading) -> [fell, P(forward) at the first forward step, [P(forward) later]]
     while True:
-        action, state = act(model, obs, state, deterministic, gen)
+        place, off = (tuple(u.normalized_agent_position), heading(u)), u.is_off_path
+        action, state, probs = act(model, obs, state, deterministic, gen)
+        p_forward = float(probs[FORWARD])
+        if place in stepped:
+            stepped[place][2].append(p_forward)
         obs, _, terminated, truncated, info = env.step(action)
         steps += 1
         if u.is_off_path:  # a fall (the next step puts the agent back on the origin, on the path)
@@ -158,6 +173,9 @@ def mystery_episode(model, env, seed: int, params: dict, deterministic: bool, ge
             falls += 1
             repeats += cell in fallen
             fallen.add(cell)
+        # a forward step from the path that moved (not into a wall; off the path every action returns)
+        if action == FORWARD and not off and tuple(u.normalized_agent_position) != place[0]:
+            stepped.setdefault(place, [bool(u.is_off_path), p_forward, []])
         if terminated or truncated:
             break
     if falls != info["num_fails"]:
@@ -166,22 +184,45 @@ def mystery_episode(model, env, seed: int, params: dict, deterministic: bool, ge
         raise RuntimeError(f"seed {seed}: the env's wrapper counts {info['repeated_falls']} repeated falls, "
                            f"this script {repeats}")
     return {"success": int(info["success"]), "steps": steps, "falls": falls, "cells": len(fallen),
-            "repeats": repeats}
+            "repeats": repeats, "returns": [r for r in stepped.values() if r[2]]}
+
+
+def heading(u) -> int:
+    """The Mystery Path agent's heading in degrees (the port's ``_rotation``, memory-gym's ``agent.rotation``)."""
+    return int(u._rotation) if hasattr(u, "_rotation") else int(u.agent.rotation)
+
+
+def _returns(returns: list, fell: bool) -> dict:
+    got = [(p, a) for f, p, a in returns if f == fell]
+    return {"places": len(got), "first": sum(p for p, _ in got) / len(got) if got else None,
+            "again": sum(sum(a) / len(a) for _, a in got) / len(got) if got else None}
 
 
 def mystery_summary(episodes: list[dict]) -> dict:
+    """The episodes' means; with "forward_fell" and "forward_on": over the places the agent stepped
+    forward from (and fell, or went on along the path) and came back to, how many, the mean
+    P(forward) at that step ("first") and the mean (per place) P(forward) on the later steps there
+    ("again")."""
     n = len(episodes)
     falls = sum(e["falls"] for e in episodes)
+    returns = [r for e in episodes for r in e.get("returns", [])]
     return {"episodes": n, "success": sum(e["success"] for e in episodes) / n,
             "steps": sum(e["steps"] for e in episodes) / n, "falls": falls / n,
             "cells": sum(e["cells"] for e in episodes) / n, "repeats": sum(e["repeats"] for e in episodes) / n,
-            "repeated_share": sum(e["repeats"] for e in episodes) / falls if falls else 0.0}
+            "repeated_share": sum(e["repeats"] for e in episodes) / falls if falls else 0.0,
+            "forward_fell": _returns(returns, True), "forward_on": _returns(returns, False)}
 
 
 def format_mystery(s: dict) -> str:
-    return (f"{s['episodes']} episodes: success {s['success']:.3f}, {s['steps']:.1f} steps, "
+    line = (f"{s['episodes']} episodes: success {s['success']:.3f}, {s['steps']:.1f} steps, "
             f"per episode {s['falls']:.2f} falls into {s['cells']:.2f} cells, {s['repeats']:.2f} "
             f"of them into a cell fallen into before ({s['repeated_share']:.0%} of the falls)")
+    for key, what in (("forward_fell", "fell"), ("forward_on", "went on along the path")):
+        r = s.get(key) or {}
+        if r.get("places"):
+            line += (f"\nP(forward) at the {r['places']} places where a forward step {what}: "
+                     f"{r['first']:.2f} at that step, {r['again']:.2f} on coming back")
+    return line
 
 
 def probe(states: list[torch.Tensor], labels: list[int], classes: int, train: float = 0.7) -> dict | None:

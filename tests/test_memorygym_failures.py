@@ -190,6 +190,56 @@ def test_mystery_path_falls_counted_as_the_env_counts_them(backend):
     assert s["repeated_share"] == pytest.approx(sum(e["falls"] - 1 for e in fell) / sum(e["falls"] for e in fell))
 
 
+class _ForwardLessSureAfterEachFall(_Forward):
+    """Forward with certainty until the first fall, then, after k falls, forward with P 0.3 + 0.4 / k
+    (0.7, 0.5, 0.43, ...; still the most likely action)."""
+
+    def __call__(self, obs, state):
+        k = self.env.unwrapped.num_fails
+        if not k:
+            return super().__call__(obs, state)
+        p = 0.3 + 0.4 / k
+        logits = torch.zeros((1, 1, self.n))
+        logits[0, 0, 3] = float(torch.log(torch.tensor(p / ((1 - p) / 3))))
+        return logits, None, state
+
+
+@pytest.mark.parametrize("backend", ["memorygym", "fast"])
+def test_the_forward_probability_where_it_fell_and_on_coming_back(backend):
+    """Walking straight on from the origin, every fall is from the same place (the cell before the
+    pit, facing it), and after each fall the agent walks back over the places it went on from to
+    that one: P(forward) is 1 at the first step from each and 0.3 + 0.4 / k on the return after the
+    k-th fall; always forward, 1 on both."""
+    env = make_env(C.EnvConfig(id="MysteryPath-Grid-v0", downsample=4, backend=backend))
+    try:
+        less = [mmf.mystery_episode(_ForwardLessSureAfterEachFall(env), env, seed, {}, True, torch.Generator())
+                for seed in range(10)]
+        same = [mmf.mystery_episode(_Forward(env), env, seed, {}, True, torch.Generator()) for seed in range(10)]
+    finally:
+        env.close()
+    fell = [e for e in less if e["falls"]]
+    assert fell and all(e["falls"] > 2 for e in fell)
+    means, went_on = [], 0
+    for e in fell:
+        assert sum(f for f, _, _ in e["returns"]) == 1  # one place fell: the last before the pit
+        for f, first, again in e["returns"]:
+            # once after each later fall; a place it went on from maybe once more, after the last fall
+            assert len(again) == e["falls"] - 1 if f else len(again) in (e["falls"] - 1, e["falls"])
+            assert first == pytest.approx(1.0) and again == pytest.approx([0.3 + 0.4 / k for k in range(1, len(again) + 1)])
+            if f:
+                means.append(sum(again) / len(again))
+        went_on += len(e["returns"]) - 1
+    assert went_on > 0  # some levels' paths lead on from the origin's first cell
+    s = mmf.mystery_summary(less)
+    mean = sum(means) / len(means)
+    assert s["forward_fell"] == pytest.approx({"places": len(fell), "first": 1.0, "again": mean})
+    assert s["forward_on"]["places"] == went_on and s["forward_on"]["first"] == pytest.approx(1.0)
+    assert f"where a forward step fell: 1.00 at that step, {mean:.2f} on coming back" in mmf.format_mystery(s)
+    s = mmf.mystery_summary(same)
+    assert (s["forward_fell"]["again"], s["forward_on"]["again"]) == pytest.approx((1.0, 1.0))
+    assert [e["falls"] for e in same] == [e["falls"] for e in less]
+
+
 def test_mystery_summary_of_an_agent_that_never_falls_twice():
     eps = [{"success": 1, "steps": 30, "falls": 2, "cells": 2, "repeats": 0},
            {"success": 0, "steps": 128, "falls": 4, "cells": 3, "repeats": 1}]
@@ -197,6 +247,8 @@ def test_mystery_summary_of_an_agent_that_never_falls_twice():
     assert (s["success"], s["steps"], s["falls"], s["cells"], s["repeats"]) == (0.5, 79.0, 3.0, 2.5, 0.5)
     assert s["repeated_share"] == pytest.approx(1 / 6)
     assert "17% of the falls" in mmf.format_mystery(s)
+    assert s["forward_fell"] == {"places": 0, "first": None, "again": None}
+    assert "P(forward)" not in mmf.format_mystery(s)
 
 
 @pytest.mark.parametrize("name, key", [("mystery_path_grid_cpu", "repeated_share"), ("mortar_mayhem_grid_cpu", "commands")])
