@@ -29,11 +29,15 @@ off the hidden path, after which the env puts the agent back on the origin), the
 and repeated falls: falls into a cell the agent had already fallen into in that episode. An agent
 that remembers where it fell repeats none; one without memory repeats most of its falls. Whether
 a fall changed the policy: at each place (cell and heading) the agent stepped forward from and
-stood on again later, P(forward) at that first step against P(forward) on the later steps there,
-for the places where the step fell and, as the control, those where it led on along the path. The
-frame is the same both times (the agent, and the origin and goal where shown): a policy that acts
-on where it fell drops P(forward) where it fell and not where the path went on. Both first steps
-are ones where forward was drawn, so both "first" figures lean high alike where P varies.
+stood on again later, P(forward) at that first step against P(forward) on every later step there
+(waiting and turning away included), for the places where the step fell and, as the control, those
+where it led on along the path. The frame is the same each time (the agent, and the origin and goal
+where shown), so only the recurrent state can move P(forward) at a place. Read it with care: the
+first step is one where forward was drawn (with ``--deterministic``, where it was the most likely
+action), which favours a high P wherever P varies from visit to visit, and by more where the agent
+is less certain, as it may be where it fell; and a policy that remembers may not come back to a
+place at all (it does not turn toward the pit), which shows in how many of the places it fell from
+it stands on again, not in P.
 
 Levels are the config's held-out ``env.eval_seeds`` (the first ``--episodes`` of them), actions
 are sampled (``--deterministic``: the most likely action), one env in this process. The figures
@@ -151,9 +155,9 @@ def mortar_episode(model, env, seed: int, params: dict, deterministic: bool, gen
 
 def mystery_episode(model, env, seed: int, params: dict, deterministic: bool, gen: torch.Generator) -> dict:
     """One Mystery Path episode -> {"success", "steps", "falls", "cells" (distinct cells fallen
-    into), "repeats" (falls into a cell fallen into before), "returns": for each place (cell and
-    heading) the agent stepped forward from, off the path or onto it, and stood on again later:
-    [the step fell, P(forward) at that step, [P(forward) at each later step there]]}."""
+    into), "repeats" (falls into a cell fallen into before), "places": for each place (cell and
+    heading) the agent stepped forward from, off the path or onto it, [the step fell, P(forward)
+    at that step, [P(forward) at each later step there]]}."""
     obs, _ = env.reset(seed=seed, options=params)
     u = env.unwrapped
     state = model.initial_state(1)
@@ -173,8 +177,9 @@ def mystery_episode(model, env, seed: int, params: dict, deterministic: bool, ge
             falls += 1
             repeats += cell in fallen
             fallen.add(cell)
-        # a forward step from the path that moved (not into a wall; off the path every action returns)
-        if action == FORWARD and not off and tuple(u.normalized_agent_position) != place[0]:
+        # a step from the path that moved: forward (turns and waits stay, as does forward into a
+        # wall; off the path, every action returns the agent to the origin)
+        if not off and tuple(u.normalized_agent_position) != place[0]:
             stepped.setdefault(place, [bool(u.is_off_path), p_forward, []])
         if terminated or truncated:
             break
@@ -184,7 +189,7 @@ def mystery_episode(model, env, seed: int, params: dict, deterministic: bool, ge
         raise RuntimeError(f"seed {seed}: the env's wrapper counts {info['repeated_falls']} repeated falls, "
                            f"this script {repeats}")
     return {"success": int(info["success"]), "steps": steps, "falls": falls, "cells": len(fallen),
-            "repeats": repeats, "returns": [r for r in stepped.values() if r[2]]}
+            "repeats": repeats, "places": list(stepped.values())}
 
 
 def heading(u) -> int:
@@ -192,25 +197,26 @@ def heading(u) -> int:
     return int(u._rotation) if hasattr(u, "_rotation") else int(u.agent.rotation)
 
 
-def _returns(returns: list, fell: bool) -> dict:
-    got = [(p, a) for f, p, a in returns if f == fell]
-    return {"places": len(got), "first": sum(p for p, _ in got) / len(got) if got else None,
+def _returns(places: list, fell: bool) -> dict:
+    group = [(p, a) for f, p, a in places if f == fell]
+    got = [(p, a) for p, a in group if a]
+    return {"places": len(group), "returned": len(got), "first": sum(p for p, _ in got) / len(got) if got else None,
             "again": sum(sum(a) / len(a) for _, a in got) / len(got) if got else None}
 
 
 def mystery_summary(episodes: list[dict]) -> dict:
-    """The episodes' means; with "forward_fell" and "forward_on": over the places the agent stepped
-    forward from (and fell, or went on along the path) and came back to, how many, the mean
-    P(forward) at that step ("first") and the mean (per place) P(forward) on the later steps there
-    ("again")."""
+    """The episodes' means; with "forward_fell" and "forward_on": of the places the agent stepped
+    forward from (and fell, or went on along the path), how many, how many it stood on again later
+    ("returned"), and over those, the mean P(forward) at that step ("first") and the mean (per
+    place) P(forward) on the later steps there ("again")."""
     n = len(episodes)
     falls = sum(e["falls"] for e in episodes)
-    returns = [r for e in episodes for r in e.get("returns", [])]
+    places = [r for e in episodes for r in e.get("places", [])]
     return {"episodes": n, "success": sum(e["success"] for e in episodes) / n,
             "steps": sum(e["steps"] for e in episodes) / n, "falls": falls / n,
             "cells": sum(e["cells"] for e in episodes) / n, "repeats": sum(e["repeats"] for e in episodes) / n,
             "repeated_share": sum(e["repeats"] for e in episodes) / falls if falls else 0.0,
-            "forward_fell": _returns(returns, True), "forward_on": _returns(returns, False)}
+            "forward_fell": _returns(places, True), "forward_on": _returns(places, False)}
 
 
 def format_mystery(s: dict) -> str:
@@ -219,9 +225,9 @@ def format_mystery(s: dict) -> str:
             f"of them into a cell fallen into before ({s['repeated_share']:.0%} of the falls)")
     for key, what in (("forward_fell", "fell"), ("forward_on", "went on along the path")):
         r = s.get(key) or {}
-        if r.get("places"):
-            line += (f"\nP(forward) at the {r['places']} places where a forward step {what}: "
-                     f"{r['first']:.2f} at that step, {r['again']:.2f} on coming back")
+        if r.get("returned"):
+            line += (f"\nP(forward) where a forward step {what} ({r['places']} places, {r['returned']} "
+                     f"stood on again): {r['first']:.2f} at that step, {r['again']:.2f} on coming back")
     return line
 
 

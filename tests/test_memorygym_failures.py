@@ -221,23 +221,110 @@ def test_the_forward_probability_where_it_fell_and_on_coming_back(backend):
     assert fell and all(e["falls"] > 2 for e in fell)
     means, went_on = [], 0
     for e in fell:
-        assert sum(f for f, _, _ in e["returns"]) == 1  # one place fell: the last before the pit
-        for f, first, again in e["returns"]:
+        assert sum(f for f, _, _ in e["places"]) == 1  # one place fell: the last before the pit
+        for f, first, again in e["places"]:
             # once after each later fall; a place it went on from maybe once more, after the last fall
             assert len(again) == e["falls"] - 1 if f else len(again) in (e["falls"] - 1, e["falls"])
             assert first == pytest.approx(1.0) and again == pytest.approx([0.3 + 0.4 / k for k in range(1, len(again) + 1)])
             if f:
                 means.append(sum(again) / len(again))
-        went_on += len(e["returns"]) - 1
+        went_on += len(e["places"]) - 1
     assert went_on > 0  # some levels' paths lead on from the origin's first cell
     s = mmf.mystery_summary(less)
     mean = sum(means) / len(means)
-    assert s["forward_fell"] == pytest.approx({"places": len(fell), "first": 1.0, "again": mean})
-    assert s["forward_on"]["places"] == went_on and s["forward_on"]["first"] == pytest.approx(1.0)
-    assert f"where a forward step fell: 1.00 at that step, {mean:.2f} on coming back" in mmf.format_mystery(s)
+    assert s["forward_fell"] == pytest.approx({"places": len(fell), "returned": len(fell), "first": 1.0, "again": mean})
+    # the levels without a fall leave places it went on from and never stood on again
+    assert s["forward_on"]["returned"] == went_on and s["forward_on"]["first"] == pytest.approx(1.0)
+    assert s["forward_on"]["places"] == sum(not f for e in less for f, _, _ in e["places"]) > went_on
+    assert (f"where a forward step fell ({len(fell)} places, {len(fell)} stood on again): 1.00 at that step, "
+            f"{mean:.2f} on coming back") in mmf.format_mystery(s)
     s = mmf.mystery_summary(same)
     assert (s["forward_fell"]["again"], s["forward_on"]["again"]) == pytest.approx((1.0, 1.0))
     assert [e["falls"] for e in same] == [e["falls"] for e in less]
+
+
+class _TinyPath:
+    """A Mystery Path stand-in under the names the script reads: a 3x3 grid whose path is the origin
+    (0, 1) and (1, 1); headings and moves as in the port (0 north, 90 west, 270 east), a step off the
+    path shows the agent there, the next puts it back on the origin with its heading."""
+
+    def __init__(self, steps):
+        self.unwrapped, self.steps = self, steps
+
+    def reset(self, seed=None, options=None):
+        from ppo_tbptt.envs.fast_grid import _FORWARD
+        self.forward, self.t, self.num_fails, self.is_off_path = _FORWARD, 0, 0, False
+        self.normalized_agent_position, self._rotation = (0, 1), 0
+        return torch.zeros(1), {}
+
+    def step(self, action):
+        if self.is_off_path:
+            self.normalized_agent_position, self.is_off_path = (0, 1), False
+        elif action in (1, 2):
+            self._rotation = (self._rotation + (90 if action == 1 else -90)) % 360
+        elif action == 3:
+            (x, y), (dx, dy) = self.normalized_agent_position, self.forward[self._rotation]
+            if 0 <= x + dx < 3 and 0 <= y + dy < 3:
+                self.normalized_agent_position = (x + dx, y + dy)
+                self.is_off_path = self.normalized_agent_position not in ((0, 1), (1, 1))
+                self.num_fails += self.is_off_path
+        self.t += 1
+        done = self.t == self.steps
+        return torch.zeros(1), 0.0, done, False, {"success": 0, "num_fails": self.num_fails} if done else {}
+
+
+class _Script:
+    """Plays the given actions in turn (the most likely action each time) with the given P(forward)."""
+
+    def __init__(self, moves):
+        self.moves, self.t = moves, 0
+
+    def initial_state(self, batch):
+        return None
+
+    def __call__(self, obs, state):
+        action, p = self.moves[self.t]
+        self.t += 1
+        probs = torch.full((4,), (1 - p) / 3 if action == 3 else 0.01)
+        probs[3] = p
+        if action != 3:
+            probs[action] = 1 - p - 0.02
+        return torch.log(probs).view(1, 1, 4), None, state
+
+    def dist(self, logits):
+        from ppo_tbptt.model import ActionDist
+        return ActionDist(logits, [4])
+
+
+def test_the_forward_probability_follows_places_through_turns_waits_and_walls():
+    """Forward from the origin facing north falls (place A); back on the origin it waits and turns
+    right, so facing east, and steps on along the path (place B), then on off it (C, never stood on
+    again); back on the origin it turns left (at B) and left again (at A, now facing west), steps
+    into the wall (no move: no place) and waits. Steps off the path and the wall's place count
+    nowhere."""
+    moves = [(3, 0.7),   # A = ((0, 1), 0): falls into (0, 0)
+             (0, 0.3),   # off the path: back on the origin
+             (0, 0.1),   # at A: waits
+             (2, 0.2),   # at A: turns right, to 270 (east)
+             (3, 0.6),   # B = ((0, 1), 270): on to (1, 1)
+             (3, 0.8),   # C = ((1, 1), 270): falls into (2, 1)
+             (0, 0.05),  # off the path: back on the origin, still facing east
+             (1, 0.25),  # at B: turns left, to 0
+             (1, 0.15),  # at A: turns left, to 90 (west)
+             (3, 0.65),  # ((0, 1), 90): into the wall
+             (0, 0.3)]   # there again: a place no forward step moved from
+    e = mmf.mystery_episode(_Script(moves), _TinyPath(len(moves)), 0, {}, True, torch.Generator())
+    assert (e["falls"], e["cells"], e["repeats"], e["steps"]) == (2, 2, 0, 11)
+    assert e["places"] == [[True, pytest.approx(0.7), pytest.approx([0.1, 0.2, 0.15])],
+                           [False, pytest.approx(0.6), pytest.approx([0.25])],
+                           [True, pytest.approx(0.8), []]]
+    s = mmf.mystery_summary([e, {**e, "places": [[True, 0.5, [0.41]]]}])
+    # per place, then over places: A's mean 0.15 and the other episode's 0.41
+    assert s["forward_fell"] == pytest.approx({"places": 3, "returned": 2, "first": 0.6, "again": 0.28})
+    assert s["forward_on"] == pytest.approx({"places": 1, "returned": 1, "first": 0.6, "again": 0.25})
+    text = mmf.format_mystery(s)
+    assert "where a forward step fell (3 places, 2 stood on again): 0.60 at that step, 0.28 on coming back" in text
+    assert "where a forward step went on along the path (1 places, 1 stood on again): 0.60 at that step, 0.25" in text
 
 
 def test_mystery_summary_of_an_agent_that_never_falls_twice():
@@ -247,7 +334,7 @@ def test_mystery_summary_of_an_agent_that_never_falls_twice():
     assert (s["success"], s["steps"], s["falls"], s["cells"], s["repeats"]) == (0.5, 79.0, 3.0, 2.5, 0.5)
     assert s["repeated_share"] == pytest.approx(1 / 6)
     assert "17% of the falls" in mmf.format_mystery(s)
-    assert s["forward_fell"] == {"places": 0, "first": None, "again": None}
+    assert s["forward_fell"] == {"places": 0, "returned": 0, "first": None, "again": None}
     assert "P(forward)" not in mmf.format_mystery(s)
 
 
